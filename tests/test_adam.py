@@ -146,15 +146,18 @@ def test_statistics_match_brute_force(backend, amsgrad, cpu_path):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN on purpose
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_statistics_count_non_finite_gradients(backend, cpu_path):
-    params = _tiny_params(shapes=((7,), (3, 5)))
+    params = _tiny_params(shapes=((7,), (3, 5), (9000,)))
     opt = Adam(params, backend=backend)
     params[0].grad = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.0, float("-inf"), 3.0])
     params[1].grad = torch.ones(3, 5)
+    # past the first cache-sized piece of the CPU kernel's blocks, and in its second block
+    params[2].grad = torch.zeros(9000)
+    params[2].grad[[700, 4200, 8999]] = torch.tensor([float("nan"), 5.0, float("-inf")])
     opt.request_stats()
     opt.step()
     values = opt.last_stats.values
-    assert values[0, Stat.GRAD_NONFINITE] == 3 and values[1, Stat.GRAD_NONFINITE] == 0
-    assert values[0, Stat.GRAD_ABSMAX] == float("inf") and values[1, Stat.GRAD_ABSMAX] == 1.0
+    assert values[:, Stat.GRAD_NONFINITE].tolist() == [3, 0, 2]
+    assert values[:, Stat.GRAD_ABSMAX].tolist() == [float("inf"), 1.0, float("inf")]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

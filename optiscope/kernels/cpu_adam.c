@@ -23,6 +23,7 @@
 
 #define BLOCK 4096
 #define NSTATS 8
+#define SUB 512 /* elements per piece of a block with statistics */
 
 /* One element: the update, shared by both block functions so their arithmetic is one text.
  * Op for op as torch.optim's single-tensor Adam: m.lerp_(g, 1 - b1) (torch's lerp: a + w (b - a)
@@ -151,17 +152,27 @@ static __attribute__((noinline)) void block_update_plain(
     }
 }
 
-/* The update with the statistics: sums before the update, the update, sums after it, on a
- * block that stays in L2 (five arrays of BLOCK floats = 80 KB), so memory traffic is the
- * update's own: each block is read twice more, from cache. */
+/* The update with the statistics: sums before the update, the update, sums after it, SUB
+ * elements at a time, so that the three loops find their five arrays (10 KB) in L1. Over a
+ * whole block (80 KB, in L2) the statistics cost 1.54x the update on one core of a 2-core EPYC;
+ * in pieces of 512, 1.13x (of 256..1024, the fastest). One fused loop did not vectorise. */
 static inline __attribute__((always_inline)) void block_update(
     float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
     float *restrict vmax, int64_t n, HYPER_PARAMS, const int decoupled, const int amsgrad,
     const int maximize, double *restrict out) {
-    float before[BLOCK];
-    pre_sums(g, p, before, n, out);
-    block_update_plain(p, g, m, v, vmax, n, HYPER_ARGS, decoupled, amsgrad, maximize);
-    post_sums(p, before, m, v, n, out + 4);
+    float before[SUB];
+    double sub[NSTATS];
+    for (int k = 0; k < NSTATS; k++) out[k] = 0.0;
+    for (int64_t s = 0; s < n; s += SUB) {
+        const int64_t len = n - s < SUB ? n - s : SUB;
+        float *vm = amsgrad ? vmax + s : 0;
+        pre_sums(g + s, p + s, before, len, sub);
+        block_update_plain(p + s, g + s, m + s, v + s, vm, len, HYPER_ARGS, decoupled, amsgrad,
+                           maximize);
+        post_sums(p + s, before, m + s, v + s, len, sub + 4);
+        for (int k = 0; k < NSTATS; k++)
+            out[k] = k == 1 ? (sub[k] > out[k] ? sub[k] : out[k]) : out[k] + sub[k];
+    }
 }
 
 int64_t optiscope_block_size(void) { return BLOCK; }
