@@ -585,6 +585,14 @@ def test_default_sampling_is_close_and_its_memory_is_stated():
     exact.close()
     sampled.close()
     assert sampled.memory_bytes() < 0.01 * layer.weight.numel() * 4
+    # what it keeps: per tensor, the sample's int32 indices (none when the sample is the whole
+    # tensor) and v at the sample (float32), and the top-k probe's sampled block indices
+    expected = 0
+    for slot in sampled.slots:
+        count, whole = slot.sample.count, slot.sample.index is None
+        expected += (0 if whole else 4 * count) + 4 * count
+        expected += 0 if slot.blocks is None else 8 * slot.blocks.numel()
+    assert sampled.memory_bytes() == expected
     for metric in ("update_norm", "moment2_drift", "topk_coverage"):
         e = exact.history.series(metric, "group0.param0")[1][-1]
         s = sampled.history.series(metric, "group0.param0")[1][-1]

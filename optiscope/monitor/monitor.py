@@ -28,7 +28,7 @@ from torch import Tensor
 from optiscope.dashboards.sink import Sink
 from optiscope.monitor.alerts import AlertRules
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot
+from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
@@ -239,7 +239,7 @@ class OptimizerMonitor:
 
     def memory_bytes(self) -> int:
         """Bytes the monitor keeps on the devices between steps (samples and saved moments)."""
-        return sum(s.nbytes() for s in self.slots)
+        return kept_bytes(self.slots)
 
     def is_sampled(self, step: int) -> bool:
         """Whether ``step`` (1-based) is a sampled step."""
