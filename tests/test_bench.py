@@ -248,22 +248,32 @@ def _median_of_periods(times, block_steps, blocks_per_period):
 def test_overhead_ratios_and_memory_are_computed_from_the_rows_own_figures(quick):
     _, _, doc = quick
     rows = doc["overhead"]["rows"]
-    reference = {(r["implementation"], r["block_steps"]): r for r in rows if r["every"] is None}
+    reference = {(r["implementation"], r["block_steps"]): r for r in rows
+                 if r["every"] is None and not r["control"]}
+    controls = [r for r in rows if r["control"]]
+    assert {r["implementation"] for r in controls} == {r["implementation"] for r in rows}
     for row in rows:
         assert row["ms_per_step_mean"] == pytest.approx(sum(row["times_ms"]) / row["steps"],
                                                         rel=1e-12)
         per_period = row.get("blocks_per_period", 1)
         assert row["ms_per_step"] == pytest.approx(
             _median_of_periods(row["times_ms"], row["block_steps"], per_period), rel=1e-12)
-        if row["every"] is None:
+        if row["every"] is None and not row["control"]:
             assert "ratio" not in row
             continue
-        assert per_period == max(1, row["every"] // row["block_steps"])
+        if not row["control"]:
+            assert per_period == max(1, row["every"] // row["block_steps"])
         ref = reference[(row["implementation"], row["block_steps"])]
         base = _median_of_periods(ref["times_ms"], ref["block_steps"], per_period)
         assert row["unmonitored_ms_per_step"] == pytest.approx(base, rel=1e-12)
-        assert row["ratio"] == pytest.approx(row["ms_per_step"] / base, rel=1e-12)
+        times, ref_times = row["times_ms"], ref["times_ms"]
+        assert len(times) == len(ref_times)  # one block per round each
+        paired = [sum(times[i:i + per_period]) / sum(ref_times[i:i + per_period])
+                  for i in range(0, len(times), per_period)]
+        assert row["ratio"] == pytest.approx(statistics.median(paired), rel=1e-12)
         assert row["overhead_pct"] == pytest.approx(100 * (row["ratio"] - 1), rel=1e-9)
+        if row["control"]:
+            continue
         assert row["memory_pct"] == pytest.approx(100 * row["memory_bytes"] / row["param_bytes"])
         assert row["memory_target"] is None  # 44k parameters: the target is for > 10^7
         expected = {(1, True): 1.5, (10, True): 1.05}.get((row["every"], row["bundled"]))
@@ -275,11 +285,12 @@ def test_overhead_ratios_and_memory_are_computed_from_the_rows_own_figures(quick
 
 
 def _overhead_row(impl, every, block, times, *, log_dir=False, memory=1_900_000,
-                  params=124_439_808, backend="torch", workload="GPT-2 small"):
+                  params=124_439_808, backend="torch", workload="GPT-2 small", control=False):
     bundled = impl.startswith("optiscope")
     row = dict(workload=workload, params=params, tensors=148, param_bytes=4 * params,
                implementation=impl, label=impl, bundled=bundled,
                backend=backend if bundled else None, every=every, log_dir=log_dir,
+               control=control,
                block_steps=block, blocks=len(times), steps=len(times) * block, times_ms=times)
     if every is not None:
         row.update(periods=row["steps"] // every, sampled_steps=row["steps"] // every,
@@ -290,11 +301,14 @@ def _overhead_row(impl, every, block, times, *, log_dir=False, memory=1_900_000,
 def _overhead_rows(backend="torch"):
     impl = f"optiscope-adamw-{backend}"
     return [
-        _overhead_row(impl, None, 1, [100.0, 100.0], backend=backend),
+        _overhead_row(impl, None, 1, [100.0, 100.0, 100.0], backend=backend),
         _overhead_row(impl, None, 10, [1000.0] * 9 + [1900.0], backend=backend),
+        _overhead_row(impl, None, 10, [1010.0] * 10, backend=backend, control=True),  # 1.01×
         _overhead_row(impl, 1, 1, [140.0, 140.0, 1400.0], backend=backend),    # 1.4×
-        _overhead_row(impl, 1, 1, [160.0, 160.0], log_dir=True, backend=backend),  # 1.6×
-        _overhead_row(impl, 10, 10, [1040.0, 1080.0], backend=backend),        # 1.06×
+        _overhead_row(impl, 1, 1, [160.0] * 3, log_dir=True, backend=backend),  # 1.6×
+        # paired with the reference's blocks: 1.04, 1.08 (4 times each), 1.06, 2014 / 1900
+        _overhead_row(impl, 10, 10, [1040.0, 1080.0] * 4 + [1060.0, 2014.0],
+                      backend=backend),                                        # 1.06×
         _overhead_row(impl, 100, 10, [1100.0] * 10, backend=backend),          # 1.1×: one split
                                                                                # period
         _overhead_row("torch-adamw-fused", None, 1, [50.0]),
@@ -308,10 +322,14 @@ def test_overhead_ratios_targets_and_memory_on_known_timings():
     e1, e1_log, e10, e100, foreign = [r for r in rows if r["every"] is not None]
     assert [r["ms_per_step"] for r in rows[:2]] == [100.0, 100.0]  # medians of the blocks
     assert rows[1]["ms_per_step_mean"] == pytest.approx(109.0)
+    assert "ratio" not in rows[0] and "ratio" not in rows[1]
+    control = rows[2]
+    assert control["ratio"] == pytest.approx(1.01) and "target" not in control
     assert e1["ms_per_step"] == 140.0 and e1["ms_per_step_mean"] == pytest.approx(560.0)
     assert e1["ratio"] == pytest.approx(1.4) and e1["target"]["pass"] is True
+    assert e1["ratio_quartiles"] == pytest.approx([1.4, (1.4 + 14) / 2])
     assert e1_log["ratio"] == pytest.approx(1.6) and e1_log["target"]["pass"] is False
-    assert e10["ms_per_step"] == pytest.approx(106.0)  # (1040 + 1080) / 20 steps
+    assert e10["ms_per_step"] == pytest.approx(107.0)  # median of the 10 blocks' means
     assert e10["ratio"] == pytest.approx(1.06) and e10["target"] == {
         "text": "≤ 5 %", "max_ratio": 1.05, "pass": False}
     # every=100 in blocks of 10: one period is 10 blocks, and so is the reference's group
@@ -325,11 +343,18 @@ def test_overhead_ratios_targets_and_memory_on_known_timings():
 
     gpu = _overhead_rows("triton")
     bench.add_overhead_ratios(gpu, "cuda")
-    assert gpu[2]["target"] == {"text": "≤ 3 %", "max_ratio": 1.03, "pass": False}
-    assert gpu[4]["target"] is None  # no GPU target at every=10
+    assert gpu[3]["target"] == {"text": "≤ 3 %", "max_ratio": 1.03, "pass": False}
+    assert gpu[5]["target"] is None  # no GPU target at every=10
     on_cuda = _overhead_rows("torch")  # the torch backend on a GPU: reported, no target
     bench.add_overhead_ratios(on_cuda, "cuda")
     assert all(r.get("target") is None for r in on_cuda)
+
+
+def test_overhead_ratios_refuse_rows_not_timed_in_the_same_rounds():
+    rows = [_overhead_row("optiscope-adamw-torch", None, 1, [100.0, 100.0]),
+            _overhead_row("optiscope-adamw-torch", 1, 1, [140.0, 140.0, 140.0])]
+    with pytest.raises(ValueError, match="3 blocks against 2"):
+        bench.add_overhead_ratios(rows, "cpu")
 
 
 @pytest.mark.parametrize("every, step_ms, settings, expected", [
@@ -500,17 +525,19 @@ def test_overhead_table_shows_each_monitored_row_with_its_target_and_memory():
     assert lines[0] == ("| Workload | Optimizer | every | steps timed (blocks × steps) | "
                         "ms/step unmonitored | ms/step monitored | × unmonitored | target | "
                         "monitor memory | of param bytes |")
-    assert len(lines) == 2 + 5  # header, rule, one line per monitored row
-    assert lines[2] == ("| GPT-2 small | optiscope-adamw-torch | 1 | 3 = 3 × 1 | 100 | 140 | "
-                        "1.400 | ≤ 1.5×: PASS | 1.9 MB | 0.38 % (< 1 %: PASS) |")
-    assert lines[3] == ("|  | optiscope-adamw-torch | 1, run log | 2 = 2 × 1 | 100 | 160 | "
-                        "1.600 | ≤ 1.5×: **FAIL** | 1.9 MB | 0.38 % (< 1 %: PASS) |")
-    assert lines[4] == ("|  | optiscope-adamw-torch | 10 | 20 = 2 × 10 | 100 | 106 | 1.060 | "
-                        "≤ 5 %: **FAIL** | 1.9 MB | 0.38 % (< 1 %: PASS) |")
-    assert lines[5] == ("|  | optiscope-adamw-torch | 100 | 100 = 10 × 10 | 109 | 110 | 1.009 | "
-                        "— | 1.9 MB | 0.38 % (< 1 %: PASS) |")
-    assert lines[6] == ("|  | torch-adamw-fused | 1 | 1 = 1 × 1 | 50 | 400 | 8.000 | — | 6 MB | "
-                        "1.2 % (< 1 %: **FAIL**) |")
+    assert len(lines) == 2 + 6  # header, rule, the A/A control, one line per monitored row
+    assert lines[2] == ("| GPT-2 small | optiscope-adamw-torch | — (A/A control) | 100 = 10 × 10 | "
+                        "100 | 101 | 1.010 (1.010–1.010) | — | — | — |")
+    assert lines[3] == ("|  | optiscope-adamw-torch | 1 | 3 = 3 × 1 | 100 | 140 | "
+                        "1.400 (1.400–7.700) | ≤ 1.5×: PASS | 1.9 MB | 0.38 % (< 1 %: PASS) |")
+    assert lines[4] == ("|  | optiscope-adamw-torch | 1, run log | 3 = 3 × 1 | 100 | 160 | "
+                        "1.600 (1.600–1.600) | ≤ 1.5×: **FAIL** | 1.9 MB | 0.38 % (< 1 %: PASS) |")
+    assert lines[5] == ("|  | optiscope-adamw-torch | 10 | 100 = 10 × 10 | 100 | 107 | "
+                        "1.060 (1.040–1.080) | ≤ 5 %: **FAIL** | 1.9 MB | 0.38 % (< 1 %: PASS) |")
+    assert lines[6] == ("|  | optiscope-adamw-torch | 100 | 100 = 10 × 10 | 109 | 110 | "
+                        "1.009 (1.009–1.009) | — | 1.9 MB | 0.38 % (< 1 %: PASS) |")
+    assert lines[7] == ("|  | torch-adamw-fused | 1 | 1 = 1 × 1 | 50 | 400 | "
+                        "8.000 (8.000–8.000) | — | 6 MB | 1.2 % (< 1 %: **FAIL**) |")
     assert ("- every=100 on GPT-2 small, optiscope-adamw-torch: a period of 100 steps is timed as "
             "10 consecutive blocks of 10 steps, interleaved with the other rows; the 10 blocks "
             "make 1 whole period.") in part

@@ -16,9 +16,13 @@ _STEPS_INTRO = (
 _OVERHEAD_INTRO = (
     "Monitor overhead: step time with `OptimizerMonitor(opt, every=N)` attached (default "
     "metrics: the top-k probe, the automatic coordinate sample; the \"run log\" row also writes "
-    "the run log and TensorBoard events), over the same optimizer unmonitored, interleaved in one process; ms/step: the "
-    "median over sampling periods of the mean step time in each (a sampled step costs more than "
-    "the others). Memory: what the monitor keeps between steps (`memory_bytes()`), over the "
+    "the run log and TensorBoard events), over the same optimizer unmonitored, interleaved in one "
+    "process, every variant stepping the same state tensors; ms/step: the median over sampling "
+    "periods of the mean step time in each (a sampled step costs more than the others). "
+    "× unmonitored: the median over periods of the period's time over the unmonitored blocks of "
+    "the same rounds, with the quartiles of those ratios in brackets. The A/A control row is a "
+    "second unmonitored instance: its distance from 1 is what the harness reads when nothing "
+    "differs. Memory: what the monitor keeps between steps (`memory_bytes()`), over the "
     "parameter bytes.")
 _TARGETS = (
     "Targets (the monitor's acceptance figures): the bundled optimizer on a GPU (Triton backend) "
@@ -175,25 +179,34 @@ def _overhead_part(part: dict, device_type: str) -> list[str]:
     previous = None
     split = []
     for row in part["rows"]:
-        if row["every"] is None:
+        control = row.get("control", False)
+        if row["every"] is None and not control:
             continue
         target, memory = row.get("target"), row.get("memory_target")
-        ratio = row.get("ratio")
-        pct = f"{row['memory_pct']:.2g} %"
-        if memory is not None:
-            pct += f" (< {memory['max_pct']:g} %: {_verdict(memory['pass'])})"
+        ratio, spread = row.get("ratio"), row.get("ratio_quartiles")
+        if control:
+            pct = "—"
+        else:
+            pct = f"{row['memory_pct']:.2g} %"
+            if memory is not None:
+                pct += f" (< {memory['max_pct']:g} %: {_verdict(memory['pass'])})"
+        every = ("— (A/A control)" if control
+                 else f"{row['every']}" + (", run log" if row["log_dir"] else ""))
+        shown = "—" if ratio is None else f"{ratio:.3f}"
+        if ratio is not None and spread:
+            shown += f" ({spread[0]:.3f}–{spread[1]:.3f})"
         cells = [row["workload"] if row["workload"] != previous else "", row["label"],
-                 f"{row['every']}" + (", run log" if row["log_dir"] else ""),
+                 every,
                  f"{row['steps']} = {row['blocks']} × {row['block_steps']}",
                  _format_ms(row["unmonitored_ms_per_step"])
                  if row.get("unmonitored_ms_per_step") is not None else "—",
                  _format_ms(row["ms_per_step"]),
-                 f"{ratio:.3f}" if ratio is not None else "—",
+                 shown,
                  f"{target['text']}: {_verdict(target['pass'])}" if target else "—",
-                 _format_bytes(row["memory_bytes"]), pct]
+                 "—" if control else _format_bytes(row["memory_bytes"]), pct]
         out.append("| " + " | ".join(cells) + " |")
         previous = row["workload"]
-        if row["block_steps"] < row["every"]:
+        if not control and row["block_steps"] < row["every"]:
             split.append(row)
     if split or part.get("skipped") or part.get("errors"):
         out.append("")

@@ -5,8 +5,10 @@ Each implementation (optiscope's AdamW on the torch backend, and on the Triton b
 ``torch.optim.AdamW``, fused where the device has the kernel, else foreach) runs unmonitored and
 monitored with ``OptimizerMonitor(opt, every=N)`` for N in 1, 10, 100 with its default metrics (the
 top-k probe, the automatic coordinate sample), plus an ``every=1`` monitor that also writes a run
-log into a temporary directory. Every variant has its own optimizer; all share the parameters and
-the gradients, which are set once.
+log into a temporary directory, and a second unmonitored instance, the A/A control, whose ratio
+to the first is what the harness reads when nothing differs. Every variant has its own optimizer
+object; all share the parameters and the gradients, which are set once, and the variants of one
+implementation share its state tensors, so they differ by the monitor alone.
 
 A sampled step costs far more than the others, so a variant is timed in blocks of consecutive steps
 that cover whole sampling periods: a block of N steps for ``every=N`` (several periods when blocks
@@ -16,8 +18,9 @@ consecutive steps hold one sampled step and the step after it, where the monitor
 (its copy is asynchronous), so the mean over whole periods is the mean step time of a training run;
 the figure of a row is the median over its periods of that mean (robust to the other tenants of a
 machine, as the step table's median). The unmonitored optimizer is timed in blocks of the same
-lengths, grouped as each monitored row's, and each ratio compares blocks of one length. The
-variants are interleaved round-robin, in a new (seeded) order each round; each monitored optimizer
+lengths, grouped as each monitored row's. A row's ratio pairs each of its periods with the
+reference's blocks of the same rounds (timed seconds apart) and takes the median of those
+per-period ratios: a machine slower for a while slows both sides of a pair. The variants are interleaved round-robin, in a new (seeded) order each round; each monitored optimizer
 first takes untimed steps (state creation, compilation, the monitor's first sample and its
 decoding), then every variant an untimed block.
 """
@@ -107,35 +110,65 @@ def _per_step(times: list[float], block_steps: int, blocks_per_period: int) -> f
     return statistics.median(means)
 
 
+def _paired_ratios(times: list[float], reference: list[float], blocks_per_period: int
+                   ) -> list[float]:
+    """Per whole period: the row's time over the reference's in the same rounds.
+
+    Both rows ran one block per round, so block i of one and block i of the other were timed
+    seconds apart, in a random order; a slower machine for a while (other tenants) slows both.
+    """
+    if len(times) != len(reference):
+        raise ValueError(f"paired rows need one block per round each: {len(times)} blocks "
+                         f"against {len(reference)}")
+    g = blocks_per_period
+    return [sum(times[i:i + g]) / sum(reference[i:i + g])
+            for i in range(0, len(times) - g + 1, g)]
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]] if values else []
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def add_overhead_ratios(rows: list[dict], device_type: str) -> None:
     """Fills the derived columns of overhead rows, in place, from their timings.
 
     ``ms_per_step``: the median over whole periods of the mean step time in each (a monitored
     row's period is ``blocks_per_period`` consecutive blocks; an unmonitored row's, one block),
-    and ``ms_per_step_mean`` = Σ block times / steps timed. For a monitored row also
-    ``unmonitored_ms_per_step`` from the unmonitored row of the same workload, implementation and
-    block length, its blocks grouped as the monitored row's; ``ratio`` = monitored /
-    unmonitored, ``overhead_pct``, ``memory_pct`` (the monitor's bytes / the parameter bytes),
-    and ``target`` / ``memory_target`` with ``pass`` (None where none applies).
+    and ``ms_per_step_mean`` = Σ block times / steps timed. For a monitored row, and for the
+    unmonitored control (a second instance of the same optimizer: an A/A comparison whose ratio
+    shows what the harness can resolve): ``unmonitored_ms_per_step`` from the reference row (the
+    unmonitored optimizer timed in blocks of the same length), its blocks grouped as the row's;
+    ``ratio``, the median over periods of the row's time over the reference's in the same
+    rounds, with ``ratio_quartiles`` of those per-period ratios; ``overhead_pct``. For monitored
+    rows also ``memory_pct`` (the monitor's bytes / the parameter bytes), and ``target`` /
+    ``memory_target`` with ``pass`` (None where none applies).
     """
     for row in rows:
         row["ms_per_step"] = _per_step(row["times_ms"], row["block_steps"],
                                        row.get("blocks_per_period") or 1)
         row["ms_per_step_mean"] = sum(row["times_ms"]) / row["steps"]
     reference = {(r["workload"], r["implementation"], r["block_steps"]): r
-                 for r in rows if r["every"] is None}
+                 for r in rows if r["every"] is None and not r.get("control")}
     for row in rows:
-        if row["every"] is None:
+        if row["every"] is None and not row.get("control"):
             continue
         ref = reference.get((row["workload"], row["implementation"], row["block_steps"]))
-        base = (_per_step(ref["times_ms"], ref["block_steps"], row["blocks_per_period"])
-                if ref else None)
-        row["unmonitored_ms_per_step"] = base
-        row["ratio"] = row["ms_per_step"] / base if ref else None
-        row["overhead_pct"] = 100 * (row["ratio"] - 1) if ref else None
+        per_period = row.get("blocks_per_period") or 1
+        ratios = (_paired_ratios(row["times_ms"], ref["times_ms"], per_period)
+                  if ref else [])
+        row["unmonitored_ms_per_step"] = (_per_step(ref["times_ms"], ref["block_steps"],
+                                                    per_period) if ref else None)
+        row["ratio"] = statistics.median(ratios) if ratios else None
+        row["ratio_quartiles"] = _quartiles(ratios) if ratios else None
+        row["overhead_pct"] = 100 * (row["ratio"] - 1) if ratios else None
+        if row["every"] is None:  # the control
+            continue
         row["memory_pct"] = 100 * row["memory_bytes"] / row["param_bytes"]
         target = next((t for t in TARGETS if t.applies(row, device_type)), None)
-        row["target"] = None if target is None or ref is None else {
+        row["target"] = None if target is None or not ratios else {
             "text": target.text, "max_ratio": target.max_ratio,
             "pass": row["ratio"] <= target.max_ratio}
         row["memory_target"] = None if row["params"] <= MEMORY_TARGET_MIN_PARAMS else {
@@ -156,11 +189,13 @@ class _Variant:
     tmp: tempfile.TemporaryDirectory | None = None
     times: list[float] = field(default_factory=list)
     first_step: int = 0                     # the monitor's step count when timing began
+    control: bool = False                   # a second unmonitored instance: the A/A control
 
     @property
     def name(self) -> str:
         if self.every is None:
-            return f"{self.impl.name} unmonitored, blocks of {self.block}"
+            twin = " (control)" if self.control else ""
+            return f"{self.impl.name} unmonitored{twin}, blocks of {self.block}"
         return f"{self.impl.name} every={self.every}{' + log_dir' if self.log_dir else ''}"
 
     def run_block(self) -> None:
@@ -177,9 +212,22 @@ class _Variant:
             self.tmp = None
 
 
+def _sharing(optimizer: torch.optim.Optimizer, owner: torch.optim.Optimizer
+             ) -> torch.optim.Optimizer:
+    """``optimizer`` stepping ``owner``'s state tensors (same class, same parameters).
+
+    Every variant of an implementation then reads and writes the same memory, and the rows
+    differ by the monitor alone. With a state of its own, each instance had its own pages: two
+    unmonitored instances of optiscope's AdamW differed by up to 2 % (GPT-2 small, 2 cores).
+    """
+    optimizer.state = owner.state
+    return optimizer
+
+
 def _memory_plan(workload: Workload, n_optimizers: int, settings: Settings) -> int:
-    """θ and g (shared), AdamW's m and v per optimizer, scratch for a foreach step's temporaries
-    (about three tensors of the workload's size) and the cache flush."""
+    """θ and g (shared), AdamW's m and v per implementation (its variants share them), scratch
+    for a foreach step's temporaries (about three tensors of the workload's size) and the cache
+    flush."""
     size = itemsize(settings.dtype)
     return (2 + 3 + 2 * n_optimizers) * workload.params * size + settings.flush_bytes
 
@@ -197,7 +245,7 @@ def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: S
             {"workload": workload.name, "implementation": impl.name, "reason": reason})
         log(f"  {'ERROR' if error else 'skip'} {impl.name}: {reason}")
 
-    need = _memory_plan(workload, len(impls) * (1 + len(monitored)), settings)
+    need = _memory_plan(workload, len(impls), settings)
     avail = available_bytes(device)
     if avail is not None and need > 0.9 * avail:
         for impl in impls:
@@ -216,8 +264,12 @@ def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: S
             step_ms = sorted(clock.measure_ms(plain.step) for _ in range(3))[1]
             blocks = {n: block_steps(n, step_ms, oh) for n, _ in monitored}
             group += [_Variant(impl, None, False, b, plain) for b in sorted(set(blocks.values()))]
+            control = blocks.get(10, max(blocks.values()))  # the strictest CPU target's blocks
+            group.append(_Variant(impl, None, False, control,
+                                  _sharing(impl.build(params), plain), control=True))
             for every, with_log in monitored:
-                group.append(_Variant(impl, every, with_log, blocks[every], impl.build(params)))
+                group.append(_Variant(impl, every, with_log, blocks[every],
+                                      _sharing(impl.build(params), plain)))
         except OOM:
             skip(impl, "out of memory while building the optimizers")
             continue
@@ -309,7 +361,8 @@ def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: S
             "workload": workload.name, "params": workload.params, "tensors": len(workload.shapes),
             "param_bytes": workload.params * size, "implementation": v.impl.name,
             "label": v.impl.label, "bundled": v.impl.bundled, "backend": v.impl.backend,
-            "every": v.every, "log_dir": v.log_dir, "block_steps": v.block,
+            "every": v.every, "log_dir": v.log_dir, "control": v.control,
+            "block_steps": v.block,
             "blocks": len(v.times), "steps": len(v.times) * v.block,
             "times_ms": [float(f"{x:.6g}") for x in v.times],
         }
