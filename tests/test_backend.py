@@ -53,3 +53,37 @@ def test_import_does_not_import_triton():
     code = ("import sys, optiscope, optiscope.optimizers; "
             "assert 'triton' not in sys.modules, 'importing optiscope imported triton'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_monitor_sums_in_c_match_float64_brute_force_and_torch():
+    from optiscope.kernels import cpu, stats
+
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: the monitor's sums run as torch reductions")
+    torch.manual_seed(0)
+    tensors = [torch.randn(n) * 3 for n in (0, 1, 15, 16, 4095, 4096, 4097, 3 * 4096 + 5,
+                                            10 ** 6 + 7)]
+    tensors[6][4096] = float("nan")  # the first entry of a second block
+    tensors[7][5] = float("inf")
+    tensors[7][-1] = float("-inf")
+    assert cpu.sums_apply(tensors)
+    sq = cpu.sq_sums_f32(tensors)
+    grads = cpu.grad_sums_f32(tensors)
+    for i, t in enumerate(tensors):
+        d = t.double()
+        finite = d[torch.isfinite(d)]
+        assert torch.equal(grads[i, 0].isnan(), d.square().sum().isnan())
+        if torch.isfinite(d).all():
+            expected = float(d.square().sum())
+            assert sq[i] == pytest.approx(expected, rel=2e-6, abs=1e-12)
+            assert grads[i, 0] == pytest.approx(expected, rel=2e-6, abs=1e-12)
+        assert grads[i, 1] == (float(finite.abs().max()) if finite.numel() else 0.0)
+        assert grads[i, 2] == int((~torch.isfinite(d)).sum())
+    # what the monitor and the optimizers call: the C path for float32, torch's otherwise
+    by_torch = stats.torch_grad_stats([t.double() for t in tensors])
+    by_c = stats.torch_grad_stats(tensors)
+    for stat in by_c:
+        torch.testing.assert_close(by_c[stat], by_torch[stat].float(), rtol=2e-6, atol=0,
+                                   equal_nan=True)
+    assert not cpu.sums_apply([tensors[3].double()]) and not cpu.sums_apply([tensors[8][::2]])

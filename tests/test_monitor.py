@@ -748,3 +748,20 @@ def test_a_lasting_change_of_level_is_one_alert_then_the_new_baseline():
     mon.close()
     spikes = [a.step for a in mon.history.alerts if a.kind == "grad_spike"]
     assert spikes == [11, 25]
+
+
+def test_a_float64_model_is_monitored():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 8192).double()  # one tensor above a summing row (4096)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    mon = OptimizerMonitor(opt, model=layer, strict=True)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(torch.randn(4, 64, dtype=torch.float64)).square().mean().backward()
+        grad = layer.weight.grad.clone()
+        opt.step()
+    mon.close()
+    steps, values = mon.history.series("grad_norm", "weight")
+    assert list(steps) == [1, 2]
+    assert values[-1] == pytest.approx(float(grad.norm()), rel=1e-6)
+    assert mon.history.series("moment2_norm", "weight")[1][-1] > 0

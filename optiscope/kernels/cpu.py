@@ -6,6 +6,10 @@ compiler (``$CC``, else ``cc``/``gcc``) into a cache directory (``$OPTISCOPE_CAC
 under a second, once per machine. Without a compiler, or with ``OPTISCOPE_CPU_KERNEL=0``, the
 torch backend runs torch's fused kernel and takes the statistics with torch reductions instead
 (about 2x the step's time when statistics are asked for; this kernel: about 1.1x).
+
+The same library sums tensors for the monitor when an optimizer produces no statistics of its
+own (`sq_sums_f32`, `grad_sums_f32`): one pass for a gradient's three statistics, where torch
+takes three.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kernel", "adam_f32", "NSTATS"]
+__all__ = ["kernel", "adam_f32", "NSTATS", "sums_apply", "sq_sums_f32", "grad_sums_f32"]
 
 log = logging.getLogger("optiscope.kernels")
 SOURCE = Path(__file__).with_name("cpu_adam.c")
@@ -91,6 +95,10 @@ def kernel() -> ctypes.CDLL | None:
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9
                   + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int])
     lib.optiscope_block_size.restype = ctypes.c_int64
+    for name in ("optiscope_sq_sums_f32", "optiscope_grad_sums_f32"):
+        f = getattr(lib, name)
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -123,4 +131,40 @@ def adam_f32(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, *,
         return torch.zeros(NSTATS, dtype=torch.float64)
     sums = block_stats.sum(dim=0)  # blocks in a fixed order: reproducible
     sums[1] = block_stats[:, 1].max()
+    return sums
+
+
+def sums_apply(tensors: list[Tensor]) -> bool:
+    """The monitor's sums run here: contiguous float32 CPU tensors, and the kernel compiled."""
+    return (bool(tensors) and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                  and t.is_contiguous() and not t.is_sparse for t in tensors)
+            and kernel() is not None)
+
+
+def _block_sums(name: str, tensors: list[Tensor], width: int) -> tuple[Tensor, Tensor]:
+    """Per-block partial sums of each tensor (``[blocks, width]`` float64) and the block count
+    of each tensor (an empty tensor has one block of zeros)."""
+    lib = kernel()
+    size = lib.optiscope_block_size()
+    counts = [max(1, -(-t.numel() // size)) for t in tensors]
+    out = torch.zeros((sum(counts), width), dtype=torch.float64)
+    f, base, threads, offset = getattr(lib, name), out.data_ptr(), torch.get_num_threads(), 0
+    for t, c in zip(tensors, counts):
+        f(t.data_ptr(), t.numel(), base + 8 * width * offset, threads)
+        offset += c
+    return out, torch.tensor(counts)
+
+
+def sq_sums_f32(tensors: list[Tensor]) -> Tensor:
+    """Σx² of each tensor (see `sums_apply`), as a float64 vector."""
+    out, counts = _block_sums("optiscope_sq_sums_f32", tensors, 1)
+    return torch.segment_reduce(out[:, 0], "sum", lengths=counts)
+
+
+def grad_sums_f32(grads: list[Tensor]) -> Tensor:
+    """``[len(grads), 3]`` float64: Σg², max |g| over the finite entries, the count of
+    non-finite entries of each gradient (see `sums_apply`)."""
+    out, counts = _block_sums("optiscope_grad_sums_f32", grads, 3)
+    sums = torch.segment_reduce(out, "sum", lengths=counts, axis=0)
+    sums[:, 1] = torch.segment_reduce(out[:, 1].contiguous(), "max", lengths=counts)
     return sums

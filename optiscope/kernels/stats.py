@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optiscope.kernels import cpu
+
 __all__ = ["Stat", "NUM_STATS", "MAX_REDUCED", "StatsRows", "StepStats", "torch_grad_stats",
            "torch_sq_norms", "sq_sum", "SUM_ROW"]
 
@@ -108,14 +110,15 @@ SUM_ROW = 1 << 12
 def sq_sum(x: Tensor) -> Tensor:
     """Σ x² of one tensor as a float64 0-d tensor, accurate to float32 round-off."""
     flat = x.detach().reshape(-1)
+    wide = torch.promote_types(flat.dtype, torch.float32)  # float64 stays float64
     n_full = flat.numel() // SUM_ROW
     parts = []
     if n_full:
         rows = flat[: n_full * SUM_ROW].view(n_full, SUM_ROW)
-        parts.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).double().square().sum())
+        parts.append(torch.linalg.vector_norm(rows, dim=1, dtype=wide).double().square().sum())
     if flat.numel() > n_full * SUM_ROW:
         tail = flat[n_full * SUM_ROW:]
-        parts.append(torch.linalg.vector_norm(tail, dtype=torch.float32).double().square())
+        parts.append(torch.linalg.vector_norm(tail, dtype=wide).double().square())
     return torch.stack(parts).sum() if parts else flat.new_zeros((), dtype=torch.float64)
 
 
@@ -123,7 +126,9 @@ def torch_sq_norms(tensors: list[Tensor]) -> Tensor:
     """Σ x² per tensor, whatever the tensors' dtype, as one float32 vector (float64 sums)."""
     if not tensors:
         return torch.zeros(0)
-    if all(t.numel() <= SUM_ROW for t in tensors):  # one batched call for small tensors
+    if cpu.sums_apply(tensors):  # one pass per tensor, in C
+        return cpu.sq_sums_f32(tensors).float()
+    if all(t.numel() <= SUM_ROW and t.dtype != torch.float64 for t in tensors):  # one call
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
         return torch.stack(norms).double().square().float()
     return torch.stack([sq_sum(t) for t in tensors]).float()
@@ -135,6 +140,11 @@ def torch_grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
     On CUDA nothing here synchronises. On a CPU the non-finite count (a pass of its own) runs
     only for tensors whose Σg² is not finite, since there a branch costs no synchronisation.
     """
+    if cpu.sums_apply(grads):  # the three in one pass per tensor, in C
+        sums = cpu.grad_sums_f32(grads).float()
+        nonfinite = sums[:, 2]
+        absmax = torch.where(nonfinite > 0, float("inf"), sums[:, 1])
+        return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
     sq = torch_sq_norms(grads)
     # aminmax: 12x faster than the infinity norm on CPU (10^7 entries: 0.8 ms against 13.9 ms)
     extremes = [torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(())) for g in grads]

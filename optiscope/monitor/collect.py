@@ -306,7 +306,8 @@ class Collector:
         want_m1 = Stat.MOMENT1_SQ not in self.produced
         want_m2 = Stat.MOMENT2_SQ not in self.produced
         freeze_now = self.freeze_step is not None and step == self.freeze_step
-        m1: list[tuple[int, Tensor]] = []
+        m1: list[tuple[int, Tensor]] = []  # (row, moment) summed in one call per moment
+        m2: list[tuple[int, Tensor]] = []
         taken: list[tuple[int, TensorSlot, Tensor, Tensor]] = []  # (row, slot, v, v to compare)
         for i in self._active:
             slot = self.slots[i]
@@ -327,7 +328,10 @@ class Collector:
                 local_state = {k: local(v) if isinstance(v, Tensor) else v
                                for k, v in state.items()}
                 if want_m2:
-                    rows[i, Col.MOMENT2_SQ] = layout.second_sq_sum(local_state).to(device)
+                    if (full := layout.second_tensor(local_state)) is not None:
+                        m2.append((i, full))  # summed with the others below
+                    else:
+                        rows[i, Col.MOMENT2_SQ] = layout.second_sq_sum(local_state).to(device)
                 v = layout.second_at(local_state, slot.sample.index)
             if layout.v_unfrozen_method is not None:
                 # v itself is frozen: compare v_T with the v the optimizer would have had
@@ -336,9 +340,10 @@ class Collector:
             else:
                 v_now = v
             taken.append((i, slot, v.to(device), v_now.to(device)))
-        if m1:
-            where = self._on([i for i, _ in m1], device)
-            rows[where, Col.MOMENT1_SQ] = torch_sq_norms([m for _, m in m1]).to(device)
+        for column, moments in ((Col.MOMENT1_SQ, m1), (Col.MOMENT2_SQ, m2)):
+            if moments:
+                where = self._on([i for i, _ in moments], device)
+                rows[where, column] = torch_sq_norms([x for _, x in moments]).to(device)
         if not taken:
             return
         self._compare(taken, rows, device, freeze_now)

@@ -78,6 +78,13 @@ class MomentLayout:
         return (self.v_method is not None or (self.v is not None and self.v in state)
                 or self._factored(state))
 
+    def second_tensor(self, state: dict) -> Tensor | None:
+        """The second moment when the state holds it as one full tensor (None when it is
+        factored or computed by the optimizer)."""
+        if self.v_method is not None or self.v is None or self._factored(state):
+            return None
+        return state.get(self.v)
+
     def second_sq_sum(self, state: dict) -> Tensor:
         """Σ v² as a float32 0-d tensor, exact for factored layouts."""
         if not self._factored(state):
