@@ -169,8 +169,27 @@ _register(Case("torch-adamw-foreach", "torch.optim.AdamW (foreach)", "AdamW",
 _register(Case("torch-adamw-fused", "torch.optim.AdamW (fused)", "AdamW",
                _torch_adamw(fused=True), _adamw_bytes, _adamw_state, baseline=True))
 _register_optiscope("adamw", "AdamW", "AdamW", bytes_moved=_adamw_bytes, state_bytes=_adamw_state)
-# torch.optim.Adafactor differs in semantics (no momentum, its own step-size rule), so ours is a
-# row of its own with no torch baseline.
+
+
+def _torch_adafactor(**variant) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
+    return lambda params: torch.optim.Adafactor(params, **variant)
+
+
+def _torch_has_adafactor(device: torch.device) -> str | None:
+    return None if hasattr(torch.optim, "Adafactor") else (
+        f"torch {torch.__version__} has no torch.optim.Adafactor (added in 2.5)")
+
+
+# torch.optim.Adafactor (torch >= 2.5) is the same algorithm as optiscope's with its defaults
+# (factored second moment, relative step min(1e-2, 1/√t) scaled by RMS(θ), update clipping at
+# d = 1, no first moment) and differs in details that move no bytes: ε₁ clamps v̂ instead of
+# being added to g², weight decay uses the raw lr. It is the baseline of the Adafactor rows.
+_register(Case("torch-adafactor-forloop", "torch.optim.Adafactor (for-loop)", "Adafactor",
+               _torch_adafactor(foreach=False), _adafactor_bytes, _adafactor_state,
+               baseline=True, requires=_torch_has_adafactor))
+_register(Case("torch-adafactor-foreach", "torch.optim.Adafactor (foreach)", "Adafactor",
+               _torch_adafactor(foreach=True), _adafactor_bytes, _adafactor_state,
+               baseline=True, requires=_torch_has_adafactor))
 _register_optiscope("adafactor", "Adafactor", "Adafactor", bytes_moved=_adafactor_bytes,
                     state_bytes=_adafactor_state)
 # No torch.optim MicroAdam: its floor is against our fused AdamW, on the same tensors.
