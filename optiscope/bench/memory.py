@@ -53,6 +53,7 @@ class MemoryOptimizer:
     title: str
     dtype: torch.dtype
     build: Callable[[list[Tensor]], torch.optim.Optimizer]
+    steps: int = 1  # steps to its steady state (1-bit Adam allocates its error buffers later)
 
 
 MEMORY_MODELS: dict[str, MemoryModel] = {
@@ -65,7 +66,7 @@ MEMORY_MODELS: dict[str, MemoryModel] = {
 
 
 def _optimizers() -> dict[str, MemoryOptimizer]:
-    from optiscope.optimizers import AdaDiag, Adafactor, AdafacDiag, AdamW, MicroAdam
+    from optiscope.optimizers import AdaDiag, Adafactor, AdafacDiag, AdamW, MicroAdam, OneBitAdam
 
     return {o.slug: o for o in (
         MemoryOptimizer("adamw-fp32", "AdamW, fp32 parameters and states", torch.float32,
@@ -76,6 +77,9 @@ def _optimizers() -> dict[str, MemoryOptimizer]:
                         lambda ps: Adafactor(ps, backend="torch")),
         MemoryOptimizer("microadam", "MicroAdam (m=10, k_init=1%, default blocks)", torch.bfloat16,
                         lambda ps: MicroAdam(ps, lr=1e-4, m=10, k_init=0.01, backend="torch")),
+        MemoryOptimizer("onebit-adam", "1-bit Adam after its freeze step, one process (the "
+                        "server error is 4/W B/param over W ranks)", torch.float32,
+                        lambda ps: OneBitAdam(ps, freeze_step=1, backend="torch"), steps=2),
         MemoryOptimizer("adadiag", "AdaDiag (one-sided; float32 moments and basis)",
                         torch.float32, lambda ps: AdaDiag(ps, backend="torch")),
         MemoryOptimizer("adadiag++", "AdaDiag++ (two-sided; float32 moments and bases)",
@@ -108,6 +112,9 @@ def state_bytes(optimizer: MemoryOptimizer, shapes: tuple[Shape, ...], *,
         for p in group["params"]:
             state = opt.state[p]
             if not state:
+                opt._init_state(state, p, group)
+            for _ in range(optimizer.steps - 1):  # what later steps allocate
+                state["step"] += 1
                 opt._init_state(state, p, group)
             for key, value in state.items():
                 if not isinstance(value, Tensor) or id(value) in seen:
