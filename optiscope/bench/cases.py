@@ -60,6 +60,39 @@ def _microadam_state(shape: Shape, itemsize: int) -> int:
     return math.ceil(n / 2) + 4 * blocks + 10 * 41 * 4 * blocks
 
 
+def _onebit_bytes(shape: Shape, itemsize: int) -> int:
+    # A compressed step in one process: read g; read and write m, θ, the worker and the server
+    # error (the server's chunk is the whole tensor on one rank); read the frozen v (float32
+    # state): 10 words.
+    return _numel(shape) * (itemsize + 9 * 4)
+
+
+def _onebit_state(shape: Shape, itemsize: int) -> int:
+    return 16 * _numel(shape)
+
+
+def _basis_side(shape: Shape) -> int:
+    """The side AdaDiag rotates: the smaller of a matrix's two (tensors of more dimensions are
+    d0 × the rest); 0 for vectors, which take plain AdamW."""
+    if len(shape) < 2:
+        return 0
+    rows, cols = shape[0], _numel(shape[1:])
+    return min(rows, cols)
+
+
+def _adadiag_bytes(shape: Shape, itemsize: int) -> int:
+    # AdamW's 7 words on the rotated tensor, plus writing and reading the rotated gradient and
+    # the rotated-back update, plus reading the basis twice. A lower bound: the two products
+    # with the basis are compute-bound on a CPU.
+    side = _basis_side(shape)
+    return (7 + 4) * _numel(shape) * itemsize + 2 * side * side * 4
+
+
+def _adadiag_state(shape: Shape, itemsize: int) -> int:
+    side = _basis_side(shape)
+    return 8 * _numel(shape) + 4 * side * side
+
+
 def _adafactor_state(shape: Shape, itemsize: int) -> int:
     if len(shape) >= 2:
         rows = _numel(shape[:-1])
@@ -123,8 +156,10 @@ def _register(case: Case) -> None:
 
 def _register_optiscope(slug: str, class_name: str, algorithm: str, *,
                         bytes_moved: Callable[[Shape, int], int],
-                        state_bytes: Callable[[Shape, int], int]) -> None:
-    """Registers a bundled optimizer: each backend, with and without statistics (four cases)."""
+                        state_bytes: Callable[[Shape, int], int], label: str | None = None,
+                        **options) -> None:
+    """Registers a bundled optimizer: each backend, with and without statistics (four cases),
+    built with ``options`` besides the backend."""
 
     def factory(backend: str) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
         def build(params: list[Tensor]) -> torch.optim.Optimizer:
@@ -135,7 +170,7 @@ def _register_optiscope(slug: str, class_name: str, algorithm: str, *,
             except AttributeError:
                 raise ImportError(f"cannot import name {class_name!r} from "
                                   "'optiscope.optimizers'") from None
-            return cls(params, backend=backend)
+            return cls(params, backend=backend, **options)
         return build
 
     def requirement(backend: str) -> Callable[[torch.device], str | None]:
@@ -151,11 +186,11 @@ def _register_optiscope(slug: str, class_name: str, algorithm: str, *,
 
     for backend in ("torch", "triton"):
         plain = f"optiscope-{slug}-{backend}"
-        label = f"optiscope {class_name} (backend={backend})"
+        shown = f"optiscope {label or class_name} (backend={backend})"
         common = dict(algorithm=algorithm, build=factory(backend), bytes_moved=bytes_moved,
                       state_bytes=state_bytes, requires=requirement(backend))
-        _register(Case(plain, label, **common))
-        _register(Case(f"{plain}-stats", f"{label} + stats", stats=True, shares=plain, **common))
+        _register(Case(plain, shown, **common))
+        _register(Case(f"{plain}-stats", f"{shown} + stats", stats=True, shares=plain, **common))
 
 
 def _torch_adamw(**variant) -> Callable[[list[Tensor]], torch.optim.Optimizer]:
@@ -195,6 +230,22 @@ _register_optiscope("adafactor", "Adafactor", "Adafactor", bytes_moved=_adafacto
 # No torch.optim MicroAdam: its floor is against our fused AdamW, on the same tensors.
 _register_optiscope("microadam", "MicroAdam", "MicroAdam", bytes_moved=_microadam_bytes,
                     state_bytes=_microadam_state)
+# Adam: AdamW's kernel with the L2 term in the gradient; against torch's fused Adam.
+_register(Case("torch-adam-fused", "torch.optim.Adam (fused)", "Adam",
+               lambda params: torch.optim.Adam(params, fused=True, weight_decay=0.01), _adamw_bytes,
+               _adamw_state,
+               baseline=True))
+_register_optiscope("adam", "Adam", "Adam", bytes_moved=_adamw_bytes, state_bytes=_adamw_state,
+                    weight_decay=0.01)
+# 1-bit Adam past its freeze step (freeze_step=1: every timed step is compressed), in one
+# process: the compression and error feedback without the exchange.
+_register_optiscope("onebit", "OneBitAdam", "OneBitAdam", bytes_moved=_onebit_bytes,
+                    state_bytes=_onebit_state, label="OneBitAdam past freeze_step",
+                    freeze_step=1)
+# AdaDiag between basis refreshes (the refresh, an SVD every update_proj_gap steps, is timed by
+# `python -m benchmarks.adadiag`); one-sided: AdaDiag++'s embedding basis alone is 9.4 GiB.
+_register_optiscope("adadiag", "AdaDiag", "AdaDiag", bytes_moved=_adadiag_bytes,
+                    state_bytes=_adadiag_state)
 
 
 # ============================================================================ watched by a monitor
