@@ -85,7 +85,10 @@ def cpu_llc_bytes() -> int | None:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+    """'Intel(R) Xeon(R) Processor' -> 'intel-xeon': trademark signs and the words every CPU
+    name carries say nothing about the machine."""
+    text = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b", " ", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
 
 
 def describe_device(device: torch.device) -> dict:

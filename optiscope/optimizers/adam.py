@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.cpu import adam_f32, kernel
+from optiscope.kernels.cpu import NSTATS, BlockSums, adam_f32, kernel
 from optiscope.kernels.launch import buckets, densify, local, write_back
 from optiscope.kernels.stats import Stat, StatsRows
 from optiscope.monitor.layouts import MomentLayout
@@ -191,15 +191,15 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                   amsgrad=max_exp_avg_sqs is not None, maximize=maximize)
     vmax = max_exp_avg_sqs if max_exp_avg_sqs is not None else []
     if _cpu_kernel_applies(params, grads, exp_avgs, exp_avg_sqs, vmax):
-        rows = [adam_f32(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i] if vmax else None,
-                         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                         step=int(steps[i].item()), decoupled=decoupled_weight_decay,
-                         maximize=maximize,
-                         stats=stats is not None)
-                for i, p in enumerate(params)]
+        blocks = BlockSums([p.numel() for p in params], NSTATS) if stats is not None else None
+        for i, p in enumerate(params):
+            adam_f32(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i] if vmax else None, lr=lr,
+                     beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                     step=int(steps[i].item()), decoupled=decoupled_weight_decay,
+                     maximize=maximize, stats=blocks, index=i)
         write_back(pairs)
-        if stats is not None:
-            table = torch.stack(rows)
+        if blocks is not None:
+            table = blocks.reduce(max_columns=(1,)).float()
             table[:, 1] = torch.where(table[:, 2] > 0, float("inf"), table[:, 1])
             stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
         return
