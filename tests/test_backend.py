@@ -87,3 +87,26 @@ def test_monitor_sums_in_c_match_float64_brute_force_and_torch():
         torch.testing.assert_close(by_c[stat], by_torch[stat].float(), rtol=2e-6, atol=0,
                                    equal_nan=True)
     assert not cpu.sums_apply([tensors[3].double()]) and not cpu.sums_apply([tensors[8][::2]])
+
+
+def test_coordinate_gather_in_c_matches_index_select():
+    from optiscope.kernels import cpu
+
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: the gathers run as index_select")
+    torch.manual_seed(0)
+    for numel, count in ((1, 1), (7, 3), (4097, 4097), (10 ** 6 + 7, 9000)):
+        x = torch.randn(numel)
+        x[numel // 2] = float("nan")
+        index = torch.randperm(numel)[:count].sort().values.to(torch.int32)
+        expected = x[index.long()]
+        got = cpu.take_f32(x.view(-1, 1) if numel > 1 else x, index)
+        assert got.dtype == torch.float32 and got.shape == (count,)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    # the torch path: other dtypes, int64 indices, a strided tensor
+    x = torch.randn(100, dtype=torch.float64)
+    index = torch.tensor([0, 5, 99])
+    assert torch.equal(cpu.take_f32(x, index), x[index].float())
+    y = torch.randn(50, 4)[:, 0]
+    assert torch.equal(cpu.take_f32(y, index[:2].int()), y[index[:2]])

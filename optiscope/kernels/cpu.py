@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["kernel", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
-           "grad_sums_f32"]
+           "grad_sums_f32", "take_f32"]
 
 log = logging.getLogger("optiscope.kernels")
 SOURCE = Path(__file__).with_name("cpu_adam.c")
@@ -96,6 +96,9 @@ def kernel() -> ctypes.CDLL | None:
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9
                   + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int])
     lib.optiscope_block_size.restype = ctypes.c_int64
+    lib.optiscope_gather_f32.restype = None
+    lib.optiscope_gather_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_void_p, ctypes.c_int]
     for name in ("optiscope_sq_sums_f32", "optiscope_grad_sums_f32"):
         f = getattr(lib, name)
         f.restype = None
@@ -189,3 +192,17 @@ def grad_sums_f32(grads: list[Tensor]) -> Tensor:
     """``[len(grads), 3]`` float64: Σg², max |g| over the finite entries, the count of
     non-finite entries of each gradient (see `sums_apply`)."""
     return _block_sums("optiscope_grad_sums_f32", grads, 3).reduce(max_columns=(1,))
+
+
+def take_f32(x: Tensor, index: Tensor) -> Tensor:
+    """``x.reshape(-1)[index]`` as a float32 copy: in C for a contiguous float32 CPU tensor and
+    int32 indices (7.2 -> 3 ms for GPT-2 small's coordinate samples), by index_select else (on
+    CPU 100x faster than advanced indexing: 65,536 of 3.8e7 entries in 0.1 ms against 12)."""
+    flat = x.detach().reshape(-1)
+    if (index.dtype == torch.int32 and index.device.type == "cpu" and index.is_contiguous()
+            and sums_apply([flat])):
+        out = torch.empty(index.numel(), dtype=torch.float32)
+        kernel().optiscope_gather_f32(flat.data_ptr(), index.data_ptr(), index.numel(),
+                                      out.data_ptr(), torch.get_num_threads())
+        return out
+    return torch.index_select(flat, 0, index).float()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optiscope.kernels import cpu
+
 __all__ = ["AUTO_FRACTION", "AUTO_MIN", "AUTO_MAX", "sample_count", "CoordinateSample"]
 
 AUTO_FRACTION = 1 / 512
@@ -80,7 +82,7 @@ class CoordinateSample:
         flat = tensor.detach().reshape(-1)
         if self.index is None:
             return flat.to(torch.float32, copy=True)
-        return torch.index_select(flat, 0, self.index).float()  # 100x advanced indexing on CPU
+        return cpu.take_f32(flat, self.index)
 
     def nbytes(self) -> int:
         return 0 if self.index is None else self.index.numel() * self.index.element_size()
