@@ -350,6 +350,44 @@ def test_statistics_change_nothing_and_repeat_exactly(backend):
         assert_equal(a, b, what="statistics of a rerun")
 
 
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_torch_statistics_over_several_chunks_match_float64_and_change_nothing(beta1):
+    """The torch backend sums θ chunk by chunk while each is in cache: tensors of several
+    chunks (and odd tails), beside a bf16 one and a transposed one, which take the whole-tensor
+    path. The parameters equal those of a run without statistics, bit for bit."""
+    from optiscope.optimizers.adafactor import _CHUNK
+
+    def params():
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(2 * _CHUNK + 7, generator=gen),
+                torch.randn(3, 11, _CHUNK // 16 + 5, generator=gen),
+                torch.randn(300, 700, generator=gen).T,
+                torch.randn(64, 33, generator=gen).bfloat16()]
+
+    def grads(step):
+        gen = torch.Generator().manual_seed(10 + step)
+        return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params()]
+
+    plain, watched = params(), params()
+    opt_plain = Adafactor(plain, beta1=beta1, weight_decay=0.1, backend="torch")
+    opt = Adafactor(watched, beta1=beta1, weight_decay=0.1, backend="torch")
+    for step in (1, 2, 3):
+        for p, q, g in zip(plain, watched, grads(step)):
+            p.grad, q.grad = g, g.clone()
+        before = [q.detach().clone() for q in watched]
+        opt_plain.step()
+        opt.request_stats()
+        opt.step()
+        for i, (p, q) in enumerate(zip(plain, watched)):
+            assert_equal(q, p, what=f"step {step} param {i}")
+        expected = brute_force_stats(before, [q.detach() for q in watched],
+                                     [q.grad for q in watched], [opt.state[q] for q in watched])
+        cols = sorted(Adafactor.stat_columns if beta1 is not None
+                      else set(Adafactor.stat_columns) - {Stat.MOMENT1_SQ})
+        assert_close(opt.last_stats.values[:, cols].double(), expected[:, cols], rtol=1e-5,
+                     atol=1e-9, what=f"step {step} statistics")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 # NumPy, running the interpreted kernels, warns about the NaN arithmetic this test asks for.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

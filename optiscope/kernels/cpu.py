@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["kernel", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
-           "grad_sums_f32", "take_f32"]
+           "sq_sums_small_f32", "grad_sums_f32", "take_f32"]
 
 log = logging.getLogger("optiscope.kernels")
 SOURCE = Path(__file__).with_name("cpu_adam.c")
@@ -96,6 +96,9 @@ def kernel() -> ctypes.CDLL | None:
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9
                   + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int])
     lib.optiscope_block_size.restype = ctypes.c_int64
+    lib.optiscope_sq_sums_many.restype = None
+    lib.optiscope_sq_sums_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.optiscope_gather_f32.restype = None
     lib.optiscope_gather_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_int]
@@ -186,6 +189,19 @@ def _block_sums(name: str, tensors: list[Tensor], width: int) -> BlockSums:
 def sq_sums_f32(tensors: list[Tensor]) -> Tensor:
     """Σx² of each tensor (see `sums_apply`), as a float64 vector."""
     return _block_sums("optiscope_sq_sums_f32", tensors, 1).reduce()[:, 0]
+
+
+def sq_sums_small_f32(tensors: list[Tensor]) -> list[float]:
+    """Σx² of each of a few tensors that are in cache (see `sums_apply`), in one call
+    (3 sums of 2^18 entries: 25 us; `sq_sums_f32`: 80 us)."""
+    lib, count = kernel(), len(tensors)
+    pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in tensors))
+    sizes = (ctypes.c_int64 * count)(*(t.numel() for t in tensors))
+    blocks = max(1, -(-max(t.numel() for t in tensors) // lib.optiscope_block_size()))
+    scratch = (ctypes.c_double * blocks)()
+    out = (ctypes.c_double * count)()
+    lib.optiscope_sq_sums_many(pointers, sizes, count, out, scratch, torch.get_num_threads())
+    return list(out)
 
 
 def grad_sums_f32(grads: list[Tensor]) -> Tensor:
