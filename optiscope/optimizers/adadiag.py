@@ -473,7 +473,8 @@ def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: fl
         buffer = torch.zeros((m, n), dtype=torch.float32, device=p.device)
         rows = (StatsRows(torch.full((1, NUM_STATS), math.nan, device=p.device), [0])
                 if stats is not None else None)
-        diagonal([i], [buffer], [_rotate(g, left, right)], 0.0, rows)
+        g_rotated = _rotate(g, left, right)
+        diagonal([i], [buffer], [g_rotated], 0.0, rows)
 
         in_place = p.dtype == torch.float32 and p.is_contiguous()
         theta = p.view(m, n) if in_place else p.reshape(m, n).to(torch.float32, copy=True)
@@ -485,10 +486,13 @@ def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: fl
             p.copy_(theta.view(p.shape))
         if stats is not None:
             after = theta if in_place else p.reshape(m, n).float()
-            shares = _diagonal_shares(g, left, right)
+            after_sq = torch_sq_norms([after])[0]
+            update_sq = torch_sq_norms([before.sub_(after)])[0]  # θ⁻ − θ⁺ in place: no temporary
+            shares = _diagonal_shares(g, g_rotated, left, right)
             per_tensor.append(torch.stack([
-                after.square().sum(), (after - before).square().sum(),
-                rows.values[0, Stat.MOMENT1_SQ], rows.values[0, Stat.MOMENT2_SQ], *shares]))
+                after_sq, update_sq, rows.values[0, Stat.MOMENT1_SQ],
+                rows.values[0, Stat.MOMENT2_SQ], *shares]))
+        del g_rotated
     if stats is not None:
         table = torch.stack(per_tensor)
         for k, stat in enumerate((Stat.PARAM_SQ_AFTER, Stat.UPDATE_SQ, Stat.MOMENT1_SQ,
@@ -536,19 +540,28 @@ def _add_rotated_back(theta: Tensor, d: Tensor, left: Tensor | None, right: Tens
         theta.addmm_(d, right.mT)
 
 
-def _diagonal_shares(g: Tensor, left: Tensor | None, right: Tensor | None) -> tuple[Tensor, Tensor]:
+def _diagonal_shares(g: Tensor, g_rotated: Tensor, left: Tensor | None,
+                     right: Tensor | None) -> tuple[Tensor, Tensor]:
     """``grad_diagonality`` in the optimizer's bases and in the original one (class docstring):
-    per rotated side, the share of the Gram matrix's squared Frobenius norm on its diagonal."""
+    per rotated side, the share of the Gram matrix's squared Frobenius norm on its diagonal.
+
+    The diagonal of G̃G̃ᵀ holds the squared row norms of G̃ (of G̃ᵀG̃, its column norms), and an
+    orthogonal change of basis keeps the Frobenius norm: ‖G̃G̃ᵀ‖ = ‖G̃ᵀG̃‖ = ‖GGᵀ‖ = (Σσᵢ⁴)^½ for
+    any sides. So one Gram matrix, of G's smaller side, serves every share. Computing S̃ = PᵀSP
+    per side cost two more k×k×k GEMMs each, and a two-sided basis of GPT-2 small's token
+    embedding a 50,257² Gram matrix (10 GB).
+    """
+    gram = g.mT @ g if g.shape[0] >= g.shape[1] else g @ g.mT
+    frobenius_sq = gram.square().sum()
     rotated = original = g.new_ones(())
-    for basis, gram in ((left, lambda: g @ g.mT), (right, lambda: g.mT @ g)):
+    for basis, dim in ((left, 1), (right, 0)):
         if basis is None:
             continue
-        s = gram()  # S = GGᵀ (GᵀG); in the basis: S̃ = Pᵀ S P, two GEMMs of a k×k matrix
-        original = original * _diag_share(s)
-        rotated = rotated * _diag_share(basis.mT @ s @ basis)
+        original = original * _diag_share(g.square().sum(dim=dim), frobenius_sq)
+        rotated = rotated * _diag_share(g_rotated.square().sum(dim=dim), frobenius_sq)
     return rotated, original
 
 
-def _diag_share(s: Tensor) -> Tensor:
-    """Σᵢ sᵢᵢ² / Σᵢⱼ sᵢⱼ² (NaN for a zero matrix)."""
-    return s.diagonal().square().sum() / s.square().sum()
+def _diag_share(diagonal: Tensor, frobenius_sq: Tensor) -> Tensor:
+    """Σᵢ sᵢᵢ² / Σᵢⱼ sᵢⱼ² from S's diagonal and Σᵢⱼ sᵢⱼ² (NaN for a zero matrix)."""
+    return diagonal.square().sum() / frobenius_sq
