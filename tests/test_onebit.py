@@ -558,6 +558,16 @@ def test_triton_pack_matches_torch(n):
     assert_equal(pack_signs_triton(x), pack_signs(x), f"{n} entries")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [8, 1032, 8 * 1024 + 64, 1 << 22])
+def test_triton_pack_on_cuda_matches_torch(n):
+    from optiscope.kernels.onebit import pack_signs_triton
+
+    x = torch.randn(n, device="cuda")
+    x[::3] = 0.0
+    assert_equal(pack_signs_triton(x).cpu(), pack_signs(x.cpu()), f"{n} entries on CUDA")
+
+
 def test_world_of_one_equals_the_simulation():
     werr = [torch.zeros(s) for s in SHAPES]
     serr = [torch.zeros(chunk_size(math.prod(s), 1)) for s in SHAPES]
