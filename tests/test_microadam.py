@@ -575,6 +575,102 @@ def test_torch_statistics_match_the_reference():
                          what=f"step {step}, v̂ of tensor {n}")
 
 
+# ------------------------------------------------------------ C kernel vs torch ops (CPU)
+def _without_c_kernel(monkeypatch):
+    from optiscope.optimizers import microadam as module
+
+    monkeypatch.setattr(module, "_c_kernel_applies", lambda *args: False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_c_kernel_matches_torch_ops_bit_for_bit(case, monkeypatch):
+    """The torch backend steps contiguous float32 CPU tensors with optiscope's C kernel; the
+    torch ops (every other tensor, and machines without a C compiler) are its reference."""
+    from optiscope.kernels import cpu
+
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: every tensor takes the torch ops")
+    steps = 14 if case.missing else 8
+    c_params, ops_params = make_params(), make_params()
+    c_opt = MicroAdam(c_params, **case.kwargs, backend="torch")
+    ops_opt = MicroAdam(ops_params, **case.kwargs, backend="torch")
+    for step in range(1, steps + 1):
+        grads = make_grads(step, missing=case.missing.get(step, ()))
+        apply(c_params, grads)
+        apply(ops_params, grads)
+        c_opt.request_stats()
+        c_opt.step()
+        with monkeypatch.context() as m:
+            _without_c_kernel(m)
+            ops_opt.request_stats()
+            ops_opt.step()
+        for n, (a, b) in enumerate(zip(c_params, ops_params)):
+            what = f"step {step}, tensor {n} {tuple(a.shape)}"
+            assert_equal(a.detach(), b.detach(), what=what)
+            if b in ops_opt.state:
+                for key in STATE_KEYS:
+                    assert_equal(c_opt.state[a][key], ops_opt.state[b][key], what=f"{what}, {key}")
+        assert_close(c_opt.last_stats.values, ops_opt.last_stats.values, rtol=2e-5, atol=1e-12,
+                     what=f"statistics, step {step}")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),                                              # the defaults: blocks of 4096, k = 41
+    dict(topk_block_size=1024, quant_block_size=64, k_init=0.05, weight_decay=0.1),
+])
+def test_c_kernel_matches_torch_ops_on_large_blocks_with_ties(settings, monkeypatch):
+    """Blocks of the default size, a partial last block, and gradients with many equal
+    magnitudes (ties go to the lower index) and exact zeros."""
+    from optiscope.kernels import cpu
+
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: every tensor takes the torch ops")
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3 * 4096 + 1000,), (64, 130)]
+    c_params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ops_params = [nn.Parameter(p.detach().clone()) for p in c_params]
+    c_opt = MicroAdam(c_params, lr=1e-3, **settings, backend="torch")
+    ops_opt = MicroAdam(ops_params, lr=1e-3, **settings, backend="torch")
+    for step in range(1, 6):
+        grads = [(torch.randn(s, generator=gen) * 4).round() / 4 for s in shapes]  # ties, zeros
+        apply(c_params, grads)
+        apply(ops_params, grads)
+        c_opt.request_stats()
+        c_opt.step()
+        with monkeypatch.context() as m:
+            _without_c_kernel(m)
+            ops_opt.request_stats()
+            ops_opt.step()
+        for n, (a, b) in enumerate(zip(c_params, ops_params)):
+            assert_equal(a.detach(), b.detach(), what=f"step {step}, tensor {n}")
+            for key in STATE_KEYS:
+                assert_equal(c_opt.state[a][key], ops_opt.state[b][key],
+                             what=f"step {step}, tensor {n}, {key}")
+        assert_close(c_opt.last_stats.values, ops_opt.last_stats.values, rtol=2e-5, atol=1e-12,
+                     what=f"statistics, step {step}")
+
+
+def test_c_second_moment_at_coordinates_matches_the_full_window_sums(monkeypatch):
+    """`moment2_at` (the monitor's v̂) gathers at the coordinates from the sampled blocks only,
+    in C; the dense torch-ops sums are its reference, bit for bit, sorted or not."""
+    from optiscope.kernels import cpu
+
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: v̂ is always the dense torch-ops sums")
+    gen = torch.Generator().manual_seed(2)
+    p = nn.Parameter(torch.randn(5 * 1024 + 300, generator=gen))
+    opt = MicroAdam([p], lr=1e-3, m=4, topk_block_size=1024, quant_block_size=64,
+                    k_init=0.05, backend="torch")
+    for _ in range(6):
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    full = opt.moment2_at(p)  # index None: the dense sums
+    for index in (torch.tensor([0, 1, 1023, 1024, 4000, 5 * 1024 + 299]),
+                  torch.randperm(p.numel(), generator=gen)[:700],       # unsorted
+                  torch.arange(p.numel(), dtype=torch.int32)):
+        assert_equal(opt.moment2_at(p, index), full[index.long()], what=f"{index.numel()} at")
+
+
 # --------------------------------------------------------------------- Triton vs torch backend
 def run_side_by_side(make, grads_for, steps, kwargs, check_state=True):
     runs = {b: (ps := make(), MicroAdam(ps, **kwargs, backend=b)) for b in ("torch", "triton")}

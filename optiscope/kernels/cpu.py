@@ -1,11 +1,13 @@
-"""optiscope's CPU kernel: Adam with the monitor's statistics in one pass over float32 tensors.
+"""optiscope's CPU kernels: Adam with the monitor's statistics in one pass over float32 tensors,
+MicroAdam's step in one pass per top-k block, and the monitor's sums.
 
-The C source (``cpu_adam.c``, no torch headers) is compiled on first use with the system's C
-compiler (``$CC``, else ``cc``/``gcc``) into a cache directory (``$OPTISCOPE_CACHE_DIR``, else
-``~/.cache/optiscope``), keyed by the source, the compiler and the CPU, and loaded with ctypes:
-under a second, once per machine. Without a compiler, or with ``OPTISCOPE_CPU_KERNEL=0``, the
-torch backend runs torch's fused kernel and takes the statistics with torch reductions instead
-(about 2x the step's time when statistics are asked for; this kernel: about 1.1x).
+The C sources (``cpu_adam.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
+with the system's C compiler (``$CC``, else ``cc``/``gcc``) into one library in a cache directory
+(``$OPTISCOPE_CACHE_DIR``, else ``~/.cache/optiscope``), keyed by the sources, the compiler and
+the CPU, and loaded with ctypes: about a second, once per machine. Without a compiler, or with
+``OPTISCOPE_CPU_KERNEL=0``, the torch backends run torch ops instead: Adam torch's fused kernel
+with the statistics taken by torch reductions (about 2x the step's time when statistics are asked
+for; the C kernel: about 1.2x), MicroAdam its torch-ops step (10-20x slower than the C one).
 
 The same library sums tensors for the monitor when an optimizer produces no statistics of its
 own (`sq_sums_f32`, `grad_sums_f32`): one pass for a gradient's three statistics, where torch
@@ -29,10 +31,13 @@ import torch
 from torch import Tensor
 
 __all__ = ["kernel", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
-           "sq_sums_small_f32", "grad_sums_f32", "take_f32"]
+           "sq_sums_small_f32", "grad_sums_f32", "take_f32", "microadam_f32",
+           "microadam_v_at", "MICROADAM_STATS"]
 
 log = logging.getLogger("optiscope.kernels")
-SOURCE = Path(__file__).with_name("cpu_adam.c")
+# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_adam.c), and
+# MicroAdam's step (cpu_microadam.c).
+SOURCES = (Path(__file__).with_name("cpu_adam.c"), Path(__file__).with_name("cpu_microadam.c"))
 NSTATS = 8
 # -ffp-contract=off: no fused multiply-adds, so an element's result does not depend on how the
 # loop was vectorised; no -ffast-math: NaN and inf behave as in torch. -fno-math-errno lets sqrtf
@@ -62,7 +67,7 @@ def kernel() -> ctypes.CDLL | None:
         log.info("optiscope: no C compiler found; the torch backend uses torch's fused Adam and "
                  "torch reductions for statistics (set CC to enable the one-pass CPU kernel)")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
@@ -79,7 +84,8 @@ def kernel() -> ctypes.CDLL | None:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds: rename wins
                 built = Path(tmp) / library.name
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built),
+                                         "-lm"],
                                         capture_output=True, text=True, timeout=120)
                 if result.returncode != 0:
                     log.info("optiscope: compiling the CPU kernel failed; using torch's fused "
@@ -96,6 +102,15 @@ def kernel() -> ctypes.CDLL | None:
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9
                   + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int])
     lib.optiscope_block_size.restype = ctypes.c_int64
+    lib.optiscope_microadam_f32.restype = ctypes.c_int
+    lib.optiscope_microadam_f32.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
+                                            + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 4
+                                            + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
+                                               ctypes.c_int])
+    lib.optiscope_microadam_v_at.restype = ctypes.c_int
+    lib.optiscope_microadam_v_at.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
+                                             + [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
     lib.optiscope_sq_sums_many.restype = None
     lib.optiscope_sq_sums_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -222,3 +237,54 @@ def take_f32(x: Tensor, index: Tensor) -> Tensor:
                                       out.data_ptr(), torch.get_num_threads())
         return out
     return torch.index_select(flat, 0, index).float()
+
+
+MICROADAM_STATS = 12
+
+
+def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_vals: Tensor,
+                  indices: Tensor, values: Tensor, *, block: int, n_full: int, k_full: int,
+                  tail: int, k_tail: int, slot: int, quant_block_size: int, w1: Tensor,
+                  w2: Tensor, c1: float, c2: float, lr: float, weight_decay: float, eps: float,
+                  stats: bool) -> Tensor | None:
+    """One float32 tensor's MicroAdam step in place (``cpu_microadam.c``); with ``stats``, its
+    12 statistics (the C file's order), float64.
+
+    ``p`` and ``g`` contiguous float32 CPU tensors; the state as `MicroAdam` keeps it (the bf16
+    tensors are read and written as their bits); ``w1``, ``w2`` float32 [m] weights.
+    """
+    lib = kernel()
+    blocks_ = n_full + (tail > 0)
+    out = torch.empty((max(blocks_, 1), MICROADAM_STATS), dtype=torch.float64) if stats else None
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    failed = lib.optiscope_microadam_f32(
+        p.data_ptr(), g.data_ptr(), error.data_ptr(), min_vals.data_ptr(), max_vals.data_ptr(),
+        indices.data_ptr(), values.data_ptr(), block, n_full, k_full, tail, k_tail,
+        indices.shape[0], slot, quant_block_size, w1.data_ptr(), w2.data_ptr(), c1, c2, lr,
+        1.0 - lr * weight_decay, int(weight_decay != 0), eps,
+        out.data_ptr() if out is not None else None, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"MicroAdam: the CPU kernel could not allocate its scratch for a "
+                          f"tensor of {p.numel()} entries")
+    if out is None:
+        return None
+    sums = out[:blocks_].sum(dim=0)
+    sums[1] = out[:blocks_, 1].max() if blocks_ else 0.0
+    return sums
+
+
+def microadam_v_at(indices: Tensor, values: Tensor, *, block: int, n_full: int, k_full: int,
+                   tail: int, k_tail: int, w2: Tensor, c2: float, index: Tensor) -> Tensor:
+    """MicroAdam's v̂ = c2·S2 at sorted flat coordinates ``index`` (float32, the bits of the
+    step's own v̂ there), from the window ``indices`` (int16) and ``values`` (bf16) on the CPU."""
+    lib = kernel()
+    index = index.to(torch.int64).contiguous()
+    out = torch.empty(index.numel(), dtype=torch.float32)
+    w2 = w2.contiguous()
+    failed = lib.optiscope_microadam_v_at(
+        indices.data_ptr(), values.data_ptr(), block, n_full, k_full, tail, k_tail,
+        indices.shape[0], w2.data_ptr(), c2, index.data_ptr(), index.numel(), out.data_ptr(),
+        torch.get_num_threads())
+    if failed:
+        raise MemoryError("MicroAdam: the CPU kernel could not allocate its scratch for v̂")
+    return out

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import buckets, local
 from optiscope.kernels.stats import Stat, StatsRows, torch_grad_stats
@@ -248,8 +249,18 @@ class MicroAdam(OptiscopeOptimizer):
         indices, values = local(state["I"]), local(state["V"])
         w1, w2 = window_weights(t, indices.shape[0], *group["betas"])
         layout = blocks(d, group["topk_block_size"], group["k_init"])
+        c2 = bias_factors(t, *group["betas"])[1]
+        if index is not None and indices.device.type == "cpu" and cpu.kernel() is not None:
+            index = index.long()
+            ordered = bool((index[1:] >= index[:-1]).all())  # the monitor's samples are sorted
+            order = None if ordered else torch.argsort(index)
+            v = cpu.microadam_v_at(indices, values.view(torch.int16), block=layout.size,
+                                   n_full=layout.n_full, k_full=layout.k_full, tail=layout.tail,
+                                   k_tail=layout.k_tail, w2=w2, c2=c2,
+                                   index=index if ordered else index[order])
+            return v if ordered else torch.empty_like(v).index_copy_(0, order, v)
         _, s2 = window_sums(indices, values, layout.column_starts(indices.device), w1, w2, d)
-        v = s2 * bias_factors(t, *group["betas"])[1]
+        v = s2 * c2
         return v if index is None else torch.index_select(v, 0, index.long())
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -423,61 +434,101 @@ def _microadam_torch(params, grads, errors, min_vals, max_vals, indices, values,
     c1, c2 = bias_factors(step, beta1, beta2)
     w1, w2 = window_weights(step, indices[0].shape[0], beta1, beta2)
     slot = (step - 1) % indices[0].shape[0]
-    rows = []
+    rows: list[Tensor | None] = []  # per tensor: the 12 sums of cpu.MICROADAM_STATS' order
+    by_ops = []  # the tensors the torch ops stepped: their gradient sums are taken together
     for i, p in enumerate(params):
         d = p.numel()
         if d == 0:  # nothing to select or update; its statistics row is zeros
-            if stats is not None:
-                rows.append(torch.zeros(9, device=p.device))
+            rows.append(torch.zeros(cpu.MICROADAM_STATS, dtype=torch.float64, device=p.device))
             continue
         layout = blocks(d, topk_block_size, k_init)
-        g = grads[i].reshape(-1).float()
-        # 1. error feedback: a = g + Q⁻¹(e_t)
-        a = g + dequantize(errors[i], min_vals[i], max_vals[i], d, quant_block_size)
-        # 2.-4. block-wise top-k into row `slot` of the window, then a ← a − a[I]
-        where = select_topk(a, layout)
-        indices[i][slot] = (where - layout.column_starts(a.device)).to(torch.int16)
-        values[i][slot] = a[where].to(torch.bfloat16)
-        kept = a[where]
-        total_sq = a.square().sum()
-        a[where] = 0
-        # 5.-6. the residual, quantized, is the next error feedback
-        codes, lo, hi, decoded = quantize(a, quant_block_size)
-        errors[i].copy_(codes)
-        min_vals[i].copy_(lo)
-        max_vals[i].copy_(hi)
-        # 7.-9. decoupled weight decay, then the update from the window
-        s1, s2 = window_sums(indices[i], values[i], layout.column_starts(a.device), w1, w2, d)
-        m_hat, v_hat = c1 * s1, c2 * s2
-        # √ through float64: torch's float32 CPU sqrt is not correctly rounded (√0.0096468087
-        # lands one ulp above), the Triton kernel's sqrt_rn is. Where S1 = 0 (a coordinate
-        # outside the window) u = 0, also when eps = 0.
-        root = v_hat.double().sqrt().float()
-        u = torch.where(s1 == 0, 0.0, m_hat / (root + eps))
-        flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
-        theta = flat.float()
-        before = theta.clone() if stats is not None else None
-        if weight_decay != 0:
-            theta = theta * (1.0 - lr * weight_decay)
-        theta = theta - lr * u
-        if p.is_contiguous():
-            flat.copy_(theta)
-        else:
-            p.copy_(theta.view(p.shape))
-        if stats is not None:
-            after = p.reshape(-1).float()
-            rows.append(torch.stack([
-                before.square().sum(), after.square().sum(), (after - before).square().sum(),
-                m_hat.square().sum(), v_hat.square().sum(), (a - decoded).square().sum(),
-                a.square().sum(), kept.square().sum(), total_sq]))
-    if stats is not None:
-        table = torch.stack(rows)
-        columns = torch_grad_stats([g.reshape(-1) for g in grads])
-        for k, stat in enumerate((Stat.PARAM_SQ_BEFORE, Stat.PARAM_SQ_AFTER, Stat.UPDATE_SQ,
-                                  Stat.MOMENT1_SQ, Stat.MOMENT2_SQ, Stat.QUANT_ERROR_SQ,
-                                  Stat.QUANT_INPUT_SQ, Stat.TOPK_KEPT_SQ, Stat.TOPK_TOTAL_SQ)):
-            columns[stat] = table[:, k]
-        stats.write(columns)
+        if _c_kernel_applies(p, grads[i]):
+            rows.append(cpu.microadam_f32(
+                p, grads[i], errors[i], min_vals[i], max_vals[i], indices[i], values[i],
+                block=layout.size, n_full=layout.n_full, k_full=layout.k_full,
+                tail=layout.tail, k_tail=layout.k_tail, slot=slot,
+                quant_block_size=quant_block_size, w1=w1, w2=w2, c1=c1, c2=c2, lr=lr,
+                weight_decay=weight_decay, eps=eps, stats=stats is not None))
+            continue
+        rows.append(_microadam_ops(p, grads[i], errors[i], min_vals[i], max_vals[i], indices[i],
+                                   values[i], layout, slot=slot, w1=w1, w2=w2, c1=c1, c2=c2,
+                                   lr=lr, weight_decay=weight_decay, eps=eps,
+                                   quant_block_size=quant_block_size, stats=stats is not None))
+        by_ops.append(i)
+    if stats is None:
+        return
+    device = params[0].device
+    if by_ops:  # Σg², max |g|, the non-finite count of the tensors stepped by torch ops
+        grad = torch_grad_stats([grads[i].reshape(-1) for i in by_ops])
+        for k, i in enumerate(by_ops):
+            rows[i] = torch.cat([torch.stack([grad[s][k] for s in (
+                Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE)]).to(device, torch.float64),
+                rows[i].to(device, torch.float64)])
+    table = torch.stack([r.to(device, torch.float64) for r in rows]).float()
+    table[:, 1] = torch.where(table[:, 2] > 0, float("inf"), table[:, 1])
+    stats.write({stat: table[:, k] for k, stat in enumerate(_C_STATS)})
+
+
+# The columns of a statistics row of the step, in the order of cpu_microadam.c.
+_C_STATS = (Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE, Stat.PARAM_SQ_BEFORE,
+            Stat.PARAM_SQ_AFTER, Stat.UPDATE_SQ, Stat.MOMENT1_SQ, Stat.MOMENT2_SQ,
+            Stat.QUANT_ERROR_SQ, Stat.QUANT_INPUT_SQ, Stat.TOPK_KEPT_SQ, Stat.TOPK_TOTAL_SQ)
+
+
+def _c_kernel_applies(p: Tensor, g: Tensor) -> bool:
+    """optiscope's C step takes contiguous float32 CPU tensors, when it compiled here (it relies
+    on what `MicroAdam` validates: even block and bucket sizes, so a byte of 4-bit codes never
+    spans two blocks)."""
+    return (p.device.type == "cpu" and p.dtype == torch.float32 and g.dtype == torch.float32
+            and p.is_contiguous() and g.is_contiguous() and not g.is_sparse
+            and cpu.kernel() is not None)
+
+
+def _microadam_ops(p, g, error, min_vals, max_vals, indices, values, layout, *, slot, w1, w2, c1,
+                   c2, lr, weight_decay, eps, quant_block_size, stats) -> Tensor | None:
+    """One tensor's step by torch ops (any dtype, layout and device); with ``stats``, its 9 sums
+    after the gradient's (`_C_STATS` from PARAM_SQ_BEFORE on), float64."""
+    d = p.numel()
+    g = g.reshape(-1).float()
+    # 1. error feedback: a = g + Q⁻¹(e_t)
+    a = g + dequantize(error, min_vals, max_vals, d, quant_block_size)
+    # 2.-4. block-wise top-k into row `slot` of the window, then a ← a − a[I]
+    where = select_topk(a, layout)
+    indices[slot] = (where - layout.column_starts(a.device)).to(torch.int16)
+    values[slot] = a[where].to(torch.bfloat16)
+    kept = a[where]
+    total_sq = a.square().sum()
+    a[where] = 0
+    # 5.-6. the residual, quantized, is the next error feedback
+    codes, lo, hi, decoded = quantize(a, quant_block_size)
+    error.copy_(codes)
+    min_vals.copy_(lo)
+    max_vals.copy_(hi)
+    # 7.-9. decoupled weight decay, then the update from the window
+    s1, s2 = window_sums(indices, values, layout.column_starts(a.device), w1, w2, d)
+    m_hat, v_hat = c1 * s1, c2 * s2
+    # √ through float64: torch's float32 CPU sqrt is not correctly rounded (√0.0096468087
+    # lands one ulp above), the Triton kernel's sqrt_rn is. Where S1 = 0 (a coordinate
+    # outside the window) u = 0, also when eps = 0.
+    root = v_hat.double().sqrt().float()
+    u = torch.where(s1 == 0, 0.0, m_hat / (root + eps))
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1)
+    theta = flat.float()
+    before = theta.clone() if stats else None
+    if weight_decay != 0:
+        theta = theta * (1.0 - lr * weight_decay)
+    theta = theta - lr * u
+    if p.is_contiguous():
+        flat.copy_(theta)
+    else:
+        p.copy_(theta.view(p.shape))
+    if not stats:
+        return None
+    after = p.reshape(-1).float()
+    return torch.stack([
+        before.square().sum(), after.square().sum(), (after - before).square().sum(),
+        m_hat.square().sum(), v_hat.square().sum(), (a - decoded).square().sum(),
+        a.square().sum(), kept.square().sum(), total_sq]).double()
 
 
 def select_topk(a: Tensor, layout: Blocks) -> Tensor:
