@@ -169,8 +169,8 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
 def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
                 beta2, eps, weight_decay, decoupled_weight_decay, maximize, stats):
     # One pass per tensor: optiscope's C kernel for float32 CPU tensors (statistics in the same
-    # pass), torch's fused kernel otherwise; on a 2-core CPU either is 4-8x the for-loop
-    # torch.optim.AdamW (benchmarks/results/cpu-amd-epyc.json).
+    # pass), torch's fused kernel otherwise; on a 2-core CPU either is 2-5x faster than the
+    # for-loop torch.optim.AdamW (benchmarks/results/cpu-intel-xeon.json).
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
