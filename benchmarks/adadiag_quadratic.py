@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from optiscope.bench.machine import git_commit, utc_now, versions
+from optiscope.bench.results import write_script_results
 from optiscope.kernels.stats import Stat
 from optiscope.optimizers import AdaDiag, AdamW
 
@@ -75,16 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     diagonality = {"step": 45, "lr": 0.3,
                    "rotated": float(stats.column(Stat.GRAD_DIAG)[0]),
                    "original": float(stats.column(Stat.GRAD_DIAG_ORIGINAL)[0])}
-    doc = dict(schema=SCHEMA, created=utc_now(), versions=versions(), git=git_commit(),
-               command="python -m benchmarks.adadiag_quadratic " + " ".join(argv or sys.argv[1:]),
-               problem="8 x 64 weight, Hessian I ⊗ U diag(logspace(0, -3, 8)) Uᵀ, seed 0; "
-                       "threshold 1e-4 of the initial loss, at most 400 steps",
-               grid=list(GRID), steps=steps, best=best, grad_diagonality=diagonality)
     print(json.dumps({"best": best, "grad_diagonality": diagonality}))
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / "adadiag-quadratic.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_script_results(
+        args.output, "adadiag-quadratic.json", schema=SCHEMA,
+        command="python -m benchmarks.adadiag_quadratic " + " ".join(argv or sys.argv[1:]),
+        problem="8 x 64 weight, Hessian I ⊗ U diag(logspace(0, -3, 8)) Uᵀ, seed 0; "
+                "threshold 1e-4 of the initial loss, at most 400 steps",
+        grid=list(GRID), steps=steps, best=best, grad_diagonality=diagonality)
     return 0
 
 

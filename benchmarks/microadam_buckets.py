@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from optiscope import OptimizerMonitor
-from optiscope.bench.machine import describe_device, git_commit, utc_now, versions
+from optiscope.bench.machine import describe_device
+from optiscope.bench.results import write_script_results
 from optiscope.demo import CharGPT, _Batches, _loss, stdlib_text
 from optiscope.optimizers import MicroAdam
 
@@ -63,15 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     for bucket in BUCKETS:
         rows.append(run(bucket, args.steps, text))
         print(json.dumps(rows[-1]))
-    doc = dict(schema=SCHEMA, created=utc_now(), device=describe_device(torch.device("cpu")),
-               versions=versions(), git=git_commit(),
-               command="python -m benchmarks.microadam_buckets " + " ".join(argv or sys.argv[1:]),
-               model="the demo's CharGPT (dim 128, 3 blocks, context 64), batch 16, seed 0",
-               optimizer="MicroAdam(lr=1e-3, weight_decay=0.1, m=10, k_init=0.01)", rows=rows)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / "microadam-buckets.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_script_results(
+        args.output, "microadam-buckets.json", schema=SCHEMA,
+        command="python -m benchmarks.microadam_buckets " + " ".join(argv or sys.argv[1:]),
+        device=describe_device(torch.device("cpu")),
+        model="the demo's CharGPT (dim 128, 3 blocks, context 64), batch 16, seed 0",
+        optimizer="MicroAdam(lr=1e-3, weight_decay=0.1, m=10, k_init=0.01)", rows=rows)
     return 0
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from optiscope.bench.cases import gpt2_shapes
-from optiscope.bench.machine import describe_device, git_commit, utc_now, versions
+from optiscope.bench.machine import describe_device
+from optiscope.bench.results import write_script_results
 from optiscope.kernels import cpu
 from optiscope.optimizers import MicroAdam
 from optiscope.optimizers import microadam as module
@@ -77,15 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, shapes in WORKLOADS.items():
         results[name] = measure(shapes, args.rounds)
         print(name, json.dumps({k: round(v, 2) for k, v in results[name].items()}))
-    doc = dict(schema=SCHEMA, created=utc_now(), device=describe_device(torch.device("cpu")),
-               versions=versions(), git=git_commit(),
-               command="python -m benchmarks.microadam_cpu " + " ".join(argv or sys.argv[1:]),
-               optimizer="MicroAdam(lr=1e-3) defaults: m=10, k_init=0.01, blocks of 4096",
-               unit="ms per step, median of the rounds", workloads=results)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / "microadam-cpu.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_script_results(
+        args.output, "microadam-cpu.json", schema=SCHEMA,
+        command="python -m benchmarks.microadam_cpu " + " ".join(argv or sys.argv[1:]),
+        device=describe_device(torch.device("cpu")),
+        optimizer="MicroAdam(lr=1e-3) defaults: m=10, k_init=0.01, blocks of 4096",
+        unit="ms per step, median of the rounds", workloads=results)
     return 0
 
 

@@ -582,20 +582,19 @@ def _without_c_kernel(monkeypatch):
     monkeypatch.setattr(module, "_c_kernel_applies", lambda *args: False)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_c_kernel_matches_torch_ops_bit_for_bit(case, monkeypatch):
-    """The torch backend steps contiguous float32 CPU tensors with optiscope's C kernel; the
-    torch ops (every other tensor, and machines without a C compiler) are its reference."""
+def _c_against_ops(make, kwargs, grads_for, steps, monkeypatch):
+    """Steps two copies of the parameters ``make()`` gives, one with the C kernel and one with
+    the torch ops alone, on the gradients ``grads_for(step)``; asserts parameters and state
+    equal bit for bit and the statistics close after every step."""
     from optiscope.kernels import cpu
 
     if cpu.kernel() is None:
         pytest.skip("no C compiler here: every tensor takes the torch ops")
-    steps = 14 if case.missing else 8
-    c_params, ops_params = make_params(), make_params()
-    c_opt = MicroAdam(c_params, **case.kwargs, backend="torch")
-    ops_opt = MicroAdam(ops_params, **case.kwargs, backend="torch")
+    c_params, ops_params = make(), make()
+    c_opt = MicroAdam(c_params, **kwargs, backend="torch")
+    ops_opt = MicroAdam(ops_params, **kwargs, backend="torch")
     for step in range(1, steps + 1):
-        grads = make_grads(step, missing=case.missing.get(step, ()))
+        grads = grads_for(step)
         apply(c_params, grads)
         apply(ops_params, grads)
         c_opt.request_stats()
@@ -614,6 +613,15 @@ def test_c_kernel_matches_torch_ops_bit_for_bit(case, monkeypatch):
                      what=f"statistics, step {step}")
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_c_kernel_matches_torch_ops_bit_for_bit(case, monkeypatch):
+    """The torch backend steps contiguous float32 CPU tensors with optiscope's C kernel; the
+    torch ops (every other tensor, and machines without a C compiler) are its reference."""
+    _c_against_ops(make_params, case.kwargs,
+                   lambda step: make_grads(step, missing=case.missing.get(step, ())),
+                   14 if case.missing else 8, monkeypatch)
+
+
 @pytest.mark.parametrize("settings", [
     dict(),                                              # the defaults: blocks of 4096, k = 41
     dict(topk_block_size=1024, quant_block_size=64, k_init=0.05, weight_decay=0.1),
@@ -621,33 +629,17 @@ def test_c_kernel_matches_torch_ops_bit_for_bit(case, monkeypatch):
 def test_c_kernel_matches_torch_ops_on_large_blocks_with_ties(settings, monkeypatch):
     """Blocks of the default size, a partial last block, and gradients with many equal
     magnitudes (ties go to the lower index) and exact zeros."""
-    from optiscope.kernels import cpu
-
-    if cpu.kernel() is None:
-        pytest.skip("no C compiler here: every tensor takes the torch ops")
-    gen = torch.Generator().manual_seed(5)
     shapes = [(3 * 4096 + 1000,), (64, 130)]
-    c_params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-    ops_params = [nn.Parameter(p.detach().clone()) for p in c_params]
-    c_opt = MicroAdam(c_params, lr=1e-3, **settings, backend="torch")
-    ops_opt = MicroAdam(ops_params, lr=1e-3, **settings, backend="torch")
-    for step in range(1, 6):
-        grads = [(torch.randn(s, generator=gen) * 4).round() / 4 for s in shapes]  # ties, zeros
-        apply(c_params, grads)
-        apply(ops_params, grads)
-        c_opt.request_stats()
-        c_opt.step()
-        with monkeypatch.context() as m:
-            _without_c_kernel(m)
-            ops_opt.request_stats()
-            ops_opt.step()
-        for n, (a, b) in enumerate(zip(c_params, ops_params)):
-            assert_equal(a.detach(), b.detach(), what=f"step {step}, tensor {n}")
-            for key in STATE_KEYS:
-                assert_equal(c_opt.state[a][key], ops_opt.state[b][key],
-                             what=f"step {step}, tensor {n}, {key}")
-        assert_close(c_opt.last_stats.values, ops_opt.last_stats.values, rtol=2e-5, atol=1e-12,
-                     what=f"statistics, step {step}")
+
+    def make():
+        gen = torch.Generator().manual_seed(5)
+        return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+    def grads_for(step):
+        gen = torch.Generator().manual_seed(50 + step)
+        return [(torch.randn(s, generator=gen) * 4).round() / 4 for s in shapes]  # ties, zeros
+
+    _c_against_ops(make, dict(lr=1e-3, **settings), grads_for, 5, monkeypatch)
 
 
 def test_c_second_moment_at_coordinates_matches_the_full_window_sums(monkeypatch):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from optiscope.bench.base import BenchError
 
-__all__ = ["SCHEMA", "README_START", "README_END", "write_results", "load_results",
-           "update_readme", "readme_text"]
+__all__ = ["SCHEMA", "README_START", "README_END", "write_results", "write_script_results",
+           "load_results", "update_readme", "readme_text"]
 
 SCHEMA = "optiscope-bench/1"
 README_START = "<!-- bench:start -->"
@@ -48,6 +48,22 @@ def write_results(results: dict, output: Path) -> Path:
     text = re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
     path.write_text(text + "\n")
+    return path
+
+
+def write_script_results(output: Path, name: str, *, schema: str, command: str,
+                         **fields) -> Path:
+    """Writes one of the single-purpose benchmark scripts' results (``benchmarks/*.py``) to
+    ``output/name``: its schema, when, the versions, the commit and the command that made it,
+    then ``fields``."""
+    from optiscope.bench.machine import git_commit, utc_now, versions
+
+    doc = dict(schema=schema, created=utc_now(), versions=versions(), git=git_commit(),
+               command=command, **fields)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / name
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
     return path
 
 
