@@ -129,8 +129,10 @@ class OneBitAdam(OptiscopeOptimizer):
                                "initialized; call torch.distributed.init_process_group first, or "
                                "pass process_group=None for a world of one")
         self.process_group = process_group
+        # exp_avg_mask is set per parameter group (a group's dict), as in DeepSpeed
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        freeze_step=freeze_step, bias_correction=bias_correction)
+                        freeze_step=freeze_step, bias_correction=bias_correction,
+                        exp_avg_mask=None)
         # Set by `onebit_ddp_hook` when it averaged this backward's gradients; read by `step`.
         self._grads_averaged = False
         self.last_compression: CompressionReport | None = None
@@ -157,6 +159,7 @@ class OneBitAdam(OptiscopeOptimizer):
         if not isinstance(group["bias_correction"], bool):
             raise TypeError(f"{owner}: bias_correction must be True or False, got "
                             f"{group['bias_correction']!r}")
+        _check_mask(owner, group, len(self.param_groups) - 1)
 
     # ----------------------------------------------------------------------------- the group
     @property
@@ -195,11 +198,15 @@ class OneBitAdam(OptiscopeOptimizer):
         """v at flat coordinates ``index`` as it would be had it not been frozen (float32).
 
         Before the freeze that is the real v. The first call for ``param`` (or a call with other
-        coordinates) chooses the coordinates the optimizer tracks from then on: at each
-        compressed step it updates v' ← β2·v' + (1 − β2)·ĝ² there, starting from v_T, with ĝ =
-        (m_t − β1·m_{t−1}) / (1 − β1) the averaged-gradient estimate that the averaged momentum
-        implies. The tracked values are diagnostics: not in `state_dict`, and after a resume
-        they start again from the frozen v. The monitor calls this through the layout's
+        coordinates) chooses the coordinates the optimizer tracks from then on: after each
+        compressed step it updates v' ← β2·v' + (1 − β2)·ḡ² there, starting from v_T, with ḡ
+        the true gradient averaged over the group at those coordinates (not the compressed
+        momentum, whose error would dominate). That costs one gather of the sample per tracked
+        tensor and, over several ranks, one float32 all-reduce of all the samples in one buffer
+        per step (`CompressionReport.probe_bytes`); nothing when no coordinates are tracked.
+        Every rank must track the same coordinates (the monitor, seeded alike, does). The
+        tracked values are diagnostics: not in `state_dict`, and after a resume they start
+        again from the frozen v. The monitor calls this through the layout's
         ``v_unfrozen_method``.
 
         Args:
@@ -241,8 +248,7 @@ class OneBitAdam(OptiscopeOptimizer):
             eps=group["eps"], weight_decay=group["weight_decay"],
             freeze_step=group["freeze_step"], bias_correction=group["bias_correction"],
             process_group=self.process_group, grads_averaged=self._grads_averaged,
-            backend=self.backend, stats=stats,
-            unfrozen=[self._unfrozen.get(p) for p in t["params"]] if self._unfrozen else None)
+            backend=self.backend, stats=stats, exp_avg_mask=group.get("exp_avg_mask"))
         if report is not None:
             self.last_compression = report
 
@@ -254,9 +260,39 @@ class OneBitAdam(OptiscopeOptimizer):
             closure: re-evaluates the model and returns the loss (default None).
         """
         try:
-            return super().step(closure)
+            loss = super().step(closure)
+            if self._unfrozen:
+                self._track_unfrozen()
+            return loss
         finally:
             self._grads_averaged = False
+
+    def _track_unfrozen(self) -> None:
+        """One step of the v without freezing at the tracked coordinates of the tensors that just
+        took a compressed step, from their gradients (each rank's own after the freeze) averaged
+        over the group: one gather per tensor, one all-reduce of all the samples together."""
+        live = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                probe, state = self._unfrozen.get(p), self.state.get(p)
+                if (probe is not None and p.grad is not None and state
+                        and state["step"].item() > group["freeze_step"]):
+                    live.append((p, probe, group["betas"][1]))
+        if not live:
+            return
+        samples = [_take(p.grad, probe.index) for p, probe, _ in live]
+        world = self.world_size
+        if world > 1:
+            flat = torch.cat([x.to(samples[0].device) for x in samples])
+            dist.all_reduce(flat, group=self.process_group)
+            samples = flat.div_(world).split([x.numel() for x in samples])
+            if self.last_compression is not None:
+                self.last_compression.probe_bytes = ring_allreduce_bytes([flat.numel()], world)
+        for (p, probe, beta2), g in zip(live, samples):
+            g = g.to(p.device)
+            if probe.v is None:  # the first compressed step starts from v_T
+                probe.v = _take(self.state[p]["exp_avg_sq"], probe.index)
+            probe.v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state saved by `state_dict` on this rank (see the class docstring).
@@ -309,7 +345,7 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 beta1: float, beta2: float, eps: float, weight_decay: float, freeze_step: int,
                 bias_correction: bool, process_group: Any = None, grads_averaged: bool = False,
                 backend: str = "auto", stats: StatsRows | None = None,
-                unfrozen: list[UnfrozenProbe | None] | None = None) -> CompressionReport | None:
+                exp_avg_mask: Tensor | None = None) -> CompressionReport | None:
     """Functional 1-bit Adam over the tensors of one parameter group (one device): increments
     ``state_steps`` and updates parameters and state in place. Every rank of the group must call
     it with tensors of the same shapes, in the same order.
@@ -327,8 +363,9 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             (default ``"auto"``).
         stats: where to write the worker compression's ``QUANT_ERROR_SQ`` and ``QUANT_INPUT_SQ``
             (compressed steps only), or None.
-        unfrozen: per parameter, the coordinates where the v it would have had without freezing
-            is tracked (see `OneBitAdam.unfrozen_second_at`), or None (default None).
+        exp_avg_mask: multiplies m after each compressed all-reduce (broadcastable to every
+            parameter of the group), or None (default None). Whatever it is, coordinates whose
+            frozen v is exactly 0 keep m = 0 on compressed steps.
 
     Returns:
         The compressed all-reduce's `CompressionReport` when some tensor took a compressed step,
@@ -351,9 +388,6 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
 
     report = None
     if frozen:
-        probes = [(i, unfrozen[i]) for i in frozen
-                  if unfrozen is not None and unfrozen[i] is not None]
-        m_prev = {i: _take(exp_avgs[i], probe.index) for i, probe in probes}
         for i in frozen:  # the local momentum, about to be averaged
             exp_avgs[i].lerp_(grads[i].float(), 1 - beta1)
         averaged, report = onebit_allreduce(
@@ -361,13 +395,13 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             [server_errors[i] for i in frozen], process_group=process_group, backend=impl,
             with_errors=stats is not None)
         for i, m in zip(frozen, averaged):
-            exp_avgs[i].copy_(m)
-        for i, probe in probes:
-            # ĝ = (m_t − β1·m_{t−1}) / (1 − β1): the averaged gradient the new momentum implies
-            g_hat = (_take(exp_avgs[i], probe.index) - beta1 * m_prev[i]) / (1 - beta1)
-            if probe.v is None:
-                probe.v = _take(exp_avg_sqs[i], probe.index)
-            probe.v.mul_(beta2).addcmul_(g_hat, g_hat, value=1 - beta2)
+            # A coordinate whose v_T is exactly 0 never had a gradient: its compressed momentum
+            # is ±scale, and m/(√0 + eps) would move it by lr·scale/eps. It keeps m = 0 (the
+            # same on every rank: m and v are). The comparison is made here, per tensor, rather
+            # than kept as a mask: v is frozen, so it is the same set at every step.
+            exp_avgs[i].copy_(m.masked_fill_(exp_avg_sqs[i] == 0, 0.0))
+            if exp_avg_mask is not None:
+                exp_avgs[i].mul_(exp_avg_mask)
         if stats is not None:
             stats.subset(frozen).write({Stat.QUANT_ERROR_SQ: report.worker_error_sq,
                                         Stat.QUANT_INPUT_SQ: report.worker_input_sq})
@@ -390,6 +424,36 @@ def _take(t: Tensor, index: Tensor | None) -> Tensor:
     """A float32 copy of ``t`` at flat coordinates ``index`` (all when None)."""
     flat = t.reshape(-1)
     return flat.float().clone() if index is None else torch.index_select(flat, 0, index).float()
+
+
+def _check_mask(owner: str, group: dict[str, Any], index: int) -> None:
+    """Refuses a group's ``exp_avg_mask`` unless it is a real tensor on the group's device that
+    broadcasts to every parameter of the group (without changing the parameter's shape)."""
+    mask = group.get("exp_avg_mask")
+    if mask is None:
+        return
+    where = f"the exp_avg_mask of parameter group {index}"
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{owner}: {where} must be a tensor (1 where m is kept, 0 where it is "
+                        f"zeroed), got {type(mask).__name__}")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.is_complex():
+        raise TypeError(f"{owner}: {where} has dtype {mask.dtype}; pass a float or bool tensor")
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise ValueError(f"{owner}: {where} holds non-finite values; it multiplies the momentum")
+    for j, p in enumerate(group["params"]):
+        if mask.device != p.device:
+            raise ValueError(f"{owner}: {where} is on {mask.device}, its parameter {j} on "
+                             f"{p.device}; move the mask to {p.device}")
+        try:
+            fits = torch.broadcast_shapes(mask.shape, p.shape) == p.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{owner}: {where} has shape {tuple(mask.shape)}, which does not broadcast to "
+                f"its parameter {j} of shape {tuple(p.shape)}; give each masked parameter a "
+                "group of its own with a mask of its shape (or one that broadcasts to it, e.g. "
+                "(rows, 1) for whole rows)")
 
 
 def _same_index(a: Tensor | None, b: Tensor | None) -> bool:
@@ -455,7 +519,8 @@ def onebit_ddp_hook(state: OneBitAdam, bucket):
 @dataclass
 class UnfrozenProbe:
     """Where the second moment without freezing is tracked: flat coordinates ``index`` (None:
-    all), and v there (None until the first compressed step, which starts it from v_T)."""
+    all), and v there (None until the first compressed step, which starts it from v_T; then
+    updated from the true averaged gradient after each compressed step)."""
 
     index: Tensor | None
     v: Tensor | None = None
@@ -469,6 +534,9 @@ class CompressionReport:
         bytes_sent: bytes this rank sent over the network (`compressed_bytes`).
         fp32_ring_bytes: bytes a ring all-reduce of the same tensors in float32 sends per rank
             (`ring_allreduce_bytes`).
+        probe_bytes: bytes this rank sent in the same step for the monitor's v without freezing
+            (a float32 ring all-reduce of the sampled gradients of every tracked tensor; see
+            `OneBitAdam.unfrozen_second_at`); 0 without tracked coordinates or in one process.
         worker_error_sq, worker_input_sq: per tensor, Σ(x − s·sign x)² and Σx² of this rank's
             worker compression of x = m + worker error (float32 vectors), or None when not asked.
         server_error_sq, server_input_sq: the same for this rank's server compression of its
@@ -477,6 +545,7 @@ class CompressionReport:
 
     bytes_sent: int
     fp32_ring_bytes: int
+    probe_bytes: int = 0
     worker_error_sq: Tensor | None = field(default=None, repr=False)
     worker_input_sq: Tensor | None = field(default=None, repr=False)
     server_error_sq: Tensor | None = field(default=None, repr=False)
