@@ -12,7 +12,8 @@ Prints, and writes to ``results/onebit-<device>.json``: the held-out loss of bot
 ratio, the 1-bit run's drift curve (``moment2_drift_since_freeze``: the frozen v against the v
 it would have had, its largest value against the report's tolerance 0.1), its last
 ``quant_error``, and the bytes each rank sent
-per compressed step against an fp32 ring all-reduce of the same parameters. The run directories
+per compressed step against an fp32 ring all-reduce of the same parameters, and those the
+monitor's drift probe added (the all-reduce of the sampled true gradients). The run directories
 (run log, report.html) stay under ``--runs``.
 """
 
@@ -68,7 +69,7 @@ def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step
         sched = torch.optim.lr_scheduler.LambdaLR(  # the demo's schedule
             opt, lambda s: min(1.0, (s + 1) / warmup)
             * (0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))))
-        sent = ring = None
+        sent = ring = probe = None
         with OptimizerMonitor(opt, model=model, every=cfg.every, log_dir=Path(root) / name,
                               console=False) as mon:
             for step in range(1, cfg.steps + 1):
@@ -84,7 +85,7 @@ def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step
                 mon.log_scalar("loss", loss)
                 report = getattr(opt, "last_compression", None)
                 if report is not None:
-                    sent, ring = report.bytes_sent, report.fp32_ring_bytes
+                    sent, ring, probe = report.bytes_sent, report.fp32_ring_bytes, report.probe_bytes
             model.eval()
             with torch.no_grad():
                 val = float(_loss(model, *data.validation()))
@@ -92,7 +93,7 @@ def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step
         if rank == 0:
             with open(Path(root) / f"{name}.pkl", "wb") as f:
                 pickle.dump(dict(val_loss=val, final_loss=loss.item(), bytes_sent=sent,
-                                 fp32_ring_bytes=ring), f)
+                                 fp32_ring_bytes=ring, probe_bytes=probe), f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -127,6 +128,7 @@ def run(config: DemoConfig, world: int, freeze: float, runs: Path) -> dict:
         drift_within_tolerance=worst <= DRIFT_TOL,
         last_quant_error=float(quant[-1]) if len(quant) else None,
         bytes_sent_per_step=one["bytes_sent"], fp32_ring_bytes_per_step=one["fp32_ring_bytes"],
+        probe_bytes_per_step=one["probe_bytes"],
         runs=str(runs))
 
 
