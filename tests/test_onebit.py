@@ -320,18 +320,23 @@ def _scenario_ddp(rank: int, world: int, root: Path) -> dict:
     return runs
 
 
+def _scenario_drift(rank: int, world: int, root: Path) -> dict:
+    """The stationary-gradient drift run (defined below) on this rank's own gradients."""
+    return {every: _stationary_run(every, 1024, rank) for every in (1, 7)}
+
+
 SCENARIOS = {2: ("allreduce", "optimizer", "checkpoint", "ddp"), 3: ("allreduce", "optimizer")}
 _RUN = {"allreduce": _scenario_allreduce, "optimizer": _scenario_optimizer,
-        "checkpoint": _scenario_checkpoint, "ddp": _scenario_ddp}
+        "checkpoint": _scenario_checkpoint, "ddp": _scenario_ddp, "drift": _scenario_drift}
 
 
-def _worker(rank: int, world: int, root: str) -> None:
+def _worker(rank: int, world: int, root: str, names: tuple[str, ...] | None = None) -> None:
     """A spawned rank: runs its world's scenarios and pickles the results into ``root``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank,
                             world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
-        result = {name: _RUN[name](rank, world, Path(root)) for name in SCENARIOS[world]}
+        result = {name: _RUN[name](rank, world, Path(root)) for name in names or SCENARIOS[world]}
         with open(Path(root) / f"result{rank}.pkl", "wb") as f:
             pickle.dump(result, f)
         dist.barrier()  # no rank tears its connections down while another still talks
@@ -343,16 +348,17 @@ def _worker(rank: int, world: int, root: str) -> None:
     os._exit(0)
 
 
-def _spawn(world: int, root: Path) -> list[dict]:
+def _spawn(world: int, root: Path, names: tuple[str, ...] | None = None,
+           timeout: float = JOIN_TIMEOUT_S) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(world, str(root)), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, str(root), names), nprocs=world, join=False,
                              start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     failure = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=2):
             if time.monotonic() >= deadline:
-                failure = f"the workers did not finish within {JOIN_TIMEOUT_S} s"
+                failure = f"the workers did not finish within {timeout} s"
                 break
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         failure = f"a worker failed:{exc}"
@@ -378,6 +384,11 @@ def gloo2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gloo3(tmp_path_factory):
     return _spawn(3, tmp_path_factory.mktemp("onebit3"))
+
+
+@pytest.fixture(scope="module")
+def gloo2_drift(tmp_path_factory):
+    return _spawn(2, tmp_path_factory.mktemp("onebit2drift"), ("drift",), timeout=900)
 
 
 @pytest.fixture(params=[2, 3])
@@ -780,6 +791,17 @@ def _check_drift(run: dict, exact: dict[int, float], every: int) -> None:
 @pytest.mark.parametrize("every", [1, 7])
 def test_drift_since_freeze_is_within_a_quarter_of_the_exact_value(every):
     _check_drift(_stationary_run(every, 1024), _stationary_exact(1), every)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_drift_since_freeze_over_two_ranks_is_within_a_quarter_of_the_exact_value(gloo2_drift):
+    exact = _stationary_exact(2)  # from the average of the two ranks' gradients
+    for every in (1, 7):
+        run = gloo2_drift[0]["drift"][every]  # rank 0 writes the history
+        _check_drift(run, exact, every)
+        # one float32 all-reduce of the 1,024 sampled gradients a step: 2(w - 1)/w x 4 B each
+        assert run["probe_bytes"] == [ring_allreduce_bytes([1024], 2)] == [4096]
 
 
 # ---------------------------------------------------------------- coordinates without gradients
