@@ -719,6 +719,7 @@ def test_unfrozen_second_at_tracks_the_chosen_coordinates():
     params = [p.requires_grad_() for p in _initial_params()]
     opt = OneBitAdam(params, **HYPER, freeze_step=FREEZE)
     index = torch.tensor([0, 4, 14], dtype=torch.int32)
+    assert_equal(opt.unfrozen_second_at(params[0], index), torch.zeros(3), "v before step 1")
     _run_optimizer(opt, params, 0, 1, 1)
     first = opt.unfrozen_second_at(params[0], index)  # before the freeze: the real v
     assert_equal(first, opt.state[params[0]]["exp_avg_sq"].reshape(-1)[index.long()], "v")
