@@ -1,6 +1,6 @@
 """Triton kernel for 1-bit Adam's compressed all-reduce: packing sign bits, 8 per byte.
 
-The reference twin is `optiscope.optimizers.onebit.pack_signs` (torch ops); both write, for
+The reference twin is `optiscope.optimizers.onebit_comm.pack_signs` (torch ops); both write, for
 every 8 entries, one byte whose most significant bit is the first entry's, 1 where x >= 0.
 """
 
@@ -31,7 +31,7 @@ def _pack_signs_kernel(x_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
 
 
 def pack_signs_triton(x: Tensor) -> Tensor:
-    """`optiscope.optimizers.onebit.pack_signs` in one launch (``x.numel()`` a multiple of 8)."""
+    """`optiscope.optimizers.onebit_comm.pack_signs` in one launch (``x.numel()`` a multiple of 8)."""
     if x.numel() % 8:
         raise ValueError(f"pack_signs_triton: the number of entries must be a multiple of 8, got "
                          f"{x.numel()}; zero-pad the tensor first")
