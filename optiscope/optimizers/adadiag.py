@@ -468,12 +468,14 @@ def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: fl
         p, left, right = params[i], left_bases[i], right_bases[i]
         m, n = _matrix_shape(p)
         g = grads[i].reshape(m, n).float()
+        sigma = None
         if int(state_steps[i].item()) % update_proj_gap == 0:  # a CPU tensor: no sync
-            _refresh(g, left, right)
+            sigma = _refresh(g, left, right)
         buffer = torch.zeros((m, n), dtype=torch.float32, device=p.device)
         rows = (StatsRows(torch.full((1, NUM_STATS), math.nan, device=p.device), [0])
                 if stats is not None else None)
-        g_rotated = _rotate(g, left, right)
+        g_rotated = _rotate(g, left, right) if sigma is None else _rotate_own(g, sigma, left,
+                                                                               right)
         diagonal([i], [buffer], [g_rotated], 0.0, rows)
 
         in_place = p.dtype == torch.float32 and p.is_contiguous()
@@ -501,24 +503,46 @@ def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: fl
         stats.subset(rotated).write(columns)
 
 
-def _refresh(g: Tensor, left: Tensor | None, right: Tensor | None) -> None:
-    """Overwrites the bases with the singular vectors of the float32 gradient matrix ``g``.
+def _refresh(g: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor | None:
+    """Overwrites the bases with the singular vectors of the float32 gradient matrix ``g`` and
+    returns its singular values (None when the bases were kept).
 
     A non-finite ``g`` keeps the previous bases (see the class docstring). The check costs a
     device synchronisation, but only on refresh steps, whose SVD synchronises anyway.
     """
     if not bool(torch.isfinite(g).all()):
-        return
+        return None
     if left is not None and right is not None:
-        u, _, vh = torch.linalg.svd(g, full_matrices=True)
+        u, sigma, vh = torch.linalg.svd(g, full_matrices=True)
         left.copy_(u)
         right.copy_(vh.mT)
     else:  # the smaller side: its thin-SVD basis is square, hence complete
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        u, sigma, vh = torch.linalg.svd(g, full_matrices=False)
         if left is not None:
             left.copy_(u)
         else:
             right.copy_(vh.mT)
+    return sigma
+
+
+def _rotate_own(g: Tensor, sigma: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """G̃ at a refresh step, whose bases were just taken from this same G's SVD UΣVᵀ.
+
+    Two-sided, PᵀGQ = UᵀGV = Σ by definition: ``diag(σ)`` (m×n), the SVD's own values, zero off
+    the diagonal. The GEMMs would leave ~1e-7·σ₁ of float32 round-off there instead of 0, and
+    Adam's first step moves every coordinate with a nonzero gradient by about ±η whatever its
+    size: each round-off entry became a full step (a 64×256 matrix moved by ‖ΔW‖ = 1.22 instead
+    of η√64 = 0.08 at lr 0.01), and AdafacDiag's factored second moment read a column of
+    round-off as a coordinate of its own. Off a refresh step G̃ is the product, as before.
+
+    One-sided, PᵀG = ΣVᵀ (GQ = UΣ) is not diagonal: its entries are the gradient's own, and the
+    product is kept (its round-off is relative to entries of the size Adam normalises anyway).
+    """
+    if left is None or right is None:
+        return _rotate(g, left, right)
+    g_rotated = g.new_zeros(g.shape)
+    g_rotated.diagonal().copy_(sigma)
+    return g_rotated
 
 
 def _rotate(g: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
