@@ -15,7 +15,8 @@ skips it with a warning, and ``resume=True`` cuts it off before appending (else 
 line would be glued to it and lost as well). A failed write (disk full, file system gone) is
 reported loudly at the sample where it happens, the file is cut back to its last complete line,
 training goes on, and the records that could not be written are kept and retried at the next
-sample; `close` raises if any could not be written in the end.
+sample; `RunLogWriter.close` raises `RunLogError` if any could not be written in the end (the
+monitor logs it as one error, and raises it only when ``strict``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class RunLogWriter:
         self._cut_to: int | None = None  # a torn tail to cut off before the next write
         self._next_scope_id = 0
         self._meta: dict = {}
+        self._meta_failed = False
         if resume and self.path.stat().st_size:
             try:
                 self._cut_torn_tail()
@@ -168,8 +170,11 @@ class RunLogWriter:
         self._meta.update(changes)
         try:
             self._write_meta_json()
+            self._meta_failed = False
         except RunLogError as exc:  # the run log record below still carries the change
-            log.error("%s", exc)
+            if not self._meta_failed:  # once per failure, not at every change
+                log.error("%s; the run log still records the change", exc)
+            self._meta_failed = True
         self._append([json.dumps({"type": "meta", **changes}, default=str)])
 
     def _write_meta_json(self) -> None:
@@ -179,6 +184,10 @@ class RunLogWriter:
             tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n")
             os.replace(tmp, path)
         except OSError as exc:
+            try:  # a full disk left an empty or partial file behind
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
 
@@ -212,8 +221,14 @@ class RunLogWriter:
                               f"{exc.strerror or exc}; its last records may be lost") from exc
         if self._backlog:
             raise RunLogError(f"optiscope: {len(self._backlog)} records could not be written to "
-                              f"{str(self.path)!r} ({self._failed_since}); they are in "
+                              f"{str(self.path)!r} ({self._failed_since}); the log holds the "
+                              "run up to the first of them, and all of them are in "
                               "monitor.history")
+
+    @property
+    def unwritten(self) -> int:
+        """Records not (yet) written: kept in memory and retried at the next record."""
+        return len(self._backlog)
 
     # ------------------------------------------------------------------------------ writing
     def _append(self, lines: list[str]) -> None:
