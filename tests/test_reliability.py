@@ -325,3 +325,134 @@ def test_a_step_that_raises_is_not_counted_and_its_number_is_used_again(tmp_path
         run(model, opt, mon, 2, first=3)
     assert mon.history.series("grad_norm")[0].tolist() == [1, 2, 3, 4]
     assert mon.history.meta["steps_taken"] == 4
+
+
+# ------------------------------------------------------------ 8: resume checks the run, a lock
+def test_resume_refuses_another_optimizer_s_log(tmp_path):
+    """Case 8: an SGD run was appended to an AdamW log without a word."""
+    model, opt = tiny()
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
+                          tensorboard=False) as mon:
+        run(model, opt, mon, 2)
+    before = (tmp_path / RUNLOG).read_bytes()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(runlog.RunIdentityError,
+                       match=r"another run: the optimizer is torch.optim.sgd.SGD, the log's "
+                             r"torch.optim.adamw.AdamW.*another log_dir"):
+        OptimizerMonitor(sgd, model=model, log_dir=tmp_path, resume=True, console=False)
+    assert not sgd._optimizer_step_pre_hooks
+    assert (tmp_path / RUNLOG).read_bytes() == before, "the refused run wrote to the log"
+
+
+def test_resume_refuses_another_model_s_log(tmp_path):
+    model, opt = tiny()
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
+                          tensorboard=False) as mon:
+        run(model, opt, mon, 1)
+    other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1), nn.Linear(1, 1))
+    with pytest.raises(runlog.RunIdentityError,
+                       match=r"shapes differ: 0.weight \[6, 4\] \(log: \[5, 4\]\), 0.bias \[6\] "
+                             r"\(log: \[5\]\), 2.weight \[1, 6\] \(log: \[1, 5\]\); only in this "
+                             r"run: 3.weight, 3.bias"):
+        OptimizerMonitor(torch.optim.AdamW(other.parameters()), model=other, log_dir=tmp_path,
+                         resume=True, console=False)
+    # the same run resumes (the refused attempt left no lock behind)
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, resume=True, console=False,
+                          report=False, tensorboard=False) as mon:
+        run(model, opt, mon, 1, first=2)
+    assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2]
+
+
+def test_a_second_live_writer_is_refused_and_the_lock_goes_with_the_first(tmp_path):
+    """Case 8: two concurrent writers interleaved their steps with no lock or warning."""
+    model, opt = tiny()
+    first = OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
+                             tensorboard=False)
+    run(model, opt, first, 2)
+    model2 = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    with pytest.raises(RunLogError, match=rf"being written by another live monitor "
+                                          rf"\(pid {os.getpid()}\).*another log_dir"):
+        OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, console=False)
+    first.close()
+    assert not (tmp_path / runlog.LOCK).exists()
+    with OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, console=False,
+                          report=False, tensorboard=False) as second:
+        run(model2, opt2, second, 1, first=3)
+    assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2, 3]
+
+
+def test_the_lock_of_a_killed_writer_does_not_block_resume(tmp_path):
+    import subprocess
+    import sys
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT);"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'1'); print('locked', flush=True);"
+            "time.sleep(60)")
+    tmp_path.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / runlog.LOCK)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model, opt = tiny()
+        with pytest.raises(RunLogError, match="another live monitor"):
+            OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
+                              tensorboard=False) as mon:
+            run(model, opt, mon, 1)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1]
+
+
+# --------------------------------------------------------- 14: values beyond float32's range
+def _bundled_adamw(params):
+    from optiscope.optimizers import AdamW
+    return AdamW(params, lr=1e-2, backend="torch")
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30], ids=["1e30", "1e-30"])
+@pytest.mark.parametrize("make, sums", [
+    (lambda ps: torch.optim.SGD(ps, lr=1e-3), "c"),
+    (lambda ps: torch.optim.SGD(ps, lr=1e-3), "torch"),
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-3), "c"),
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-3), "torch"),
+    (_bundled_adamw, "c"),
+], ids=["SGD-C-sums", "SGD-torch-sums", "AdamW-C-sums", "AdamW-torch-sums",
+        "bundled-AdamW-C-kernel"])
+def test_norms_of_gradients_beyond_float32_range_are_finite_and_right(make, sums, scale,
+                                                                      monkeypatch):
+    """Case 14: gradients of 1e30 gave grad_norm = inf (true: 8e30) with no alert; of 1e-30, 0."""
+    from optiscope.kernels import cpu
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here")
+    if sums == "torch":  # the monitor's torch reductions, as on a GPU or without a compiler
+        monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 80), nn.Linear(80, 3))  # 5120 weights: > one C block
+    opt = make(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    grads = {}
+    with OptimizerMonitor(opt, model=model, console=False, strict=True) as mon:
+        for step in (1, 2):
+            for name, p in model.named_parameters():
+                p.grad = torch.randn(p.shape) * scale
+                grads[step, name] = p.grad.double()
+            opt.step()
+    for step in (1, 2):
+        expected = {n: float(grads[step, n].norm()) for n in names}
+        expected["global"] = math.sqrt(sum(v * v for v in expected.values()))
+        for scope, want in expected.items():
+            got = mon.history.series("grad_norm", scope)[1][step - 1]
+            assert got == pytest.approx(want, rel=1e-6, abs=0), (step, scope, got, want)
+        assert mon.history.series("nonfinite_grads")[1][step - 1] == 0
+    m = {n: opt.state[p]["exp_avg"].double() for n, p in model.named_parameters()} \
+        if "exp_avg" in opt.state[model[0].weight] else None
+    if m is not None:  # the first moment after step 2: 0.19 g1 + 0.1 g2, as small or large
+        for name, want in m.items():
+            got = mon.history.series("moment1_norm", name)[1][-1]
+            assert got == pytest.approx(float(want.norm()), rel=1e-6, abs=0), (name, got)
+    assert not [a for a in mon.history.alerts if a.kind == "nonfinite_grads"]

@@ -30,11 +30,11 @@ from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes
+from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
-from optiscope.monitor.runlog import NullWriter, RunLogError, RunLogWriter, load_run
+from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.sampling import sample_count
 
 __all__ = ["OptimizerMonitor"]
@@ -138,15 +138,17 @@ class OptimizerMonitor:
         self._scalar_names: set[str] = set()  # names log_scalar has accepted
 
         writes = log_dir is not None and self.topology.writes
-        self.writer = RunLogWriter(log_dir, resume=resume) if writes else NullWriter()
-        if resume and writes and self.writer.path.stat().st_size:
-            self.history = load_run(log_dir)
-            self.step = self.history.last_step()
-        else:
-            self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
-            self.writer.write_meta(self.history.meta)
-        if resume:  # every rank continues rank 0's count, so all sample the same steps
-            self.step = self.topology.broadcast(self.step)
+        self.writer, failure = NullWriter(), None
+        self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
+        if writes:  # with resume, the logged run's history, once it is known to be this run
+            try:
+                self.writer, self.history = open_run(log_dir, resume=resume, meta=self.history.meta)
+            except Exception as exc:
+                failure = exc
+        if resume:  # every rank continues rank 0's count (-1: rank 0 could not resume)
+            self.step = self.topology.broadcast(-1 if failure else self.history.last_step())
+        if failure is not None or self.step < 0:
+            raise failure or RuntimeError("optiscope: rank 0 could not resume the run log")
         self._completed = self.step  # steps whose optimizer.step returned: `steps_taken`
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
@@ -308,8 +310,9 @@ class OptimizerMonitor:
         except Exception as exc:
             failure, rows = exc, None
         if rows is None:  # this rank failed: NaN rows, so the others are not left waiting
-            rows = torch.full((len(self.slots), NUM_COLS), math.nan,
-                              device=local(self.slots[0].param).device)
+            device = local(self.slots[0].param).device
+            rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+                              device=device)
         rows = self.topology.reduce(rows)  # every rank, every sampled step, error or not
         if failure is not None:
             raise failure
