@@ -282,6 +282,9 @@ class OptimizerMonitor:
         # inside optimizer.step is not counted, and its number is used again by the next one).
         self.step = self._completed + 1
         self._calls += 1
+        if not (self._pending or self._current is not None or self.is_sampled(self.step)):
+            self._guard(self._before_step, kwargs)  # nothing to record: no signal calls either
+            return
         with DeferInterrupt():
             self._guard(self._before_step, kwargs)
 
