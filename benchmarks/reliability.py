@@ -17,7 +17,8 @@ What a demanding user and an operator would try, each case judged "held" or "not
 * scale: a 10,000-step × 200-tensor run log (the monitor's own writer and the metrics a sample
   of 200 tensors has): write, `load_run` and report times, and the file's size.
 
-Prints a table and writes ``results/reliability.json``. Takes 2-4 minutes on 2 cores.
+Prints a table and writes ``results/reliability.json``. The long log's write and load dominate
+the run time: ten minutes on 2 cores shared with other jobs (the load average is recorded).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from optiscope import OptimizerMonitor, load_run
+from optiscope.bench.machine import load_average
 from optiscope.bench.results import write_script_results
 from optiscope.monitor import runlog
 from optiscope.monitor.metrics import TENSOR_METRICS
@@ -270,7 +272,8 @@ def records_everything(make_opt, params: list, grads, steps=4, **kwargs):
     finally:
         logging.getLogger("optiscope").removeHandler(handler)
     errors = [r.getMessage()[:100] for r in records if r.levelno >= logging.ERROR]
-    got = mon.history.series("grad_norm")[0].tolist() if "grad_norm" in mon.history.metrics() else []
+    recorded = "grad_norm" in mon.history.metrics()
+    got = mon.history.series("grad_norm")[0].tolist() if recorded else []
     ok = got == list(range(1, steps + 1)) and not errors
     return ok, f"{len(got)} of {steps} samples; {len(errors)} errors logged" + (
         f" ({errors[0]})" if errors else ""), mon
@@ -439,7 +442,8 @@ def hostile_records(tmp: Path) -> tuple[str, bool, str]:
         train(model, opt, mon, 2)
     with open(run / runlog.RUNLOG, "a") as f:
         f.write('{"type":"scopes","id":90,"names":["global"]}\n')
-        f.write('{"type":"sample","step":' + str(10**30) + ',"time":1,"values":{"loss":[90,[1]]}}\n')
+        f.write('{"type":"sample","step":' + str(10**30)
+                + ',"time":1,"values":{"loss":[90,[1]]}}\n')
         f.write('{"type":"sample","step":3,"time":1,"values":[]}\n')
         f.write('{"type":"sample","step":4,"time":1,"values":{"[/]loss":[90,[1]]}}\n')
     from optiscope.cli import main as cli
@@ -534,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     logging.getLogger("optiscope").setLevel(logging.INFO)
     logging.getLogger("optiscope").propagate = False  # the cases' expected errors: not printed
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     results, figures = [], {}
     with tempfile.TemporaryDirectory(prefix="optiscope-reliability-") as tmp:
         root = Path(tmp)
@@ -564,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                          command="python -m benchmarks.reliability "
                                  + " ".join(argv if argv is not None else sys.argv[1:]),
                          held=held, cases=len(results), seconds=round(seconds, 1),
+                         cpus=os.cpu_count(),
+                         load_average={"start": load_before, "end": load_average()},
                          scale=figures, results=results)
     return 0 if held == len(results) else 1
 

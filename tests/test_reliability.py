@@ -29,6 +29,9 @@ from optiscope.monitor.metrics import MONITOR_SERIES
 from optiscope.monitor.runlog import META, RUNLOG, RunLogError, read_records
 
 
+QUIET = dict(console=False, report=False, tensorboard=False)  # the run log only: fast
+
+
 def tiny():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
@@ -66,7 +69,7 @@ def strict_load(path):
 ])
 def test_log_scalar_refuses_a_bad_name_at_the_call(tmp_path, name, match):
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 1)
         with pytest.raises((TypeError, ValueError), match=match):
             mon.log_scalar(name, 1.0)
@@ -77,7 +80,7 @@ def test_log_scalar_refuses_a_bad_name_at_the_call(tmp_path, name, match):
 def test_swapped_log_scalar_arguments_are_refused_and_the_log_stays_whole(tmp_path):
     """Case 1: ``log_scalar(step, loss)`` made every sample line invalid JSON."""
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         errors = []
 
         def swapped(step, loss):
@@ -97,13 +100,14 @@ def test_swapped_log_scalar_arguments_are_refused_and_the_log_stays_whole(tmp_pa
 def test_a_built_in_metric_name_is_refused_and_a_prefixed_one_is_a_user_scalar(tmp_path, name):
     """Case 4: ``log_scalar("grad_norm", x)`` replaced the built-in metric's per-tensor scopes."""
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 1)
         with pytest.raises(ValueError, match=rf"{name!r} is a metric the monitor records.*"
                                              rf"'trainer/{name}'"):
             mon.log_scalar(name, 1.0)
         mon.sample_next()
-        run(model, opt, mon, 1, first=2, scalar=lambda s, loss: mon.log_scalar(f"trainer/{name}", 7.0))
+        run(model, opt, mon, 1, first=2,
+            scalar=lambda s, loss: mon.log_scalar(f"trainer/{name}", 7.0))
     for history in (mon.history, strict_load(tmp_path)):
         if name == "grad_norm":
             assert len(history.scopes("grad_norm")) == 5, "the per-tensor scopes are gone"
@@ -124,7 +128,7 @@ def test_a_built_in_metric_name_is_refused_and_a_prefixed_one_is_a_user_scalar(t
 def test_log_scalar_refuses_a_bad_value_at_the_call(tmp_path, value, match):
     """Case 5: bad values were accepted, failed later, lost samples and made close() raise."""
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, every=2, log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, every=2, log_dir=tmp_path, **QUIET) as mon:
         for step in (1, 2):  # sampled, then not: the same answer either way
             run(model, opt, mon, 1, first=step)
             with pytest.raises((TypeError, ValueError), match=match):
@@ -142,7 +146,7 @@ def test_log_scalar_refuses_a_bad_value_at_the_call(tmp_path, value, match):
 ])
 def test_log_scalar_takes_real_numbers_and_non_finite_floats(tmp_path, value, expected):
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 1, scalar=lambda s, loss: mon.log_scalar("x", value))
     for history in (mon.history, strict_load(tmp_path)):
         got = history.series("x")[1].tolist()
@@ -155,13 +159,13 @@ def test_complex_parameters_are_refused_at_construction():
     z = nn.Parameter(torch.zeros(4, dtype=torch.complex64))
     opt = torch.optim.SGD([*model.parameters(), z], lr=0.1)
     with pytest.raises(TypeError, match=r"'group0.param2' is complex64.*torch.view_as_real"):
-        OptimizerMonitor(opt, console=False, report=False, tensorboard=False)
+        OptimizerMonitor(opt, **QUIET)
 
 
 def test_an_optimizer_without_parameters_is_refused_at_construction():
     opt = torch.optim.SGD([{"params": []}], lr=0.1)
     with pytest.raises(ValueError, match=r"optimizer has no parameters.*after the model"):
-        OptimizerMonitor(opt, console=False, report=False, tensorboard=False)
+        OptimizerMonitor(opt, **QUIET)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -185,7 +189,7 @@ def test_an_optimizer_without_parameters_is_refused_at_construction():
 def test_constructor_arguments_are_validated(kwargs, error, match, tmp_path):
     model, opt = tiny()
     with pytest.raises(error, match=match):
-        OptimizerMonitor(opt, model=model, console=False, report=False, tensorboard=False, **kwargs)
+        OptimizerMonitor(opt, model=model, **QUIET, **kwargs)
     assert not opt._optimizer_step_pre_hooks, "a refused monitor left its hooks behind"
     assert not list(Path.cwd().glob(RUNLOG))
 
@@ -195,7 +199,7 @@ def test_numpy_integers_are_integers(tmp_path):
     with OptimizerMonitor(opt, model=model, every=np.int64(2), sample_size=np.int32(3),
                           topk_block=np.int64(8), freeze_probe=np.int64(2), seed=np.uint64(5),
                           topk_density=np.float32(0.5), spike_factor=np.float64(5),
-                          log_dir=tmp_path, console=False, report=False, tensorboard=False) as mon:
+                          log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 4)
     assert mon.every == 2 and type(mon.every) is int
     assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2, 3]
@@ -237,8 +241,7 @@ def test_a_full_disk_at_close_does_not_end_the_script(tmp_path, monkeypatch, cap
     after = []
 
     def training():
-        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                              tensorboard=False, strict=strict) as mon:
+        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET, strict=strict) as mon:
             run(model, opt, mon, 2)
             disk.full = True
             run(model, opt, mon, 3, first=3)
@@ -282,8 +285,7 @@ def test_an_interrupt_while_a_sample_is_processed_keeps_the_completed_step(tmp_p
     """Case 13: a Ctrl-C during the monitor's processing of step 3 lost step 3's record."""
     model, opt = tiny()
     with pytest.raises(KeyboardInterrupt):
-        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                              tensorboard=False) as mon:
+        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
             end = mon.collector.end
 
             def interrupted(step):
@@ -303,8 +305,7 @@ def test_an_interrupt_inside_the_optimizer_step_is_not_a_step_taken(tmp_path, de
     """Case 13: steps_taken counted the step a Ctrl-C interrupted."""
     model, opt = tiny()
     with pytest.raises(KeyboardInterrupt):
-        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                              tensorboard=False) as mon:
+        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
             # after the monitor's pre-hook, before the update
             opt.register_step_pre_hook(lambda o, a, k: sigint() if mon.step == 3 else None)
             run(model, opt, mon, 5)
@@ -315,8 +316,7 @@ def test_an_interrupt_inside_the_optimizer_step_is_not_a_step_taken(tmp_path, de
 
 def test_a_step_that_raises_is_not_counted_and_its_number_is_used_again(tmp_path):
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                          tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 2)
         handle = opt.register_step_pre_hook(lambda o, a, k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
@@ -331,8 +331,7 @@ def test_a_step_that_raises_is_not_counted_and_its_number_is_used_again(tmp_path
 def test_resume_refuses_another_optimizer_s_log(tmp_path):
     """Case 8: an SGD run was appended to an AdamW log without a word."""
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                          tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 2)
     before = (tmp_path / RUNLOG).read_bytes()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -346,8 +345,7 @@ def test_resume_refuses_another_optimizer_s_log(tmp_path):
 
 def test_resume_refuses_another_model_s_log(tmp_path):
     model, opt = tiny()
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                          tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
         run(model, opt, mon, 1)
     other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1), nn.Linear(1, 1))
     with pytest.raises(runlog.RunIdentityError,
@@ -357,8 +355,7 @@ def test_resume_refuses_another_model_s_log(tmp_path):
         OptimizerMonitor(torch.optim.AdamW(other.parameters()), model=other, log_dir=tmp_path,
                          resume=True, console=False)
     # the same run resumes (the refused attempt left no lock behind)
-    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, resume=True, console=False,
-                          report=False, tensorboard=False) as mon:
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, resume=True, **QUIET) as mon:
         run(model, opt, mon, 1, first=2)
     assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2]
 
@@ -366,8 +363,7 @@ def test_resume_refuses_another_model_s_log(tmp_path):
 def test_a_second_live_writer_is_refused_and_the_lock_goes_with_the_first(tmp_path):
     """Case 8: two concurrent writers interleaved their steps with no lock or warning."""
     model, opt = tiny()
-    first = OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                             tensorboard=False)
+    first = OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET)
     run(model, opt, first, 2)
     model2 = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
@@ -376,8 +372,7 @@ def test_a_second_live_writer_is_refused_and_the_lock_goes_with_the_first(tmp_pa
         OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, console=False)
     first.close()
     assert not (tmp_path / runlog.LOCK).exists()
-    with OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, console=False,
-                          report=False, tensorboard=False) as second:
+    with OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, **QUIET) as second:
         run(model2, opt2, second, 1, first=3)
     assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2, 3]
 
@@ -398,8 +393,7 @@ def test_the_lock_of_a_killed_writer_does_not_block_resume(tmp_path):
             OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False)
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, report=False,
-                              tensorboard=False) as mon:
+        with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET) as mon:
             run(model, opt, mon, 1)
     finally:
         holder.kill()

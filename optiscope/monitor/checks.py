@@ -133,8 +133,9 @@ def check_scalar_name(name, value) -> None:
     a rich console line or a built-in series."""
     if not isinstance(name, str):
         hint = (" (were the arguments swapped? the call is log_scalar(name, value))"
-                if isinstance(name, (int, float, Tensor)) and isinstance(value, (int, float, Tensor))
-                and not isinstance(value, bool) else "")
+                if isinstance(name, (int, float, Tensor))
+                and isinstance(value, (int, float, Tensor)) and not isinstance(value, bool)
+                else "")
         raise TypeError(f"optiscope: log_scalar: name must be a str, got {name!r} "
                         f"({type(name).__name__}){hint}; the call is log_scalar(name, value)")
     if not name:
@@ -179,7 +180,8 @@ def check_scalar_value(name: str, value):
         return float(value)
     except OverflowError:
         raise ValueError(f"optiscope: log_scalar({name!r}): value {_short(value)} is out of "
-                         "float64's range; pass a float (inf if it is meant to be infinite)") from None
+                         "float64's range; pass a float (inf if it is meant to be infinite)"
+                         ) from None
 
 
 def _short(value) -> str:

@@ -327,7 +327,8 @@ class Collector:
             position = {id(s.param): i for i, s in enumerate(self.slots)}
             where = torch.tensor([position[id(p)] for p in stats.params], device=device)
             produced = torch.tensor(sorted(int(c) for c in self.produced), device=device)
-            rows[where[:, None], produced[None, :]] = stats.values.to(device, rows.dtype)[:, produced]
+            values = stats.values.to(device, rows.dtype)
+            rows[where[:, None], produced[None, :]] = values[:, produced]
 
         params = [local(self.slots[i].param) for i in self._active]
         if Stat.PARAM_SQ_AFTER not in self.produced:
