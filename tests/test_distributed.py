@@ -328,7 +328,8 @@ def _scenario_ddp(rank: int, world: int, root: Path) -> dict:
 
     # Resuming the shared run: every rank must go on from step 5, or the ranks sample different
     # steps (in a sharded run, rank 0 would wait in an all-reduce that rank 1 never enters).
-    resumed = OptimizerMonitor(torch.optim.SGD(_Net().parameters(), lr=0.1), every=2,
+    net = _Net()  # the logged run's model and optimizer: resume refuses another run's log
+    resumed = OptimizerMonitor(torch.optim.AdamW(net.parameters(), lr=1e-2), model=net, every=2,
                                log_dir=root / "ddp-foreign", resume=True)
     out["resumed_step"] = resumed.step
     resumed.close()

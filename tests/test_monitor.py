@@ -641,7 +641,7 @@ def test_close_detaches_and_context_manager():
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):  # a wrong type is a TypeError
         OptimizerMonitor(opt, **kwargs)
 
 

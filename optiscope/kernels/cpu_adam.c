@@ -24,6 +24,20 @@
 #define BLOCK 4096
 #define NSTATS 8
 
+/* Sums of squares are taken in float lanes (twice the vector width of double) and added in
+ * double. A square outside float's range breaks that: gradients of 1e30 summed to inf, of 1e-30
+ * to 0. A lane sum below 1e-25 (each square that underflowed adds at most 1.2e-38, so 4096 of
+ * them stay under 5e-10 of it) or above 3e38 (one may have overflowed) is taken again in
+ * double: rare, and only for that block or piece. */
+#define OUT_OF_FLOAT_RANGE(s) (!((s) >= 1e-25 && (s) <= 3.0e38))
+
+static __attribute__((noinline)) double sq_wide(const float *restrict x, int64_t n) {
+    double s = 0.0;
+#pragma omp simd reduction(+:s)
+    for (int64_t i = 0; i < n; i++) s += (double)x[i] * (double)x[i];
+    return s;
+}
+
 /* One element: the update, shared by both block functions so their arithmetic is one text.
  * Op for op as torch.optim's single-tensor Adam: m.lerp_(g, 1 - b1) (torch's lerp: a + w (b - a)
  * for w < 0.5, else b - (b - a)(1 - w)), v.mul_(b2).addcmul_(g, g, value=1 - b2), and the
@@ -120,8 +134,16 @@ static inline __attribute__((always_inline)) void stats_loop(
         } else {
             STATS_LOOP(0)
         }
-        out[0] += g_sq; out[1] = top > out[1] ? top : out[1]; out[2] += bad; out[3] += p0_sq;
-        out[4] += p1_sq; out[5] += d_sq; out[6] += m_sq; out[7] += v_sq;
+        /* again in double where a square left float's range (g, and θ, m, v after the
+         * update, are still in memory; θ before it is not) */
+        const int64_t len = end - s;
+        const int finite = bad == 0.0f;
+        out[0] += finite && top > 0.0f && OUT_OF_FLOAT_RANGE(g_sq) ? sq_wide(g + s, len) : g_sq;
+        out[1] = top > out[1] ? top : out[1]; out[2] += bad; out[3] += p0_sq;
+        out[4] += finite && OUT_OF_FLOAT_RANGE(p1_sq) ? sq_wide(p + s, len) : p1_sq;
+        out[5] += d_sq;
+        out[6] += finite && OUT_OF_FLOAT_RANGE(m_sq) ? sq_wide(m + s, len) : m_sq;
+        out[7] += finite && OUT_OF_FLOAT_RANGE(v_sq) ? sq_wide(v + s, len) : v_sq;
     }
 }
 
@@ -202,7 +224,7 @@ static __attribute__((noinline)) void sq_block(const float *restrict x, int64_t 
     float s = 0.0f;
 #pragma omp simd reduction(+:s)
     for (int64_t i = 0; i < n; i++) s += x[i] * x[i];
-    out[0] = s;
+    out[0] = OUT_OF_FLOAT_RANGE(s) ? sq_wide(x, n) : s;
 }
 
 /* 32 independent accumulators per sum: an OpenMP SIMD reduction of the same
@@ -236,6 +258,7 @@ static __attribute__((noinline)) void grad_block(const float *restrict g, int64_
         s1 = top[j] > s1 ? top[j] : s1;
         s2 += bad[j];
     }
+    if (s2 == 0.0 && s1 > 0.0 && OUT_OF_FLOAT_RANGE(s0)) s0 = sq_wide(g, n);
     if (s2 > 0.0) { /* rare: the max above may be an inf; take the finite entries' max again */
         s1 = 0.0;
         for (i = 0; i < n; i++) {

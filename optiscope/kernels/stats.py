@@ -177,4 +177,4 @@ def reduce_partials(partials: Tensor, counts: Tensor, stats: StatsRows, ncols: i
     if col < ncols:
         rows[:, col] = torch.segment_reduce(partials[:, col].contiguous(), "max", lengths=counts)
     index = stats.row_index().long()
-    stats.values[index, :ncols] = rows
+    stats.values[index, :ncols] = rows.to(stats.values.dtype)  # float64 (optimizers/_base.py)

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
-from optiscope.kernels.stats import Stat, torch_grad_stats, torch_sq_norms
+from optiscope.kernels.stats import SUM_ROW, Stat
 from optiscope.monitor.layouts import MomentLayout, find_layout
 from optiscope.monitor.metrics import NUM_COLS, Col
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
-__all__ = ["TensorSlot", "Collector", "kept_bytes", "local"]
+__all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "sums_dtype"]
 
 _UNRESOLVED = object()
 
@@ -37,8 +38,49 @@ def _amp_arg(optimizer, kwargs: dict, name: str) -> Tensor | None:
     return value if value is not None else getattr(optimizer, name, None)
 
 
+def sums_dtype(device: torch.device) -> torch.dtype:
+    """The monitor's sums' dtype: float64 (a finite tensor's Σx² is finite: float32's range ends
+    at 3.4e38, and gradients of 1e30 summed to inf, of 1e-30 to 0), where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _sq_norms(tensors: list[Tensor]) -> Tensor:
+    """Σx² of each tensor, accumulated in float64 (`sums_dtype`): in C for float32 CPU tensors,
+    else a norm over float64 (torch's float32 norm squares in float32: inf for entries of 1e30)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    if cpu.sums_apply(tensors):
+        return cpu.sq_sums_f32(tensors)
+    wide = sums_dtype(tensors[0].device)
+    if all(t.numel() <= SUM_ROW for t in tensors):  # one call for many small tensors
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).square()
+    return torch.stack([torch.linalg.vector_norm(t.reshape(-1), dtype=wide).square()
+                        for t in tensors])
+
+
+def _wide_grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
+    """`torch_grad_stats` with Σg² in float64 (`_sq_norms`), all three columns float64."""
+    if cpu.sums_apply(grads):  # the three in one pass per tensor, in C
+        sums = cpu.grad_sums_f32(grads)
+        nonfinite = sums[:, 2]
+        absmax = torch.where(nonfinite > 0, math.inf, sums[:, 1])
+        return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
+    wide = sums_dtype(grads[0].device)
+    sq = _sq_norms(grads)
+    extremes = [torch.aminmax(g) for g in grads]  # 12x faster than the infinity norm on CPU
+    absmax = torch.stack([torch.maximum(-lo, hi).to(wide) for lo, hi in extremes])
+    if grads[0].device.type == "cpu":  # a branch costs no synchronisation here
+        nonfinite = torch.zeros(len(grads), dtype=wide)
+        for i in (~torch.isfinite(sq)).nonzero().flatten().tolist():
+            nonfinite[i] = torch.count_nonzero(~torch.isfinite(grads[i]))
+    else:
+        nonfinite = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads]).to(wide)
+    absmax = torch.where(nonfinite > 0, math.inf, absmax)
+    return {Stat.GRAD_SQ: sq, Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
+
+
 def _grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
-    """`torch_grad_stats`, with zeros for empty tensors.
+    """`_wide_grad_stats`, with zeros for empty tensors.
 
     A rank's local shard of a DTensor is empty when the tensor has fewer rows than there are
     ranks (FSDP2 gives rank 1 of 2 nothing of a ``[1, n]`` weight), and torch's infinity norm
@@ -47,13 +89,13 @@ def _grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
     """
     present = [i for i, g in enumerate(grads) if g.numel()]
     if len(present) == len(grads):
-        return torch_grad_stats(grads)
+        return _wide_grad_stats(grads)
     device = grads[0].device
-    stats = {s: torch.zeros(len(grads), device=device)
+    stats = {s: torch.zeros(len(grads), dtype=sums_dtype(device), device=device)
              for s in (Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE)}
     if present:
         index = torch.tensor(present, device=device)
-        for s, column in torch_grad_stats([grads[i] for i in present]).items():
+        for s, column in _wide_grad_stats([grads[i] for i in present]).items():
             stats[s][index] = column
     return stats
 
@@ -96,13 +138,17 @@ def kept_bytes(slots: list[TensorSlot]) -> int:
 
 
 def _segment_sq(parts: list[Tensor], lengths: Tensor) -> Tensor:
-    """Σx² of each of ``parts`` (float32, 1-D), as one reduction over their concatenation."""
-    return torch.segment_reduce(torch.cat(parts).square_(), "sum", lengths=lengths)
+    """Σx² of each of ``parts`` (1-D samples), as one float64 reduction over their
+    concatenation."""
+    x = torch.cat(parts)
+    return torch.segment_reduce(x.to(sums_dtype(x.device)).square_(), "sum", lengths=lengths)
 
 
 def _segment_diff_sq(a: list[Tensor], b: list[Tensor], lengths: Tensor) -> Tensor:
-    """Σ(a − b)² of each pair of ``a``, ``b``: two concatenations and one reduction."""
-    return torch.segment_reduce((torch.cat(a) - torch.cat(b)).square_(), "sum", lengths=lengths)
+    """Σ(a − b)² of each pair of ``a``, ``b``: two concatenations and one float64 reduction."""
+    x, y = torch.cat(a), torch.cat(b)
+    wide = sums_dtype(x.device)
+    return torch.segment_reduce((x.to(wide) - y.to(wide)).square_(), "sum", lengths=lengths)
 
 
 class Collector:
@@ -181,6 +227,7 @@ class Collector:
         """
         block, rho = self.topk_block, self.topk_density
         device = grads[0].device
+        wide = sums_dtype(device)
         rows: list[Tensor] = []
         counts: list[int] = []
         scales: list[float] = []
@@ -190,11 +237,11 @@ class Collector:
             n_full = flat.numel() // block
             full = flat[: n_full * block].view(n_full, block)
             if slot.blocks is not None:  # sampled blocks
-                rows.append(torch.index_select(full, 0, slot.blocks).float())
+                rows.append(torch.index_select(full, 0, slot.blocks).to(wide))
                 counts.append(slot.blocks.numel())
                 scales.append(flat.numel() / (slot.blocks.numel() * block))
                 continue
-            rows.append(full.float())  # every block: exact
+            rows.append(full.to(wide))  # every block: exact
             counts.append(n_full)
             scales.append(1.0)
             if flat.numel() > n_full * block:
@@ -208,7 +255,7 @@ class Collector:
         total = torch.segment_reduce(square.sum(dim=1), "sum", lengths=lengths) * scale
         for length, items in tails.items():
             where = self._on([j for j, _ in items], device)
-            square = torch.stack([t for _, t in items]).float().square_()
+            square = torch.stack([t for _, t in items]).to(wide).square_()
             k = math.ceil(rho * length)
             kept.index_add_(0, where, square.topk(k, dim=1, sorted=False).values.sum(dim=1))
             total.index_add_(0, where, square.sum(dim=1))
@@ -251,12 +298,12 @@ class Collector:
         if Stat.GRAD_SQ not in self.produced:
             stats = _grad_stats(grads)
             if grad_scale is not None:
-                inv = 1.0 / grad_scale.detach().float().reshape(())
+                inv = 1.0 / grad_scale.detach().to(sums_dtype(grads[0].device)).reshape(())
                 stats[Stat.GRAD_SQ] = stats[Stat.GRAD_SQ] * inv * inv
                 stats[Stat.GRAD_ABSMAX] = stats[Stat.GRAD_ABSMAX] * inv
             self._pre.update({Col(int(k)): v for k, v in stats.items()})
         if Stat.PARAM_SQ_BEFORE not in self.produced:
-            self._pre[Col.PARAM_SQ_BEFORE] = torch_sq_norms(params)
+            self._pre[Col.PARAM_SQ_BEFORE] = _sq_norms(params)
         self._before = ([self.slots[i].sample.take(p) for i, p in zip(self._active, params)]
                         if Stat.UPDATE_SQ not in self.produced else [])
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
@@ -266,9 +313,10 @@ class Collector:
 
     @torch.no_grad()
     def end(self, step: int) -> Tensor:
-        """After the optimizer step: the ``[n_tensors, NUM_COLS]`` float32 sums on the device."""
+        """After the optimizer step: the ``[n_tensors, NUM_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
-        rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=torch.float32, device=device)
+        rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+                          device=device)
         if not self._active:
             return rows
         active = torch.tensor(self._active, device=device)
@@ -279,11 +327,12 @@ class Collector:
             position = {id(s.param): i for i, s in enumerate(self.slots)}
             where = torch.tensor([position[id(p)] for p in stats.params], device=device)
             produced = torch.tensor(sorted(int(c) for c in self.produced), device=device)
-            rows[where[:, None], produced[None, :]] = stats.values.to(device)[:, produced]
+            values = stats.values.to(device, rows.dtype)
+            rows[where[:, None], produced[None, :]] = values[:, produced]
 
         params = [local(self.slots[i].param) for i in self._active]
         if Stat.PARAM_SQ_AFTER not in self.produced:
-            columns[Col.PARAM_SQ_AFTER] = torch_sq_norms(params)
+            columns[Col.PARAM_SQ_AFTER] = _sq_norms(params)
         if self._before:
             samples = [self.slots[i].sample for i in self._active]
             after = [x.take(p) for x, p in zip(samples, params)]
@@ -293,7 +342,7 @@ class Collector:
             self._before = []
         self._moments(step, columns, rows, device)
         for col, values in columns.items():
-            rows[active, int(col)] = values.to(device=device, dtype=torch.float32)
+            rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
 
     def _moments(self, step: int, columns: dict[Col, Tensor], rows: Tensor, device) -> None:
@@ -322,7 +371,8 @@ class Collector:
             if layout.v_method is not None:  # computed by the optimizer (MicroAdam's window)
                 compute = getattr(self.optimizer, layout.v_method)
                 if want_m2:
-                    rows[i, Col.MOMENT2_SQ] = compute(slot.param, None).square().sum().to(device)
+                    rows[i, Col.MOMENT2_SQ] = torch.linalg.vector_norm(
+                        compute(slot.param, None), dtype=rows.dtype).square().to(device)
                 v = compute(slot.param, slot.sample.index)
             else:
                 local_state = {k: local(v) if isinstance(v, Tensor) else v
@@ -343,7 +393,7 @@ class Collector:
         for column, moments in ((Col.MOMENT1_SQ, m1), (Col.MOMENT2_SQ, m2)):
             if moments:
                 where = self._on([i for i, _ in moments], device)
-                rows[where, column] = torch_sq_norms([x for _, x in moments]).to(device)
+                rows[where, column] = _sq_norms([x for _, x in moments]).to(device, rows.dtype)
         if not taken:
             return
         self._compare(taken, rows, device, freeze_now)

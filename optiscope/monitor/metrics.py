@@ -17,7 +17,7 @@ import numpy as np
 
 from optiscope.kernels.stats import NUM_STATS, Stat
 
-__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "derive"]
+__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "MONITOR_SERIES", "derive"]
 
 
 class Col(enum.IntEnum):
@@ -94,6 +94,13 @@ TENSOR_METRICS: tuple[Metric, ...] = (
     Metric("grad_diagonality_original", "mean", (Col.GRAD_DIAG_ORIGINAL,),
            "share of ‖GGᵀ‖²_F on its diagonal, in the parameter's own basis", partial=True),
 )
+
+
+# Every series the monitor records itself: `OptimizerMonitor.log_scalar` refuses these names, so a
+# user scalar never replaces one. None contains "/": a prefixed name ("trainer/grad_norm") is
+# always free for a user scalar.
+MONITOR_SERIES: frozenset[str] = frozenset({m.name for m in TENSOR_METRICS} | {
+    "state_bytes", "cuda_memory_allocated", "lr", "skipped_steps"})
 
 
 def derive(rows: np.ndarray, metric: Metric) -> tuple[np.ndarray, float]:

@@ -27,12 +27,14 @@ from torch import Tensor
 
 from optiscope.dashboards.sink import Sink
 from optiscope.monitor.alerts import AlertRules
+from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
+                                      check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes
+from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
-from optiscope.monitor.runlog import NullWriter, RunLogWriter, load_run
+from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.sampling import sample_count
 
 __all__ = ["OptimizerMonitor"]
@@ -104,9 +106,11 @@ class OptimizerMonitor:
                  resume: bool = False, process_group=None, strict: bool = False,
                  console="auto", tensorboard: bool = True, report: bool = True,
                  sinks: Sequence[Sink] = ()):
-        _check_args(optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
-                    spike_factor, update_ratio_band)
-        _check_sink_args(console, tensorboard, report, sinks)
+        (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
+         update_ratio_band, seed) = check_args(
+            optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
+            spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler)
+        check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
         self.model = model
         self.every = every
@@ -131,17 +135,21 @@ class OptimizerMonitor:
         self._skip_reasons: dict[str, str] | None = None
         self._errors = 0
         self._forced: int | None = None
+        self._scalar_names: set[str] = set()  # names log_scalar has accepted
 
         writes = log_dir is not None and self.topology.writes
-        self.writer = RunLogWriter(log_dir, resume=resume) if writes else NullWriter()
-        if resume and writes and self.writer.path.stat().st_size:
-            self.history = load_run(log_dir)
-            self.step = self.history.last_step()
-        else:
-            self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
-            self.writer.write_meta(self.history.meta)
-        if resume:  # every rank continues rank 0's count, so all sample the same steps
-            self.step = self.topology.broadcast(self.step)
+        self.writer, failure = NullWriter(), None
+        self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
+        if writes:  # with resume, the logged run's history, once it is known to be this run
+            try:
+                self.writer, self.history = open_run(log_dir, resume=resume, meta=self.history.meta)
+            except Exception as exc:
+                failure = exc
+        if resume:  # every rank continues rank 0's count (-1: rank 0 could not resume)
+            self.step = self.topology.broadcast(-1 if failure else self.history.last_step())
+        if failure is not None or self.step < 0:
+            raise failure or RuntimeError("optiscope: rank 0 could not resume the run log")
+        self._completed = self.step  # steps whose optimizer.step returned: `steps_taken`
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -168,15 +176,23 @@ class OptimizerMonitor:
         """Records a user series (loss, throughput, ...) at the step just taken.
 
         Only sampled steps (and step 0, before the first step) record it; on other steps this
-        returns at once, so a tensor costs no host synchronisation there.
+        returns at once, so a tensor costs no host synchronisation there. Both arguments are
+        checked at every call (TypeError, ValueError), sampled or not.
 
         Args:
-            name: the series' name (a metric name of its own, scope ``"global"``).
-            value: a number or a one-element tensor.
+            name: the series' name (a metric name of its own, scope ``"global"``): letters,
+                digits and ``_ . - : /``, at most 200 characters, no leading, trailing or double
+                ``/``. The names of the monitor's own metrics (``grad_norm``, ``lr``, ...: the
+                set `optiscope.monitor.metrics.MONITOR_SERIES`) are refused, so a user scalar
+                never replaces one; none of them contains ``/``, so a prefixed name such as
+                ``"trainer/grad_norm"`` (a trainer's own gradient norm) is always a user scalar.
+            value: a real number (int, float, numpy scalar, one-element array) or a one-element
+                real tensor; NaN and ±inf are values like any other; not a bool.
         """
-        if isinstance(value, Tensor) and value.numel() != 1:  # metadata only: no sync
-            raise ValueError(f"optiscope: log_scalar({name!r}) takes one number, got a tensor "
-                             f"of shape {tuple(value.shape)}; pass value.mean() or a float")
+        if not (isinstance(name, str) and name in self._scalar_names):
+            check_scalar_name(name, value)
+            self._scalar_names.add(name)
+        value = check_scalar_value(name, value)
         if self._current is None:
             if self.step != 0:
                 return
@@ -187,7 +203,9 @@ class OptimizerMonitor:
         self._current.scalars[name] = value
 
     def close(self) -> None:
-        """Waits for the last sample, writes it, detaches the hooks and closes the run log."""
+        """Waits for the last sample, writes it, detaches the hooks and closes the run log.
+        Records that could not be written (a full disk) are one logged error naming their count
+        and the file, and stay in `history`; raised only when ``strict``."""
         if not self._hooks:
             return
         for h in self._hooks:
@@ -195,15 +213,19 @@ class OptimizerMonitor:
         self._hooks = []
         if self._scaler is not None and "step" in vars(self._scaler):
             del self._scaler.step
-        self._drain(block=True)
-        self.history.meta["steps_taken"] = self.step
-        self.writer.update_meta({"steps_taken": self.step})  # resume continues from here
-        self._emit("on_meta", {"steps_taken": self.step})
+        self._guard(self._drain, block=True)
+        self.history.meta["steps_taken"] = self._completed
+        self.writer.update_meta({"steps_taken": self._completed})  # resume continues from here
+        self._emit("on_meta", {"steps_taken": self._completed})
         for sink in self.sinks:
             self._emit_one(sink, "close")
         self.sinks = []
         try:
             self.writer.close()
+        except RunLogError as exc:
+            if self.strict:
+                raise
+            log.error("%s", exc)  # one line: what was lost from the file, where, and where it is
         finally:
             if self._report:
                 self._write_report()
@@ -218,11 +240,14 @@ class OptimizerMonitor:
                                ("PNG", write_png, "trends.png")):
             try:
                 fn([self.history], self.log_dir / file, names=[name])
-            except Exception:
+            except Exception as exc:
                 if self.strict:
                     raise
-                log.exception("optiscope: writing the %s %s failed; run `optiscope report %s` "
-                              "to try again", what, self.log_dir / file, self.log_dir)
+                # A full or read-only disk is said in one line; anything else is a bug: traceback.
+                (log.error if isinstance(exc, OSError) else log.exception)(
+                    "optiscope: writing the %s %s failed%s; run `optiscope report %s` to try "
+                    "again", what, self.log_dir / file,
+                    f" ({exc})" if isinstance(exc, OSError) else "", self.log_dir)
 
     def __enter__(self) -> "OptimizerMonitor":
         return self
@@ -249,17 +274,25 @@ class OptimizerMonitor:
         """Samples the next step whatever ``every`` says: before the last step of a run, say,
         so that its metrics and the scalars logged after it (a final evaluation) are recorded.
         In a distributed run, call it on every rank."""
-        self._forced = self.step + 1
+        self._forced = self._completed + 1
 
     # ----------------------------------------------------------------------------- hooks
     def _pre_hook(self, optimizer, args, kwargs) -> None:
-        self.step += 1
+        # The step's number: one after the last that completed (a step interrupted or failed
+        # inside optimizer.step is not counted, and its number is used again by the next one).
+        self.step = self._completed + 1
         self._calls += 1
-        self._guard(self._before_step, kwargs)
+        if not (self._pending or self._current is not None or self.is_sampled(self.step)):
+            self._guard(self._before_step, kwargs)  # nothing to record: no signal calls either
+            return
+        with DeferInterrupt():
+            self._guard(self._before_step, kwargs)
 
     def _post_hook(self, optimizer, args, kwargs) -> None:
+        self._completed = self.step
         if self.is_sampled(self.step):
-            self._guard(self._after_step)
+            with DeferInterrupt():  # Ctrl-C lands after the step's record is complete
+                self._guard(self._after_step)
 
     def _before_step(self, kwargs: dict) -> None:
         self.collector.note_step(kwargs)
@@ -280,8 +313,9 @@ class OptimizerMonitor:
         except Exception as exc:
             failure, rows = exc, None
         if rows is None:  # this rank failed: NaN rows, so the others are not left waiting
-            rows = torch.full((len(self.slots), NUM_COLS), math.nan,
-                              device=local(self.slots[0].param).device)
+            device = local(self.slots[0].param).device
+            rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+                              device=device)
         rows = self.topology.reduce(rows)  # every rank, every sampled step, error or not
         if failure is not None:
             raise failure
@@ -301,9 +335,9 @@ class OptimizerMonitor:
         current.skipped_host = self._skipped
         self._pending.append(current)
 
-    def _guard(self, fn, *args) -> None:
+    def _guard(self, fn, *args, **kwargs) -> None:
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception:
             if self.strict:
                 raise
@@ -322,11 +356,14 @@ class OptimizerMonitor:
         """Calls one sink; a failing sink is logged and dropped, training goes on."""
         try:
             getattr(sink, method)(*args)
-        except Exception:
+        except Exception as exc:
             if self.strict:
                 raise
-            log.exception("optiscope: the %s dashboard failed in %s; it is switched off for the "
-                          "rest of the run (the run log is unaffected)", type(sink).__name__, method)
+            # A full or read-only disk is said in one line; anything else is a bug: traceback.
+            (log.error if isinstance(exc, OSError) else log.exception)(
+                "optiscope: the %s dashboard failed in %s%s; it is switched off for the rest of "
+                "the run (the run log is written separately)", type(sink).__name__, method,
+                f" ({exc})" if isinstance(exc, OSError) else "")
             if sink in self.sinks:
                 self.sinks.remove(sink)
             if method != "close":
@@ -461,6 +498,12 @@ class OptimizerMonitor:
                     continue
                 seen.add(id(p))
                 name = names.get(id(p)) or (given[j] if given else f"group{gi}.param{j}")
+                if p.is_complex():
+                    raise TypeError(
+                        f"OptimizerMonitor: parameter {name!r} is "
+                        f"{str(p.dtype).replace('torch.', '')}; the monitor's statistics are of "
+                        "real tensors: give the optimizer its real view (torch.view_as_real) as "
+                        "the parameter, or watch an optimizer without it")
                 slots.append(TensorSlot(name, p))
         return slots
 
@@ -603,52 +646,9 @@ def _console_sink(console) -> Sink | None:
     return ConsoleDashboard(console)
 
 
-def _check_sink_args(console, tensorboard, report, sinks) -> None:
-    from rich.console import Console
-    if not (console in (True, False, None, "auto") or isinstance(console, (Console, Sink))):
-        raise ValueError(f"OptimizerMonitor: console must be 'auto', True, False, a rich Console "
-                         f"or a ConsoleDashboard, got {console!r}")
-    for name, value in (("tensorboard", tensorboard), ("report", report)):
-        if not isinstance(value, bool):
-            raise TypeError(f"OptimizerMonitor: {name} must be True or False, got {value!r}")
-    for sink in sinks:
-        if not isinstance(sink, Sink):
-            raise TypeError(f"OptimizerMonitor: sinks must be optiscope.dashboards.Sink "
-                            f"instances, got {type(sink).__name__}; subclass Sink and override "
-                            "on_sample / on_alert / on_meta / close")
-
-
 def _declared_freeze_step(optimizer) -> int | None:
     """The ``freeze_step`` of an optimizer that freezes its second moment and says so (a layout
     with ``v_unfrozen_method``): the step ``moment2_drift_since_freeze`` compares with."""
     if any(layout.v_unfrozen_method for layout in getattr(optimizer, "state_layouts", ())):
         return getattr(optimizer, "freeze_step", None)
     return None
-
-
-def _check_args(optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
-                spike_factor, update_ratio_band) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"OptimizerMonitor: optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise TypeError(f"OptimizerMonitor: model must be a torch.nn.Module or None, got "
-                        f"{type(model).__name__}")
-    for name, value, low in (("every", every, 1), ("topk_block", topk_block, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"OptimizerMonitor: {name} must be an integer >= {low}, got {value!r}")
-    if sample_size is not None and (isinstance(sample_size, bool) or not isinstance(sample_size, int)
-                                    or sample_size < 1):
-        raise ValueError(f"OptimizerMonitor: sample_size must be a positive integer or None "
-                         f"(automatic), got {sample_size!r}")
-    if freeze_probe is not None and (isinstance(freeze_probe, bool) or not isinstance(freeze_probe, int)
-                                     or freeze_probe < 1):
-        raise ValueError(f"OptimizerMonitor: freeze_probe must be a step >= 1 or None, got "
-                         f"{freeze_probe!r}")
-    if topk_density is not None and not (isinstance(topk_density, (int, float))
-                                         and 0 < topk_density <= 1):
-        raise ValueError(f"OptimizerMonitor: topk_density must be in (0, 1] or None, got "
-                         f"{topk_density!r}")
-    for name, value in (("spike_factor", spike_factor), ("update_ratio_band", update_ratio_band)):
-        if not isinstance(value, (int, float)) or not value > 1:
-            raise ValueError(f"OptimizerMonitor: {name} must be a number > 1, got {value!r}")

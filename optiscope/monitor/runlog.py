@@ -15,34 +15,46 @@ skips it with a warning, and ``resume=True`` cuts it off before appending (else 
 line would be glued to it and lost as well). A failed write (disk full, file system gone) is
 reported loudly at the sample where it happens, the file is cut back to its last complete line,
 training goes on, and the records that could not be written are kept and retried at the next
-sample; `close` raises if any could not be written in the end.
+sample; `RunLogWriter.close` raises `RunLogError` if any could not be written in the end (the
+monitor logs it as one error, and raises it only when ``strict``).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import contextlib
 import logging
 import math
 import os
 import warnings
 from collections import deque
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock against a second writer
+    fcntl = None
 from pathlib import Path
 
 import numpy as np
 
 from optiscope.monitor.history import Alert, RunHistory
 
-__all__ = ["RUNLOG", "META", "RunLogError", "RunLogWriter", "NullWriter", "load_run",
-           "read_records"]
+__all__ = ["RUNLOG", "META", "LOCK", "RunLogError", "RunIdentityError", "RunLogWriter",
+           "NullWriter", "check_resume", "open_run", "load_run", "read_records"]
 
 RUNLOG = "runlog.jsonl"
 META = "meta.json"
+LOCK = "runlog.lock"  # held (flock) by the live writer; the kernel drops it when the process dies
 log = logging.getLogger("optiscope.monitor")
 
 
 class RunLogError(OSError):
     """The run log could not be written."""
+
+
+class RunIdentityError(ValueError):
+    """``resume=True`` on the run log of another run (another optimizer or model)."""
 
 
 def _number(x: float) -> str:
@@ -104,9 +116,11 @@ class RunLogWriter:
         if self.path.exists() and self.path.stat().st_size and not resume:
             raise FileExistsError(f"optiscope: {str(self.path)!r} already holds a run; pass a new "
                                   "log_dir, or resume=True to append to it")
+        self._lock = _lock(self.dir)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
+            _unlock(self._lock)
             raise RunLogError(f"optiscope: cannot write the run log {str(self.path)!r}: "
                               f"{exc.strerror or exc}; pass a writable log_dir") from exc
         self._scope_ids: dict[tuple[str, ...], int] = {}
@@ -115,11 +129,13 @@ class RunLogWriter:
         self._cut_to: int | None = None  # a torn tail to cut off before the next write
         self._next_scope_id = 0
         self._meta: dict = {}
+        self._meta_failed = False
         if resume and self.path.stat().st_size:
             try:
                 self._cut_torn_tail()
             except OSError as exc:
                 os.close(self._fd)
+                _unlock(self._lock)
                 raise RunLogError(f"optiscope: cannot resume the run log {str(self.path)!r}: "
                                   f"{exc.strerror or exc}") from exc
             for record in read_records(self.path, warn=False):
@@ -160,6 +176,7 @@ class RunLogWriter:
         except RunLogError:
             os.close(self._fd)
             self._fd = None
+            self._lock = _unlock(self._lock)
             raise
         self._append([json.dumps({"type": "meta", **meta}, default=str)])
 
@@ -168,8 +185,11 @@ class RunLogWriter:
         self._meta.update(changes)
         try:
             self._write_meta_json()
+            self._meta_failed = False
         except RunLogError as exc:  # the run log record below still carries the change
-            log.error("%s", exc)
+            if not self._meta_failed:  # once per failure, not at every change
+                log.error("%s; the run log still records the change", exc)
+            self._meta_failed = True
         self._append([json.dumps({"type": "meta", **changes}, default=str)])
 
     def _write_meta_json(self) -> None:
@@ -179,6 +199,10 @@ class RunLogWriter:
             tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n")
             os.replace(tmp, path)
         except OSError as exc:
+            try:  # a full disk left an empty or partial file behind
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
 
@@ -205,6 +229,7 @@ class RunLogWriter:
             return
         self._flush_backlog()
         fd, self._fd = self._fd, None
+        self._lock = _unlock(self._lock)
         try:
             os.close(fd)
         except OSError as exc:  # network file systems report deferred write errors here
@@ -212,8 +237,14 @@ class RunLogWriter:
                               f"{exc.strerror or exc}; its last records may be lost") from exc
         if self._backlog:
             raise RunLogError(f"optiscope: {len(self._backlog)} records could not be written to "
-                              f"{str(self.path)!r} ({self._failed_since}); they are in "
+                              f"{str(self.path)!r} ({self._failed_since}); the log holds the "
+                              "run up to the first of them, and all of them are in "
                               "monitor.history")
+
+    @property
+    def unwritten(self) -> int:
+        """Records not (yet) written: kept in memory and retried at the next record."""
+        return len(self._backlog)
 
     # ------------------------------------------------------------------------------ writing
     def _append(self, lines: list[str]) -> None:
@@ -253,6 +284,106 @@ class RunLogWriter:
         if not self._backlog and self._failed_since is not None:
             log.warning("optiscope: the run log %s is writable again; nothing was lost", self.path)
             self._failed_since = None
+
+
+def _lock(log_dir: Path) -> tuple[int, Path] | None:
+    """Takes the run directory's writer lock, or says who holds it. A lock of a process that
+    died is gone with it (flock), so a crashed run never blocks its own resumption; `_unlock`
+    removes the file, so a lock is taken again if the file was replaced while we waited."""
+    if fcntl is None:
+        return None
+    path = log_dir / LOCK
+    for _ in range(8):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunLogError(f"optiscope: cannot write {str(path)!r}: {exc.strerror or exc}; "
+                              "pass a writable log_dir") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLogError(f"optiscope: cannot lock {str(path)!r}: "
+                                  f"{exc.strerror or exc}") from exc
+            raise RunLogError(f"optiscope: {str(log_dir)!r} is being written by another live "
+                              f"monitor (pid {holder}); two writers would interleave their "
+                              "steps: pass another log_dir, or close the other monitor "
+                              "first") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            with contextlib.suppress(OSError):  # who holds it, for the message above
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd, path
+        os.close(fd)  # the holder removed the file as we locked it: lock the new one
+    raise RunLogError(f"optiscope: cannot lock {str(path)!r}: it keeps being replaced")
+
+
+def _unlock(lock: tuple[int, Path] | None) -> None:
+    if lock is not None:
+        fd, path = lock
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still held: whoever opened it before retries on a new file
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)  # for a forked child that still shares the fd
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def check_resume(saved: dict, current: dict, path: str | os.PathLike) -> None:
+    """Refuses to append a run to the log of another: the optimizer's class, and the
+    parameters' names and shapes, must be those the log's metadata records (a key the log lacks
+    is not compared).
+
+    Raises:
+        RunIdentityError: what differs, and the fix.
+    """
+    differences = []
+    if "optimizer" in saved and saved["optimizer"] != current.get("optimizer"):
+        differences.append(f"the optimizer is {current.get('optimizer')}, the log's "
+                           f"{saved['optimizer']}")
+    if "params" in saved:
+        def shapes(meta):
+            return {p["name"]: list(p["shape"]) for p in meta.get("params", ())
+                    if isinstance(p, dict) and "name" in p and "shape" in p}
+        there, here = shapes(saved), shapes(current)
+        changed = [f"{n} {here[n]} (log: {there[n]})" for n in here if n in there
+                   and here[n] != there[n]]
+        for what, names in (("shapes differ", changed),
+                            ("only in this run", [n for n in here if n not in there]),
+                            ("only in the log", [n for n in there if n not in here])):
+            if names:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                differences.append(f"{what}: {', '.join(names[:3])}{more}")
+    if differences:
+        raise RunIdentityError(
+            f"optiscope: resume=True, but {str(path)!r} is the log of another run: "
+            f"{'; '.join(differences)}. Pass another log_dir for this run (resume=True only "
+            "continues the same model and optimizer)")
+
+
+def open_run(log_dir: str | os.PathLike, *, resume: bool, meta: dict
+             ) -> tuple[RunLogWriter, RunHistory]:
+    """The writer of a run directory and the history the run continues: a new one (``meta``
+    written), or, with ``resume`` and a non-empty log, the logged run's after `check_resume`."""
+    writer = RunLogWriter(log_dir, resume=resume)
+    try:
+        if resume and writer.path.stat().st_size:
+            history = load_run(log_dir)
+            check_resume(history.meta, meta, writer.path)
+        else:
+            history = RunHistory(meta=meta)
+            writer.write_meta(meta)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    return writer, history
 
 
 def read_records(path: str | os.PathLike, *, warn: bool = True):

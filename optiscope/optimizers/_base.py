@@ -39,6 +39,13 @@ def check_range(owner: str, name: str, value: Any, low: float, high: float | Non
         raise ValueError(f"{owner}: {name} must be {band}, got {value}")
 
 
+def _stats_dtype(device: torch.device) -> torch.dtype:
+    """The rows' dtype: float64, so that a sum beyond float32's range (Σg² of gradients of 1e30)
+    stays finite; the kernels write their float32 partials through torch indexing, which casts.
+    MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class StatsCollector:
     """The statistics buffer of one step: one row per parameter tensor that has a gradient."""
 
@@ -46,8 +53,8 @@ class StatsCollector:
         self.params = params
         self.produced = produced
         self._row = {id(p): i for i, p in enumerate(params)}
-        self.values = torch.full((len(params), NUM_STATS), math.nan, dtype=torch.float32,
-                                 device=params[0].device)
+        self.values = torch.full((len(params), NUM_STATS), math.nan,
+                                 dtype=_stats_dtype(params[0].device), device=params[0].device)
         self._elsewhere: list[tuple[list[int], StatsRows]] = []
 
     def rows_for(self, params: list[Tensor]) -> StatsRows:
@@ -56,7 +63,8 @@ class StatsCollector:
         if params[0].device == self.values.device:
             return StatsRows(self.values, rows)
         # A group on another device writes into its own buffer, copied over in `finish`.
-        local = StatsRows(torch.full((len(params), NUM_STATS), math.nan, dtype=torch.float32,
+        local = StatsRows(torch.full((len(params), NUM_STATS), math.nan,
+                                     dtype=_stats_dtype(params[0].device),
                                      device=params[0].device), list(range(len(params))))
         self._elsewhere.append((rows, local))
         return local

@@ -199,7 +199,7 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                      maximize=maximize, stats=blocks, index=i)
         write_back(pairs)
         if blocks is not None:
-            table = blocks.reduce(max_columns=(1,)).float()
+            table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
             table[:, 1] = torch.where(table[:, 2] > 0, float("inf"), table[:, 1])
             stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
         return
