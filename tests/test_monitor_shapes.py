@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optiscope import OptimizerMonitor
-from optiscope.optimizers import Adam
+from optiscope.optimizers import AdaDiag, Adam, AdamW
 
 
 class Trace:
@@ -180,3 +180,50 @@ def test_the_constant_cache_keys_on_dtype_and_device():
     assert c._on([1, 2], "cpu") is lengths and c._on([1.0, 2.0], "cpu") is scales
     assert c._on([-0.0], "cpu").item() == 0.0 and str(c._on([-0.0], "cpu").item()) == "-0.0"
     assert str(c._on([0.0], "cpu").item()) == "0.0"
+
+
+# ----------------------------------------------------------------------------- float64 params
+def _linear64():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_float64_bundled_adam_under_the_monitor_matches_torch_optim(cls, cpu_path):
+    ours_model, ref_model = _linear64(), _linear64()
+    ours = cls(ours_model.parameters(), lr=1e-2)
+    ref = getattr(torch.optim, cls.__name__)(ref_model.parameters(), lr=1e-2)
+    names = {id(p): n for n, p in ours_model.named_parameters()}
+    trace = Trace(ours, names)
+    mon = OptimizerMonitor(ours, model=ours_model, every=1, topk_density=0.25, topk_block=4,
+                           sample_size=10**9, strict=True, console=False)
+    for _ in range(4):
+        x = torch.randn(5, 8, dtype=torch.float64)
+        for model, opt in ((ours_model, ours), (ref_model, ref)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    mon.close()
+    for (n, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
+        assert p.dtype == torch.float64 and ours.state[p]["exp_avg_sq"].dtype == torch.float64
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{n} against torch.optim")
+    # The statistics are summed in float64 and recorded as float32: one float32 rounding.
+    _check(mon.history, trace, rtol=1e-6, density=0.25, block=4)
+
+
+def test_float64_adadiag_under_the_monitor():
+    model = _linear64()
+    opt = AdaDiag(model.parameters(), lr=1e-2, update_proj_gap=2)
+    trace = Trace(opt, {id(p): n for n, p in model.named_parameters()})
+    mon = OptimizerMonitor(opt, model=model, every=1, topk_density=0.25, topk_block=4,
+                           sample_size=10**9, strict=True, console=False)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(5, 8, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+    mon.close()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert list(mon.history.series("grad_norm")[0]) == [1, 2, 3, 4]
+    for t in trace.steps:  # AdaDiag's v lives in the rotated basis: compare g, θ, Δθ only
+        t["v"] = {}
+    _check(mon.history, trace, rtol=1e-6, density=0.25, block=4)
