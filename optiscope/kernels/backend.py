@@ -99,22 +99,25 @@ def resolve_backend(backend: str, device: torch.device, owner: str) -> str:
 
 
 def describe_backend(backend: str, device: torch.device, owner: str) -> str:
-    """What runs ``owner``'s tensors on ``device``, for the run's metadata: ``"auto: triton"``,
-    ``"auto: torch (C kernel)"``, ``"auto: torch (fallback: <why there is no C kernel>)"``,
-    ``"auto: torch (no triton: <why>)"``; an explicit choice likewise, without the arrow."""
+    """What ``backend="auto"`` runs ``owner``'s tensors on ``device`` with, for the run's
+    metadata: ``"auto: triton"``, ``"auto: torch (C kernel)"``, ``"auto: torch (fallback: <why
+    there is no C kernel>)"``, ``"auto: torch (no triton: <why>)"``. An explicit choice is
+    returned as it is (a missing C kernel is still said once, at WARNING)."""
     from optiscope.kernels import cpu
 
+    if backend != "auto":
+        return backend
     try:
         chosen = resolve_backend(backend, device, owner)
     except Exception:  # the step will say what is wrong; the metadata just says the choice
         return backend
-    prefix = f"{backend}: {chosen}" if backend == "auto" else backend
+    prefix = f"auto: {chosen}"
     if chosen == "triton":
         return prefix
     if device.type == "cpu":
         if cpu.kernel() is not None:
             return f"{prefix} (C kernel)"
         return f"{prefix} (fallback: {cpu.unavailable_reason() or 'no C kernel'})"
-    if backend == "auto" and device.type == "cuda" and not triton_available():
+    if device.type == "cuda" and not triton_available():
         return f"{prefix} (no triton: {triton_unavailable_reason()})"
     return prefix

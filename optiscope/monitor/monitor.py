@@ -546,7 +546,7 @@ class OptimizerMonitor:
 def _backend(optimizer, slots) -> str | None:
     """A bundled optimizer's backend and what runs under it, e.g. ``"auto: torch (C kernel)"``."""
     backend = getattr(optimizer, "backend", None)
-    if backend not in ("auto", "torch", "triton") or not slots:
+    if backend != "auto" or not slots:
         return backend
     from optiscope.kernels.backend import describe_backend
     return describe_backend(backend, local(slots[0].param).device, type(optimizer).__name__)
