@@ -163,7 +163,7 @@ def watch(run_dir: str | os.PathLike, *, console: Console | None = None,
         return _show_once(follower, ConsoleDashboard(console, live=True, **options))
 
     dashboard = ConsoleDashboard(console, **options)
-    decoder = RecordDecoder(dashboard)
+    decoder = RecordDecoder(dashboard, source=follower.path)
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting = seen = False
     try:
@@ -176,7 +176,7 @@ def watch(run_dir: str | os.PathLike, *, console: Console | None = None,
                 console.print(f"{follower.path} was replaced: following the new run",
                               markup=False, highlight=False)
                 dashboard.reset()
-                decoder = RecordDecoder(dashboard)
+                decoder = RecordDecoder(dashboard, source=follower.path)
             decoder.feed(update.records)
             dashboard.refresh()
             if update.more:
@@ -205,7 +205,7 @@ def _show_once(follower: RunLogFollower, dashboard: ConsoleDashboard) -> int:
         raise FileNotFoundError(
             f"optiscope watch: no run log at {str(follower.path)!r}: pass the log_dir that the "
             "run's OptimizerMonitor writes, or leave out once=True (--once) to wait for it")
-    decoder = RecordDecoder(dashboard)
+    decoder = RecordDecoder(dashboard, source=follower.path)
     records = 0
     while True:
         update = follower.poll()

@@ -273,7 +273,7 @@ def export_tensorboard(run_dir: str | os.PathLike,
                               "export again")
     sink = TensorBoardSink(out)
     try:
-        RecordDecoder(sink).feed(read_records(log))
+        RecordDecoder(sink, source=log).feed(read_records(log))
     finally:
         sink.close()
     if sink.path is None:

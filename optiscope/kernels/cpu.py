@@ -3,9 +3,10 @@ MicroAdam's step in one pass per top-k block, and the monitor's sums.
 
 The C sources (``cpu_adam.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
 with the system's C compiler (``$CC``, else ``cc``/``gcc``) into one library in a cache directory
-(``$OPTISCOPE_CACHE_DIR``, else ``~/.cache/optiscope``), keyed by the sources, the compiler and
-the CPU, and loaded with ctypes: about a second, once per machine. Without a compiler, or with
-``OPTISCOPE_CPU_KERNEL=0``, the torch backends run torch ops instead: Adam torch's fused kernel
+(``$OPTISCOPE_CACHE_DIR``, else ``~/.cache/optiscope``), keyed by the sources, the compiler
+command and version, the flags and the platform, and loaded with ctypes: once per machine; a
+cached library that does not load is rebuilt once. Without a compiler (said once, at WARNING), or
+with ``OPTISCOPE_CPU_KERNEL=0``, the torch backends run torch ops instead: Adam torch's fused kernel
 with the statistics taken by torch reductions (about 2x the step's time when statistics are asked
 for; the C kernel: about 1.2x), MicroAdam its torch-ops step (10-20x slower than the C one).
 
@@ -22,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kernel", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
+__all__ = ["kernel", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
            "sq_sums_small_f32", "grad_sums_f32", "take_f32", "microadam_f32",
            "microadam_v_at", "MICROADAM_STATS"]
 
@@ -57,46 +59,119 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+# What a user who lost the C kernel can do about it, said with the reason.
+FIX = ("install a C compiler (gcc or clang) or point $CC at one; OPTISCOPE_CPU_KERNEL=0 chooses "
+       "torch ops and silences this warning")
+_why_not: str | None = None  # why `kernel` returned None, once it has
+
+
+def unavailable_reason() -> str | None:
+    """Why the C kernel is not in use in this process (None when it is); builds it if needed."""
+    kernel()
+    return _why_not
+
+
+def _without(reason: str, *, warn: bool = True) -> None:
+    """Records why there is no C kernel and says so once (`kernel` is called once)."""
+    global _why_not
+    _why_not = reason
+    if warn:
+        log.warning("optiscope: the one-pass CPU kernel is not available (%s); the torch backend "
+                    "runs torch ops instead (Adam with statistics about 2x slower, MicroAdam "
+                    "10-20x). To fix: %s", reason, FIX)
+    else:
+        log.info("optiscope: the one-pass CPU kernel is off (%s); the torch backend runs torch "
+                 "ops", reason)
+    return None
+
+
+def compiler_command() -> list[str] | None:
+    """The C compiler command: ``$CC`` split as a shell would (``CC='gcc -m64'`` is a compiler
+    and a flag), else ``cc`` or ``gcc`` from the PATH; None when there is none."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def library_path(command: list[str], version: str) -> Path:
+    """The cached library for this compiler: keyed by the sources, the compiler command and its
+    version, the flags and the platform (OS, machine, CPU features), so that no other build is
+    ever loaded for this one."""
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    identity = "\0".join([" ".join(command), version, " ".join(FLAGS), platform.system(),
+                           " ".join(platform.libc_ver()), _cpu_signature()])
+    key = hashlib.sha256(hashlib.sha256(source).digest() + identity.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("OPTISCOPE_CACHE_DIR") or Path.home() / ".cache" / "optiscope")
+    return cache / f"cpu_adam-{key}.so"
+
+
+def _build(command: list[str], library: Path) -> str | None:
+    """Compiles the sources into ``library``; None on success, else why not.
+
+    The compiler writes a file of its own in the cache directory, which is then renamed over
+    ``library`` in one step: a concurrent process sees either no library or a whole one.
+    """
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            result = subprocess.run([*command, *FLAGS, *map(str, SOURCES), "-o", str(built),
+                                     "-lm"], capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                log.info("optiscope: compiling the CPU kernel with %s failed:\n%s",
+                         shlex.join(command), result.stderr.strip()[-2000:])
+                last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+                return f"compiling it with {shlex.join(command)} failed: {last[:200]}"
+            os.replace(built, library)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"building it in {library.parent} failed: {exc}"
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with the reason logged once) when it cannot be had."""
+    """The compiled kernel, or None when it cannot be had; the reason is said once, at WARNING
+    (`unavailable_reason` returns it), and the torch backends run torch ops instead."""
+    global _why_not
+    _why_not = None
     if os.environ.get("OPTISCOPE_CPU_KERNEL", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("optiscope: no C compiler found; the torch backend uses torch's fused Adam and "
-                 "torch reductions for statistics (set CC to enable the one-pass CPU kernel)")
-        return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+        return _without("OPTISCOPE_CPU_KERNEL=0", warn=False)
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+        command = compiler_command()
+    except ValueError as exc:  # shlex: an unbalanced quote
+        return _without(f"$CC={os.environ.get('CC')!r} is not a command line ({exc})")
+    if command is None:
+        return _without("no C compiler found: no $CC, no cc or gcc on the PATH")
+    try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        log.info("optiscope: the C compiler %s does not run (%s); using torch's fused Adam",
-                 compiler, exc)
-        return None
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()
-                         + _cpu_signature().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("OPTISCOPE_CACHE_DIR") or Path.home() / ".cache" / "optiscope")
-    library = cache / f"cpu_adam-{key}.so"
-    if not library.exists():
+        return _without(f"the C compiler {shlex.join(command)} does not run ({exc})")
+    library = library_path(command, version)
+    for attempt in range(2):
+        if not library.exists() and (why := _build(command, library)) is not None:
+            return _without(why)
         try:
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds: rename wins
-                built = Path(tmp) / library.name
-                result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built),
-                                         "-lm"],
-                                        capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    log.info("optiscope: compiling the CPU kernel failed; using torch's fused "
-                             "Adam:\n%s", result.stderr.strip()[-2000:])
-                    return None
-                os.replace(built, library)
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.info("optiscope: building the CPU kernel in %s failed (%s); using torch's fused "
-                     "Adam", cache, exc)
-            return None
-    lib = ctypes.CDLL(str(library))
+            return _declare(ctypes.CDLL(str(library)))
+        except (OSError, AttributeError) as exc:  # truncated, foreign, or missing a symbol
+            if attempt:
+                return _without(f"the library built in {library} does not load ({exc})")
+            log.warning("optiscope: the cached CPU kernel %s does not load (%s); rebuilding it",
+                        library, exc)
+            try:
+                library.unlink()
+            except FileNotFoundError:  # another process got there first
+                pass
+            except OSError as unlink_exc:
+                return _without(f"the cached library {library} does not load ({exc}) and "
+                                f"cannot be removed ({unlink_exc})")
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the C functions' signatures (AttributeError when one is missing)."""
     f = lib.optiscope_adam_f32
     f.restype = None
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9

@@ -9,6 +9,7 @@ data to the host: the monitor copies the finished ``[n_tensors, NUM_COLS]`` tens
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -208,13 +209,21 @@ class Collector:
         return slot.layout
 
     def _on(self, values: list, device) -> Tensor:
-        """A small host list as a tensor on ``device``, made once per distinct list."""
-        key = (str(device), tuple(values))
+        """A small host list as a tensor on ``device``, made once per distinct list: int64 when
+        every value is an int (lengths, indices), else float32 (scales).
+
+        The key holds the dtype and each value's exact bits: ``(1,) == (1.0,)`` in Python, and a
+        cache keyed on the values alone returned a float tensor where indices were expected.
+        """
+        integral = all(isinstance(v, numbers.Integral) for v in values)
+        dtype = torch.int64 if integral else torch.float32
+        bits = tuple(map(int, values)) if integral else tuple(float(v).hex() for v in values)
+        key = (str(device), dtype, bits)
         t = self._constants.get(key)
         if t is None:
             if len(self._constants) > 64:  # the active set changed many times: start over
                 self._constants.clear()
-            t = self._constants[key] = torch.tensor(values, device=device)
+            t = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
         return t
 
     def _topk(self, slots: list[TensorSlot], grads: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -587,15 +587,12 @@ class OptimizerMonitor:
 
 
 def _backend(optimizer, slots) -> str | None:
-    """A bundled optimizer's backend; ``"auto"`` says what it chose, e.g. ``"auto: triton"``."""
+    """A bundled optimizer's backend and what runs under it, e.g. ``"auto: torch (C kernel)"``."""
     backend = getattr(optimizer, "backend", None)
-    if backend == "auto" and slots:
-        from optiscope.kernels.backend import resolve_backend
-        try:
-            return f"auto: {resolve_backend('auto', local(slots[0].param).device, type(optimizer).__name__)}"
-        except Exception:  # the step will say what is wrong; the metadata just says "auto"
-            return backend
-    return backend
+    if backend != "auto" or not slots:
+        return backend
+    from optiscope.kernels.backend import describe_backend
+    return describe_backend(backend, local(slots[0].param).device, type(optimizer).__name__)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from optiscope.monitor.history import Alert, RunHistory
+from optiscope.monitor.records import RecordDecoder
 
 __all__ = ["RUNLOG", "META", "LOCK", "RunLogError", "RunIdentityError", "RunLogWriter",
            "NullWriter", "check_resume", "open_run", "load_run", "read_records"]
@@ -410,12 +411,31 @@ def read_records(path: str | os.PathLike, *, warn: bool = True):
             yield record
 
 
+class _HistoryBuilder:
+    """The consumer of decoded records that `load_run` fills a `RunHistory` with."""
+
+    def __init__(self):
+        self.history = RunHistory()
+
+    def on_meta(self, changes: dict) -> None:
+        self.history.meta.update(changes)
+
+    def on_sample(self, step: int, time: float, values: dict) -> None:
+        for metric, (names, numbers) in values.items():
+            self.history.add(step, metric, names, numbers)
+
+    def on_alert(self, alert: Alert) -> None:
+        self.history.alerts.append(alert)
+
+
 def load_run(path: str | os.PathLike) -> RunHistory:
     """Reads a run directory (or its ``runlog.jsonl``) into a `RunHistory`.
 
-    A torn last line, a corrupt line, or a record that does not fit the format (a sample naming
-    an unknown scope list, a value count that does not match its scopes) is skipped with a
-    warning; everything else is kept.
+    A torn last line or a corrupt line is skipped with a warning; the records are checked
+    against the run-log schema by `optiscope.monitor.records.RecordDecoder`, and those that do
+    not fit (a step that is not a sane int, values that do not match their scopes, a sample
+    naming an undeclared scope list, ...) are skipped and counted, with one warning saying how
+    many and why; everything else is kept.
 
     Args:
         path: the ``log_dir`` a monitor wrote, or the run log file itself.
@@ -425,35 +445,6 @@ def load_run(path: str | os.PathLike) -> RunHistory:
     if not file.exists():
         what = "is not a run directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"optiscope: {str(path)!r} {what}: no {RUNLOG} there")
-    history = RunHistory()
-    scopes: dict[int, list[str]] = {}
-    undeclared: dict[int, int] = {}  # scope list id -> values that name it
-    for number, record in enumerate(read_records(file), start=1):
-        kind = record.get("type") if isinstance(record, dict) else type(record).__name__
-        try:
-            if kind == "meta":
-                history.meta.update((k, v) for k, v in record.items() if k != "type")
-            elif kind == "scopes":
-                scopes[record["id"]] = record["names"]
-            elif kind == "sample":
-                step, rows = int(record["step"]), []
-                for metric, (scope_id, values) in record["values"].items():
-                    if scope_id not in scopes:  # its declaration was on a corrupt line
-                        undeclared[scope_id] = undeclared.get(scope_id, 0) + 1
-                    elif len(scopes[scope_id]) != len(values):
-                        raise ValueError(f"{metric!r} has {len(values)} values for "
-                                         f"{len(scopes[scope_id])} scopes")
-                    else:
-                        rows.append((metric, scopes[scope_id], values))
-                for metric, names, values in rows:
-                    history.add(step, metric, names, values)
-            elif kind == "alert":
-                history.alerts.append(Alert(**{k: v for k, v in record.items() if k != "type"}))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            warnings.warn(f"optiscope: {file}: record {number} ({kind}) does not fit the run log "
-                          f"format ({exc!r}); skipped", RuntimeWarning, stacklevel=2)
-    if undeclared:
-        warnings.warn(f"optiscope: {file}: {sum(undeclared.values())} sampled values name scope "
-                      f"lists that are never declared (ids {sorted(undeclared)}: their line is "
-                      "corrupt); skipped", RuntimeWarning, stacklevel=2)
-    return history
+    builder = _HistoryBuilder()
+    RecordDecoder(builder, source=file).feed(read_records(file))
+    return builder.history

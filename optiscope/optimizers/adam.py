@@ -143,8 +143,11 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                             (params, grads, exp_avgs, exp_avg_sqs))
     if max_exp_avg_sqs is not None:
         max_exp_avg_sqs = [local(t) for t in max_exp_avg_sqs]
-    impl = {"triton": _adam_triton, "torch": _adam_torch}[
-        resolve_backend(backend, params[0].device, "Adam")]
+    chosen = resolve_backend(backend, params[0].device, "Adam")
+    if backend == "auto" and any(p.dtype == torch.float64 for p in params):
+        # The Triton kernel computes in float32; torch's fused kernel keeps float64 in float64.
+        chosen = "torch"
+    impl = {"triton": _adam_triton, "torch": _adam_torch}[chosen]
     impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
          beta2=beta2, eps=eps, weight_decay=weight_decay,
          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, stats=stats)
@@ -274,8 +277,9 @@ def _adam_chunk_stats(fused, p, g, m, v, vmax, step, kwargs) -> Tensor:
 
 
 def _sq(x: Tensor) -> Tensor:
-    """Σx² of one chunk in float32: a BLAS dot for float32, a float32-accumulated norm else."""
-    if x.dtype == torch.float32:
+    """Σx² of one chunk: a BLAS dot for float32 and float64 (in their own precision), a
+    float32-accumulated norm for the half types."""
+    if x.dtype in (torch.float32, torch.float64):
         return torch.dot(x, x)
     return torch.linalg.vector_norm(x, dtype=torch.float32).square()
 
