@@ -359,7 +359,7 @@ def traffic() -> list[dict]:
         row("adafactor factored", dt, 6 * s, 3 * s,
             "pass 1 reads g (row/column sums), pass 3 reads g and θ (Σ U², Σ θ²), pass 4 reads "
             "g and θ and writes θ: the clip and the relative step need whole-tensor sums first")
-        row("adafactor not factored", dt, 4 * s + 16, 2 * s + 8,
+        row("adafactor not factored", dt, 5 * s + 12, 3 * s + 8,
             "pass 3 reads g, θ, v and writes v; pass 4 reads g, θ, v and writes θ (v fp32)")
         row("adafactor factored +beta1", dt, 6 * s + 8, 3 * s + 8,
             "as factored, plus the fp32 first moment read and written in pass 4")
