@@ -260,6 +260,9 @@ ODD_SHAPES = [
     ("transposed", lambda: torch.randn(5, 7).t()),
     ("strided_vector", lambda: torch.randn(14)[::2]),
     ("permuted_batch", lambda: torch.randn(4, 2, 3).permute(1, 2, 0)),
+    # whole 4096-entry chunks (the kernels' unmasked path) that start inside a row of a later
+    # matrix of the batch
+    ("batched_chunks", lambda: torch.randn(3, 50, 40)),
 ]
 
 
@@ -286,6 +289,27 @@ def test_triton_matches_torch_on_odd_shapes_and_layouts(case):
     runs = run_side_by_side(case, odd_params, odd_grads, steps=3)
     tp = runs["triton"][0]
     assert not tp[7].is_contiguous()  # updated in place, layout kept
+
+
+def test_triton_matches_torch_on_views_at_an_unaligned_offset():
+    # A parameter one element into a buffer is not 16-byte aligned: the whole launch takes the
+    # kernels' element-wise, masked path, here over whole chunks, factored or not.
+    makers = [lambda: torch.randn(4200)[1:], lambda: torch.randn(64 * 70 + 1)[1:].view(64, 70),
+              lambda: torch.randn(3, 50, 40)]
+
+    def make():
+        torch.manual_seed(5)
+        params = [nn.Parameter(m()) for m in makers]
+        assert params[0].data_ptr() % 16 and params[1].data_ptr() % 16
+        return params
+
+    shapes = [p.shape for p in make()]
+
+    def grads(step):
+        gen = torch.Generator().manual_seed(200 + step)
+        return [torch.randn(shape, generator=gen) for shape in shapes]
+
+    run_side_by_side(CASES[-1], make, grads, steps=2)
 
 
 @pytest.mark.gpu

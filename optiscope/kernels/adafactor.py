@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, chunk_map, densify,
-                                     tl_dtype, write_back)
+from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
+                                     densify, tl_dtype, write_back)
 from optiscope.kernels.stats import Stat, StatsRows
 
 __all__ = ["adafactor_step", "ROW_TILE", "COL_BLOCK"]
@@ -152,25 +152,93 @@ def _col_finalize_kernel(
 
 
 @triton.jit
-def _preconditioned(g, offs, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C, batch,
-                    beta2t, one_minus_beta2t, eps1, UPDATE_V: tl.constexpr):
-    """U = g / √v̂ and v̂ for one block; with UPDATE_V, first the EMA of a non-factored v̂."""
+def _preconditioned(g, base, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C, batch,
+                    beta2t, one_minus_beta2t, eps1, UPDATE_V: tl.constexpr, BLOCK: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """U = g / √v̂ and v̂ for the block of BLOCK entries from ``base``; with UPDATE_V, first the
+    EMA of a non-factored v̂."""
+    offs = base + tl.arange(0, BLOCK)
     if factored:
-        grow = offs // C
-        b = grow // R
+        # Row and matrix of every entry. One int64 division per block finds the first entry's
+        # row; within the block the column offset stays below C + BLOCK and the row offset below
+        # R + BLOCK, so the per-entry divisions are int32 (an int64 division is a software
+        # routine several times longer) and exact.
+        # (max(·, 1): a matrix with no entries has every lane masked, but must not divide by 0.)
+        C = tl.maximum(C, 1)
+        R = tl.maximum(R, 1)
+        row0 = base // C
+        b0 = row0 // R
+        C32 = C.to(tl.int32)
+        R32 = R.to(tl.int32)
+        rel = (base - row0 * C).to(tl.int32) + tl.arange(0, BLOCK)
+        q = rel // C32
+        col_index = rel - q * C32
+        b = b0 + ((row0 - b0 * R).to(tl.int32) + q) // R32
+        grow = row0 + q
         row = tl.load(v_ptr + grow, mask=mask, other=1.0)
         mean = tl.load(rowmean_ptr + batch + b, mask=mask, other=1.0)
-        col = tl.load(col_ptr + b * C + (offs - grow * C), mask=mask, other=1.0)
+        col = tl.load(col_ptr + b * C + col_index, mask=mask, other=1.0)
         ratio = row / mean
         u = (tl.rsqrt(ratio) * tl.rsqrt(col)) * g
         v = ratio * col
     else:
-        v = tl.load(v_ptr + offs, mask=mask, other=1.0)
+        v = _load(v_ptr, offs, mask, MASKED, 1.0)
         if UPDATE_V:
             v = beta2t * v + one_minus_beta2t * (g * g + eps1)
-            tl.store(v_ptr + offs, v, mask=mask)
+            _store(v_ptr, offs, v, mask, MASKED)
         u = tl.rsqrt(v) * g
     return u, v
+
+
+@triton.jit
+def _load(ptr, offs, mask, MASKED: tl.constexpr, other):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=other)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x, mask=mask)
+    else:
+        tl.store(ptr + offs, x)
+
+
+@triton.jit
+def _rms_chunk(p_ptr, g_ptr, v_ptr, col_ptr, rowmean_ptr, start, numel, factored, R, C, batch,
+               beta2t, one_minus_beta2t, eps1, READ_PARAM: tl.constexpr,
+               WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Pass 3 over one chunk: its [BLOCK] accumulators of Σ U² and Σ θ² (which the update uses),
+    and its statistics, reduced to scalars block by block (four more [BLOCK] accumulators would
+    cost 4·BLOCK/threads registers per thread)."""
+    u_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    p_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    g_sq = 0.0
+    g_max = 0.0
+    g_bad = 0.0
+    v_sq = 0.0
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = _load(g_ptr, offs, mask, MASKED, 0.0)
+        u, v = _preconditioned(g, start + i, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C,
+                               batch, beta2t, one_minus_beta2t, eps1, True, BLOCK, MASKED)
+        # where, not multiplication by the mask: with eps1 = 0 a masked lane holds 0·∞.
+        u_sq += tl.where(mask, u * u, 0.0)
+        if READ_PARAM:
+            p = _load(p_ptr, offs, mask, MASKED, 0.0)
+            p_sq += p * p
+        if WITH_STATS:
+            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
+            g_sq += tl.sum(g * g, axis=0)
+            g_max = tl.maximum(g_max, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
+            g_bad += tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0)
+            v_sq += tl.sum(tl.where(mask, v * v, 0.0), axis=0)
+    return u_sq, p_sq, g_sq, g_max, g_bad, v_sq
 
 
 @triton.jit
@@ -178,7 +246,8 @@ def _update_rms_kernel(
     addr_ptr, meta_ptr, n_tensors, chunk_tensor_ptr, chunk_first_ptr, rowmean_ptr, partial_ptr,
     beta2t, one_minus_beta2t, eps1,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, READ_PARAM: tl.constexpr,
-    WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCOLS: tl.constexpr,
+    WITH_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    NCOLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + pid)
@@ -192,39 +261,71 @@ def _update_rms_kernel(
     g_ptr = tl.load(addr_ptr + _G * n_tensors + t).to(tl.pointer_type(G_DTYPE))
     v_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.float32))
     col_ptr = tl.load(addr_ptr + _COL * n_tensors + t).to(tl.pointer_type(tl.float32))
-
-    u_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    p_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    g_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    g_max = tl.zeros([BLOCK], dtype=tl.float32)
-    g_bad = tl.zeros([BLOCK], dtype=tl.float32)
-    v_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u, v = _preconditioned(g, offs, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C, batch,
-                               beta2t, one_minus_beta2t, eps1, True)
-        # where, not multiplication by the mask: with eps1 = 0 a masked lane holds 0·∞.
-        u_sq += tl.where(mask, u * u, 0.0)
-        if READ_PARAM:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            p_sq += p * p
-        if WITH_STATS:
-            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
-            g_sq += g * g
-            g_max = tl.maximum(g_max, tl.where(finite, tl.abs(g), float("inf")))
-            g_bad += tl.where(finite | ~mask, 0.0, 1.0)
-            v_sq += tl.where(mask, v * v, 0.0)
+    if ALIGNED:  # the launcher checked every address % 16 == 0: whole chunks load 16 bytes
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        if start + CHUNK <= numel:
+            u_sq, p_sq, g_sq, g_max, g_bad, v_sq = _rms_chunk(
+                p_ptr, g_ptr, v_ptr, col_ptr, rowmean_ptr, start, numel, factored, R, C, batch,
+                beta2t, one_minus_beta2t, eps1, READ_PARAM, WITH_STATS, BLOCK, CHUNK, False)
+        else:  # the tensor's last chunk
+            u_sq, p_sq, g_sq, g_max, g_bad, v_sq = _rms_chunk(
+                p_ptr, g_ptr, v_ptr, col_ptr, rowmean_ptr, start, numel, factored, R, C, batch,
+                beta2t, one_minus_beta2t, eps1, READ_PARAM, WITH_STATS, BLOCK, CHUNK, True)
+    else:  # a view at an unaligned offset: element-wise loads, every block masked
+        u_sq, p_sq, g_sq, g_max, g_bad, v_sq = _rms_chunk(
+            p_ptr, g_ptr, v_ptr, col_ptr, rowmean_ptr, start, numel, factored, R, C, batch,
+            beta2t, one_minus_beta2t, eps1, READ_PARAM, WITH_STATS, BLOCK, CHUNK, True)
 
     row = partial_ptr + pid * NCOLS
     tl.store(row + _U_SQ, tl.sum(u_sq, axis=0))
     tl.store(row + _P_SQ, tl.sum(p_sq, axis=0))
     if WITH_STATS:
-        tl.store(row + _G_SQ, tl.sum(g_sq, axis=0))
-        tl.store(row + _G_MAX, tl.max(g_max, axis=0))
-        tl.store(row + _G_BAD, tl.sum(g_bad, axis=0))
-        tl.store(row + _V_SQ, tl.sum(v_sq, axis=0))
+        tl.store(row + _G_SQ, g_sq)
+        tl.store(row + _G_MAX, g_max)
+        tl.store(row + _G_BAD, g_bad)
+        tl.store(row + _V_SQ, v_sq)
+
+
+@triton.jit
+def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
+                 batch, clip, lr_t, beta1, one_minus_beta1, weight_decay,
+                 P_DTYPE: tl.constexpr, HAS_BETA1: tl.constexpr, HAS_WD: tl.constexpr,
+                 WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Pass 4 over one chunk: the update, and its [BLOCK] accumulators of the statistics (as
+    many registers as per-block reductions here, and fewer instructions)."""
+    p1_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    d_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    m_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = _load(g_ptr, offs, mask, MASKED, 0.0)
+        u, v = _preconditioned(g, start + i, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C,
+                               batch, 0.0, 0.0, 0.0, False, BLOCK, MASKED)
+        u = (u / clip) * lr_t
+        if HAS_BETA1:
+            m = _load(m_ptr, offs, mask, MASKED, 0.0)
+            m = beta1 * m + one_minus_beta1 * u
+            _store(m_ptr, offs, m, mask, MASKED)
+            u = m
+        p0 = _load(p_ptr, offs, mask, MASKED, 0.0)
+        p = p0
+        if HAS_WD:
+            p = p - (weight_decay * lr_t) * p
+        p_out = (p - u).to(P_DTYPE)
+        _store(p_ptr, offs, p_out, mask, MASKED)
+        if WITH_STATS:
+            # Statistics of what was stored: θ after rounding to its dtype.
+            p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
+            d = p1 - p0
+            p1_sq += p1 * p1
+            d_sq += d * d
+            if HAS_BETA1:
+                m_sq += tl.where(mask, m * m, 0.0)
+    return p1_sq, d_sq, m_sq
 
 
 @triton.jit
@@ -233,7 +334,8 @@ def _apply_kernel(
     partial_ptr, rho, eps2, clip_threshold, beta1, one_minus_beta1, weight_decay,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SCALE_PARAMETER: tl.constexpr,
     HAS_BETA1: tl.constexpr, HAS_WD: tl.constexpr, WITH_STATS: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, SUMS_NCOLS: tl.constexpr, NCOLS: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, SUMS_NCOLS: tl.constexpr,
+    NCOLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + pid)
@@ -259,35 +361,27 @@ def _apply_kernel(
     u_rms = tl.sqrt(tl.load(sums_ptr + t * SUMS_NCOLS + _U_SQ)) / sqrt_numel
     clip = tl.maximum(u_rms / clip_threshold, 1.0)
 
-    p1_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    d_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    m_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u, v = _preconditioned(g, offs, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C, batch,
-                               0.0, 0.0, 0.0, False)
-        u = (u / clip) * lr_t
+    if ALIGNED:  # the launcher checked every address % 16 == 0: whole chunks load 16 bytes
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
         if HAS_BETA1:
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-            m = beta1 * m + one_minus_beta1 * u
-            tl.store(m_ptr + offs, m, mask=mask)
-            u = m
-        p0 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = p0
-        if HAS_WD:
-            p = p - (weight_decay * lr_t) * p
-        p_out = (p - u).to(P_DTYPE)
-        tl.store(p_ptr + offs, p_out, mask=mask)
-        if WITH_STATS:
-            # Statistics of what was stored: θ after rounding to its dtype.
-            p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
-            d = p1 - p0
-            p1_sq += p1 * p1
-            d_sq += d * d
-            if HAS_BETA1:
-                m_sq += tl.where(mask, m * m, 0.0)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        if start + CHUNK <= numel:
+            p1_sq, d_sq, m_sq = _apply_chunk(
+                p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
+                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
+                HAS_WD, WITH_STATS, BLOCK, CHUNK, False)
+        else:  # the tensor's last chunk
+            p1_sq, d_sq, m_sq = _apply_chunk(
+                p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
+                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
+                HAS_WD, WITH_STATS, BLOCK, CHUNK, True)
+    else:  # a view at an unaligned offset: element-wise loads, every block masked
+        p1_sq, d_sq, m_sq = _apply_chunk(
+            p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
+            batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
+            HAS_WD, WITH_STATS, BLOCK, CHUNK, True)
 
     if WITH_STATS:
         row = partial_ptr + pid * NCOLS
@@ -377,6 +471,7 @@ def adafactor_step(
     roles, pairs = densify([params, grads, second, col_vars, exp_avgs],
                            writable=[True, False, True, True, True], row_major=True)
     addresses = address_table(roles, n, device)
+    is_aligned = aligned(roles)
     layout = _layout(tuple(tuple(p.shape) for p in params), device)
     cmap = chunk_map(tuple(p.numel() for p in params), CHUNK, device)
     p_dtype, g_dtype = tl_dtype(params[0].dtype), tl_dtype(grads[0].dtype)
@@ -405,7 +500,7 @@ def adafactor_step(
         addresses, layout.meta, n, cmap.chunk_tensor, cmap.chunk_first, rowmean, partial3,
         beta2t, 1.0 - beta2t, eps1,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, READ_PARAM=scale_parameter or stats is not None,
-        WITH_STATS=stats is not None, BLOCK=BLOCK, CHUNK=CHUNK, NCOLS=ncols3,
+        WITH_STATS=stats is not None, ALIGNED=is_aligned, BLOCK=BLOCK, CHUNK=CHUNK, NCOLS=ncols3,
         num_warps=NUM_WARPS)
     sums3 = torch.segment_reduce(partial3, "sum", lengths=cmap.counts, axis=0)
 
@@ -417,7 +512,8 @@ def adafactor_step(
         partial4, rho, eps2, clip_threshold, beta1 if has_beta1 else 0.0,
         1.0 - beta1 if has_beta1 else 0.0, weight_decay,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, SCALE_PARAMETER=scale_parameter, HAS_BETA1=has_beta1,
-        HAS_WD=weight_decay != 0, WITH_STATS=stats is not None, BLOCK=BLOCK, CHUNK=CHUNK,
+        HAS_WD=weight_decay != 0, WITH_STATS=stats is not None, ALIGNED=is_aligned, BLOCK=BLOCK,
+        CHUNK=CHUNK,
         SUMS_NCOLS=ncols3, NCOLS=3, num_warps=NUM_WARPS)
     write_back(pairs)
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from optiscope.kernels.launch import BLOCK, CHUNK, NUM_WARPS, address_table, chunk_map, densify, tl_dtype, write_back
+from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
+                                     densify, tl_dtype, write_back)
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 
 __all__ = ["adam_step"]
@@ -24,45 +25,60 @@ assert Stat.MOMENT2_SQ == ADAM_STATS - 1
 
 
 @triton.jit
-def _adam_kernel(
-    addr_ptr, n_tensors, numel_ptr, chunk_tensor_ptr, chunk_first_ptr, partial_ptr,
+def _load(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x, mask=mask)
+    else:
+        tl.store(ptr + offs, x)
+
+
+@triton.jit
+def _adam_chunk(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel,
     lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, NCOLS: tl.constexpr,
+    WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    numel = tl.load(numel_ptr + t)
-    start = (pid - tl.load(chunk_first_ptr + t)).to(tl.int64) * CHUNK
-    p_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(addr_ptr + n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(addr_ptr + 2 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(addr_ptr + 3 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
-    vmax_ptr = tl.load(addr_ptr + 4 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
+    """The update of one chunk, and its eight statistics sums (zeros without WITH_STATS).
 
-    g_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    g_max = tl.zeros([BLOCK], dtype=tl.float32)
-    g_bad = tl.zeros([BLOCK], dtype=tl.float32)
-    p0_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    p1_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    d_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    m_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    v_sq = tl.zeros([BLOCK], dtype=tl.float32)
-
+    Unmasked (MASKED false, the chunk lies inside its tensor), the loads of an aligned tensor
+    vectorise. Each block's sums are reduced to scalars at once: eight [BLOCK] accumulators
+    would hold 8·BLOCK/threads registers per thread for the whole loop.
+    """
+    g_sq = 0.0
+    g_max = 0.0
+    g_bad = 0.0
+    p0_sq = 0.0
+    p1_sq = 0.0
+    d_sq = 0.0
+    m_sq = 0.0
+    v_sq = 0.0
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p0 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _load(g_ptr, offs, mask, MASKED)
+        p0 = _load(p_ptr, offs, mask, MASKED)
+        m = _load(m_ptr, offs, mask, MASKED)
+        v = _load(v_ptr, offs, mask, MASKED)
         if WITH_STATS:
             finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
-            g_sq += g * g
-            g_max = tl.maximum(g_max, tl.where(finite, tl.abs(g), float("inf")))
-            g_bad += tl.where(finite | ~mask, 0.0, 1.0)
-            p0_sq += p0 * p0
+            g_sq += tl.sum(g * g, axis=0)
+            g_max = tl.maximum(g_max, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
+            if MASKED:
+                g_bad += tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0)
+            else:
+                g_bad += tl.sum(tl.where(finite, 0.0, 1.0), axis=0)
+            p0_sq += tl.sum(p0 * p0, axis=0)
         if MAXIMIZE:
             g = -g
         p = p0
@@ -74,8 +90,8 @@ def _adam_kernel(
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * (g * g)
         if AMSGRAD:
-            vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + offs, vmax.to(S_DTYPE), mask=mask)
+            vmax = tl.maximum(_load(vmax_ptr, offs, mask, MASKED), v)
+            _store(vmax_ptr, offs, vmax.to(S_DTYPE), mask, MASKED)
             denom = tl.sqrt(vmax) / bc2_sqrt + eps
         else:
             denom = tl.sqrt(v) / bc2_sqrt + eps
@@ -83,31 +99,77 @@ def _adam_kernel(
         p_out = p.to(P_DTYPE)
         m_out = m.to(S_DTYPE)
         v_out = v.to(S_DTYPE)
-        tl.store(p_ptr + offs, p_out, mask=mask)
-        tl.store(m_ptr + offs, m_out, mask=mask)
-        tl.store(v_ptr + offs, v_out, mask=mask)
+        _store(p_ptr, offs, p_out, mask, MASKED)
+        _store(m_ptr, offs, m_out, mask, MASKED)
+        _store(v_ptr, offs, v_out, mask, MASKED)
         if WITH_STATS:
             # Statistics of what was stored, so they describe the tensors the user sees; masked
             # lanes compute 0/0 when eps = 0, hence the where.
-            p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
+            p1 = p_out.to(tl.float32)
+            if MASKED:
+                p1 = tl.where(mask, p1, 0.0)
             d = p1 - p0
-            p1_sq += p1 * p1
-            d_sq += d * d
+            p1_sq += tl.sum(p1 * p1, axis=0)
+            d_sq += tl.sum(d * d, axis=0)
             m1 = m_out.to(tl.float32)  # masked lanes hold m = v = 0 already
             v1 = v_out.to(tl.float32)
-            m_sq += m1 * m1
-            v_sq += v1 * v1
+            m_sq += tl.sum(m1 * m1, axis=0)
+            v_sq += tl.sum(v1 * v1, axis=0)
+    return g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq
+
+
+@triton.jit
+def _adam_kernel(
+    addr_ptr, n_tensors, numel_ptr, chunk_tensor_ptr, chunk_first_ptr, partial_ptr,
+    lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+    HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WITH_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    NCOLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + pid)
+    numel = tl.load(numel_ptr + t)
+    start = (pid - tl.load(chunk_first_ptr + t)).to(tl.int64) * CHUNK
+    p_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(addr_ptr + n_tensors + t).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(addr_ptr + 2 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
+    v_ptr = tl.load(addr_ptr + 3 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
+    vmax_ptr = tl.load(addr_ptr + 4 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
+    if ALIGNED:
+        # The launcher checked every address % 16 == 0: whole chunks load 16 bytes at a time.
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        if AMSGRAD:
+            vmax_ptr = tl.multiple_of(vmax_ptr, 16)
+        if start + CHUNK <= numel:
+            g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
+                weight_decay, step_size, bc2_sqrt, P_DTYPE, S_DTYPE,
+                HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, False)
+        else:  # the tensor's last chunk
+            g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
+                weight_decay, step_size, bc2_sqrt, P_DTYPE, S_DTYPE,
+                HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, True)
+    else:  # a view at an unaligned offset: element-wise loads, every block masked
+        g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
+            weight_decay, step_size, bc2_sqrt, P_DTYPE, S_DTYPE,
+            HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, True)
 
     if WITH_STATS:
         row = partial_ptr + pid * NCOLS
-        tl.store(row + 0, tl.sum(g_sq, axis=0))
-        tl.store(row + 1, tl.max(g_max, axis=0))
-        tl.store(row + 2, tl.sum(g_bad, axis=0))
-        tl.store(row + 3, tl.sum(p0_sq, axis=0))
-        tl.store(row + 4, tl.sum(p1_sq, axis=0))
-        tl.store(row + 5, tl.sum(d_sq, axis=0))
-        tl.store(row + 6, tl.sum(m_sq, axis=0))
-        tl.store(row + 7, tl.sum(v_sq, axis=0))
+        tl.store(row + 0, g_sq)
+        tl.store(row + 1, g_max)
+        tl.store(row + 2, g_bad)
+        tl.store(row + 3, p0_sq)
+        tl.store(row + 4, p1_sq)
+        tl.store(row + 5, d_sq)
+        tl.store(row + 6, m_sq)
+        tl.store(row + 7, v_sq)
 
 
 def adam_step(
@@ -146,7 +208,7 @@ def adam_step(
         S_DTYPE=tl_dtype(exp_avgs[0].dtype),
         HAS_WD=weight_decay != 0, DECOUPLED=decoupled_weight_decay,
         AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=maximize, WITH_STATS=stats is not None,
-        BLOCK=BLOCK, CHUNK=CHUNK, NCOLS=ADAM_STATS, num_warps=NUM_WARPS,
+        ALIGNED=aligned(roles), BLOCK=BLOCK, CHUNK=CHUNK, NCOLS=ADAM_STATS, num_warps=NUM_WARPS,
     )
     write_back(pairs)
     if stats is not None:

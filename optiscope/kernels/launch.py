@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table", "tl_dtype",
-           "densify", "write_back", "is_dense", "buckets", "local", "is_sharded"]
+           "densify", "write_back", "is_dense", "aligned", "buckets", "local", "is_sharded"]
 
 # Elements one program handles per inner iteration, and per chunk (CHUNK // BLOCK iterations).
 # 4 iterations of 1024 keep a program's loads in flight while the grid stays large enough for
@@ -100,6 +100,13 @@ def address_table(roles: list[list[Tensor | None] | None], n: int, device: torch
     table = [[t.data_ptr() if t is not None else 0 for t in (role or [None] * n)]
              for role in roles]
     return torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def aligned(roles: list[list[Tensor | None] | None]) -> bool:
+    """True when every tensor of ``roles`` starts at a 16-byte boundary (CUDA allocations do; a
+    view at an odd offset does not), so that a kernel may load and store 16 bytes at a time."""
+    return all(t is None or t.data_ptr() % 16 == 0 for role in roles if role is not None
+               for t in role)
 
 
 def is_dense(t: Tensor) -> bool:

@@ -38,7 +38,7 @@ from optiscope.kernels.launch import address_table, chunk_map, densify, tl_dtype
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 from optiscope.optimizers.microadam import blocks
 
-__all__ = ["microadam_step", "max_programs"]
+__all__ = ["microadam_step", "max_programs", "RESIDENT_PER_SM"]
 
 NUM_WARPS = 8  # a 4096-entry block is 16 float32 registers per thread at 8 warps
 MICROADAM_STATS = 12  # fills Stat columns 0..11: gradient, parameter, update, moment,
@@ -103,9 +103,15 @@ def _microadam_kernel(
         v_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.int16))
         mask = offs < length
         gofs = start + offs
+        out = partial_ptr + task * NCOLS  # the block's statistics row
 
         # 1. a = g + Q⁻¹(e_t); block starts are even, so even offsets are high nibbles
         g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+        if WITH_STATS:  # each statistic as soon as its inputs exist: none stays live to the end
+            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
+            tl.store(out + 0, tl.sum(g * g, axis=0))
+            tl.store(out + 1, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
+            tl.store(out + 2, tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0))
         byte = tl.load(err_ptr + gofs // 2, mask=mask, other=0).to(tl.int32)
         code = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.float32)
         lo = _from_bf16_bits(tl.load(lo_ptr + gofs // QBS, mask=mask, other=0))
@@ -128,6 +134,9 @@ def _microadam_kernel(
         row = slot * k_row
         tl.store(i_ptr + row + column, offs.to(tl.int16), mask=keep)
         tl.store(v_ptr + row + column, _bf16_bits(a).to(tl.int16), mask=keep)
+        if WITH_STATS:
+            tl.store(out + 10, tl.sum(tl.where(keep, a * a, 0.0), axis=0))
+            tl.store(out + 11, tl.sum(a * a, axis=0))
 
         # 3. the residual, quantized into the next error feedback
         r = tl.where(keep, 0.0, a)
@@ -150,6 +159,10 @@ def _microadam_kernel(
         nibbles = tl.split(tl.reshape(q.to(tl.int32), [HALF, 2]))
         packed = (nibbles[0] * 16 + nibbles[1]).to(tl.uint8)
         tl.store(err_ptr + start // 2 + bofs, packed, mask=bofs * 2 < length)
+        if WITH_STATS:
+            err = tl.where(mask, r - (q * scale_e + lo_e), 0.0)
+            tl.store(out + 8, tl.sum(err * err, axis=0))
+            tl.store(out + 9, tl.sum(r * r, axis=0))
 
         # 4. the window's sums, row by row in row order, in the program's scratch
         tl.debug_barrier()  # this block's new row is in memory for every thread
@@ -184,33 +197,30 @@ def _microadam_kernel(
         tl.store(p_ptr + gofs, p_out, mask=mask)
 
         if WITH_STATS:
-            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
             p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
             d = p1 - p0
-            decoded = q * scale_e + lo_e
-            err = tl.where(mask, r - decoded, 0.0)
-            out = partial_ptr + task * NCOLS
-            tl.store(out + 0, tl.sum(g * g, axis=0))
-            tl.store(out + 1, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
-            tl.store(out + 2, tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0))
             tl.store(out + 3, tl.sum(p0 * p0, axis=0))
             tl.store(out + 4, tl.sum(p1 * p1, axis=0))
             tl.store(out + 5, tl.sum(d * d, axis=0))
             tl.store(out + 6, tl.sum(m_hat * m_hat, axis=0))
             tl.store(out + 7, tl.sum(v_hat * v_hat, axis=0))
-            tl.store(out + 8, tl.sum(err * err, axis=0))
-            tl.store(out + 9, tl.sum(r * r, axis=0))
-            tl.store(out + 10, tl.sum(tl.where(keep, a * a, 0.0), axis=0))
-            tl.store(out + 11, tl.sum(a * a, axis=0))
+
+
+# Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 234-246
+# registers per thread at 8 warps on sm_80 and sm_90 (`python -m optiscope.kernels.inspect`), so
+# one block fills the register file; more programs than that would run in waves, each with its
+# own scratch. tests/test_kernels_compile.py checks this against the compiled kernel.
+RESIDENT_PER_SM = 1
 
 
 def max_programs(device: torch.device, tasks: int) -> int:
     """Programs of one launch: each loops over blocks and owns a scratch of two blocks, so on a
-    GPU a few per SM (resident at once) rather than one per block; under the interpreter, one
-    per block."""
+    GPU as many as are resident at once (`RESIDENT_PER_SM` per SM) rather than one per block;
+    under the interpreter, one per block."""
     if device.type != "cuda":
         return max(1, tasks)
-    return max(1, min(tasks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tasks, RESIDENT_PER_SM * sms))
 
 
 @functools.lru_cache(maxsize=128)
