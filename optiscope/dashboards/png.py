@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter
 
+from optiscope.atomicfile import atomic_file
 from optiscope.dashboards.bands import BANDS
 from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.runs import as_run_list, labelled_histories
+from optiscope.formatting import format_bytes
 from optiscope.monitor.history import RunHistory
 from optiscope.monitor.metrics import TENSOR_METRICS
 
@@ -262,7 +263,7 @@ def _draw_state_bytes(ax, memory: list[tuple[str, RunHistory]]) -> None:
             left += nbytes
         n_params = history.meta.get("n_params")
         per = f", {left / n_params:.2f} B/param" if n_params else ""
-        ax.annotate(f" {_bytes(left)}{per}", (left / scale, row), va="center", fontsize=8)
+        ax.annotate(f" {format_bytes(left)}{per}", (left / scale, row), va="center", fontsize=8)
     ax.set_yticks(range(len(memory)), [label for label, _ in memory])
     ax.set_ylim(max(len(memory), 3) - 0.5, -0.5)  # bars keep their thickness for one run
     ax.set_xlim(0, 1.6 * largest / scale if largest > 0 else 1)
@@ -309,24 +310,8 @@ def _title(histories: list[RunHistory], labels: list[str]) -> str:
     return "optiscope trends: " + " · ".join(facts)
 
 
-def _bytes(n: float) -> str:
-    """``123 B``, ``28.8 KiB``, ``1.5 GiB``."""
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    exponent = min(int(math.log(abs(n), 1024)), 4)
-    return f"{n / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"
-
-
 def _save(fig: Figure, out: Path, dpi: float) -> Path:
     """Writes the PNG through a temporary file, so no reader sees half an image."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".trends-", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, metadata={"Software": "optiscope"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, metadata={"Software": "optiscope"})
     return out
