@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optiscope.atomicfile import atomic_file
 from optiscope.monitor.history import Alert, RunHistory
 
 __all__ = ["RUNLOG", "META", "RunLogError", "RunLogWriter", "NullWriter", "load_run",
@@ -174,10 +175,9 @@ class RunLogWriter:
 
     def _write_meta_json(self) -> None:
         path = self.dir / META
-        tmp = path.with_name(META + ".tmp")
         try:  # replaced, not rewritten in place: a crash never leaves half a meta.json
-            tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n")
-            os.replace(tmp, path)
+            with atomic_file(path) as f:
+                f.write(json.dumps(self._meta, indent=1, default=str) + "\n")
         except OSError as exc:
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc

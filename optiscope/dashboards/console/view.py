@@ -22,8 +22,8 @@ from optiscope.dashboards.bands import health
 from optiscope.dashboards.console.state import LAYER_COLUMNS, TREND_ROWS, ConsoleState
 from optiscope.formatting import format_bytes
 
-__all__ = ["sparkline", "format_value", "number", "HEALTH_STYLES", "NONFINITE_MARK", "DashboardView",
-           "Header", "LayerTable", "TrendsPanel", "MemoryPanel", "AlertsPanel"]
+__all__ = ["sparkline", "format_value", "number", "HEALTH_STYLES", "NONFINITE_MARK",
+           "DashboardView", "Header", "LayerTable", "TrendsPanel", "MemoryPanel", "AlertsPanel"]
 
 BARS = "▁▂▃▄▅▆▇█"
 NONFINITE_MARK = "×"
@@ -128,6 +128,15 @@ def _bar(fraction: float, width: int) -> Text:
     return Text("█" * filled, style="magenta") + Text("░" * (width - filled), style="bright_black")
 
 
+
+
+def _label_value_grid() -> Table:
+    """A borderless table of rows: a label, a right-aligned value, and what follows it."""
+    table = Table.grid(padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(justify="right", no_wrap=True)
+    table.add_column(no_wrap=True)
+    return table
 
 
 # ----------------------------------------------------------------------------------- the view
@@ -295,10 +304,7 @@ class TrendsPanel:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         state = self.state
-        table = Table.grid(padding=(0, 1))
-        table.add_column(no_wrap=True)
-        table.add_column(justify="right", no_wrap=True)
-        table.add_column(no_wrap=True)
+        table = _label_value_grid()
         rows = list(TREND_ROWS) + [(m, m, False) for m in state.scalars if m != "loss"]
         spark = max(0, self.width - 4 - 14 - _VALUE_WIDTH - 2)  # borders, label, value, gaps
         for metric, label, log in rows:
@@ -320,10 +326,7 @@ class MemoryPanel:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         state = self.state
-        table = Table.grid(padding=(0, 1))
-        table.add_column(no_wrap=True)
-        table.add_column(justify="right", no_wrap=True)
-        table.add_column(no_wrap=True)
+        table = _label_value_grid()
         total = state.state.get("global")
         keys = {s[4:]: v for s, v in state.state.items() if s.startswith("key/")}
         if total is None:
