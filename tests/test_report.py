@@ -180,7 +180,7 @@ def test_minmax_downsample_returns_copies_and_checks_its_arguments():
     out_steps, _ = minmax_downsample(steps, values, 10)
     out_steps[0] = 99
     assert steps[0] == 0
-    with pytest.raises(ValueError, match=r"buckets must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"bins must be an integer >= 1, got 0"):
         minmax_downsample(steps, values, 0)
     with pytest.raises(ValueError, match=r"shapes \(5,\) and \(4,\)"):
         minmax_downsample(steps, values[:4], 2)

@@ -7,7 +7,7 @@ step when a freeze probe ran), top-k coverage and quantization error, each over 
 log scale with the healthy band of `optiscope.dashboards.bands` shaded; and the optimizer state
 bytes of each run split by state key. NaN and ±inf values are marked with a ✕ at the top of their
 panel, at their step (red; with several runs, a row of marks per run in its colour). Long series
-are downsampled to at most ``max_points`` points per line keeping each bucket's minimum and
+are downsampled to at most ``max_points`` points per line keeping each bin's minimum and
 maximum, so a one-step spike survives.
 
 Drawn with matplotlib's Agg canvas directly (`matplotlib.figure.Figure` and `FigureCanvasAgg`, no
@@ -95,7 +95,7 @@ def write_png(runs, out: str | os.PathLike, *, names: Sequence[str] | None = Non
             class name for a `RunHistory`; repeated names get " (2)", " (3)", ...).
         dpi: resolution (default 110: about 1,400 pixels wide).
         max_points: the most points a line keeps (default 2000); longer series keep each
-            bucket's minimum and maximum.
+            bin's minimum and maximum.
 
     Returns:
         The path written.
@@ -121,7 +121,7 @@ def write_png(runs, out: str | os.PathLike, *, names: Sequence[str] | None = Non
 
 
 # ---------------------------------------------------------------------------------- the figure
-def _figure(histories: list[RunHistory], labels: list[str], dpi: float, buckets: int) -> Figure:
+def _figure(histories: list[RunHistory], labels: list[str], dpi: float, bins: int) -> Figure:
     user = _user_scalars(histories)
     panels = [_Panel(m, m, log=False) for m in user]
     panels += [p for p in _PANELS if any(p.metric in h.metrics() for h in histories)]
@@ -140,7 +140,7 @@ def _figure(histories: list[RunHistory], labels: list[str], dpi: float, buckets:
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(grid[i // _COLUMNS, i % _COLUMNS], sharex=first)
         first = first or ax
-        _draw(ax, panel, histories, legend, buckets)
+        _draw(ax, panel, histories, legend, bins)
         if i + _COLUMNS >= count:
             ax.set_xlabel("step")
     if memory:
@@ -176,7 +176,7 @@ class _Legend:
                                        label="freeze step T"))
 
 
-def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, buckets: int) -> None:
+def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, bins: int) -> None:
     ax.set_title(panel.title)
     if panel.log:
         ax.set_yscale("log", nonpositive="mask")
@@ -190,7 +190,7 @@ def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, bucke
         scopes = available if panel.every_scope else [s for s in ("global",) if s in available]
         color = _PALETTE[index % len(_PALETTE)]
         for j, scope in enumerate(scopes):
-            steps, values = minmax_downsample(*history.series(panel.metric, scope), buckets)
+            steps, values = minmax_downsample(*history.series(panel.metric, scope), bins)
             ok = np.isfinite(values)
             ax.plot(steps, np.where(ok, values, np.nan), color=color,
                     linestyle=_GROUP_STYLES[j % len(_GROUP_STYLES)],

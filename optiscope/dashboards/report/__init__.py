@@ -2,8 +2,8 @@
 
 `write_report` turns one run, or several, into a single HTML file that opens offline in any
 browser (plotly.js is inlined once; no network reference at all) and stays small for long runs
-(series are downsampled keeping every bucket's minimum and maximum, so spikes survive; heatmaps
-keep each bucket's maximum). `OptimizerMonitor.close` writes it into the run directory and
+(series are downsampled keeping every bin's minimum and maximum, so spikes survive; heatmaps
+keep each bin's maximum). `OptimizerMonitor.close` writes it into the run directory and
 ``optiscope report RUN_DIR [RUN_DIR ...] -o FILE`` writes it from run logs.
 
 For each run the report has:
@@ -11,7 +11,8 @@ For each run the report has:
 * a summary: optimizer, hyperparameters, optimizer-state bytes per parameter against fp32 AdamW,
   alerts, the latest value of each global metric coloured by the healthy bands of
   `optiscope.dashboards.bands`, whether Adam's second moment became stable enough to freeze and
-  from which step (`optiscope.monitor.analysis.freeze_verdict`), and the metrics the run could not record, with the reason;
+  from which step (`optiscope.monitor.analysis.freeze_verdict`), and the metrics the run could
+  not record, with the reason;
 * trends: the loss and other logged scalars, learning rates, and the global metrics;
 * per-layer heatmaps (tensor × step), one per per-tensor metric, on a log colour scale for norms;
 * second-moment drift and the freeze verdict; quantization error; top-k coverage (each with its
@@ -59,9 +60,9 @@ def write_report(runs, out: str | os.PathLike, *, names: Sequence[str] | None = 
             class name for a `RunHistory`; repeated names get " (2)", " (3)", ...).
         title: the page title (default "optiscope report: <name>", or "... <n> runs").
         max_points: the most points a line keeps (default 2000): longer series are cut into
-            ``max_points / 2`` buckets and keep each bucket's minimum and maximum.
+            ``max_points / 2`` bins and keep each bin's minimum and maximum.
         heatmap_columns: the most step columns a heatmap keeps (default 300); a cell holds its
-            bucket's maximum (minimum for top-k coverage).
+            bin's maximum (minimum for top-k coverage).
         freeze_tol: the tolerance of `freeze_verdict` (default 0.1).
 
     Returns:
@@ -87,14 +88,15 @@ def write_report(runs, out: str | os.PathLike, *, names: Sequence[str] | None = 
                                 f"path such as {str(out / 'report.html')!r}")
 
     histories, labels = labelled_histories(runs, names, "write_report")
-    report = [ReportRun(label, h, i, freeze_tol) for i, (label, h) in enumerate(zip(labels, histories))]
+    report = [ReportRun(label, h, i, freeze_tol)
+              for i, (label, h) in enumerate(zip(labels, histories))]
     if title is None:
         title = (f"optiscope report: {labels[0]}" if len(report) == 1
                  else f"optiscope report: {len(report)} runs")
     page = Page(title)
     options = Options(max_points // 2, heatmap_columns)
     page.html(f'<p class="muted">Written {esc(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))}'
-              f" by optiscope. Lines keep each bucket's minimum and maximum (at most "
+              f" by optiscope. Lines keep each bin's minimum and maximum (at most "
               f"{max_points:,} points), so spikes survive downsampling.</p>")
     nav = []
     if len(report) > 1:

@@ -54,7 +54,7 @@ def line(fig: go.Figure, run: ReportRun, metric: str, scope: str, options: Optio
           name: str, row: int | None = None, col: int | None = None, color: str | None = None,
           legend: bool = True) -> None:
     """Adds one downsampled series, and a ✕ at its non-finite values."""
-    steps, values = minmax_downsample(*run.series(metric, scope), options.buckets)
+    steps, values = minmax_downsample(*run.series(metric, scope), options.bins)
     if not len(steps):
         return
     where = dict(row=row, col=col) if row is not None else {}
@@ -151,11 +151,11 @@ def heatmap(page: Page, run: ReportRun, metric: str, options: Options) -> int:
                                  marker=NONFINITE, name="NaN / inf", showlegend=True,
                                  hovertemplate="%{y}: NaN or inf near step %{x:.0f}"
                                                "<extra></extra>"))
-    buckets = len(cells.start)
-    spans = (f" Each column holds {len(steps) // buckets:,}–{-(-len(steps) // buckets):,} "
+    bins = len(cells.start)
+    spans = (f" Each column holds {len(steps) // bins:,}–{-(-len(steps) // bins):,} "
              f"consecutive samples; a cell shows the "
              f"{'largest' if show.reduce == 'max' else 'smallest'} value among them."
-             if len(steps) > buckets else "")
+             if len(steps) > bins else "")
     blank = " Blank: no value (or ≤ 0 on the log scale)." if np.isnan(z).any() else ""
     description = DESCRIPTION.get(metric, "")
     page.figure(fig, f"<strong>{esc(show.label)}</strong>"
@@ -164,7 +164,8 @@ def heatmap(page: Page, run: ReportRun, metric: str, options: Options) -> int:
     return 1
 
 
-def _tensor_matrix(run: ReportRun, metric: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _tensor_matrix(run: ReportRun,
+                   metric: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """(tensors in model order, steps, values ``[tensors, steps]``, recorded mask) of a metric."""
     if metric not in run.metrics:
         return [], np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros((0, 0), bool)

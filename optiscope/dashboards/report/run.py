@@ -21,7 +21,7 @@ DESCRIPTION = {m.name: m.description for m in TENSOR_METRICS}
 @dataclass(frozen=True)
 class Show:
     """How the report shows a metric: its label, whether on a log scale, and what a heatmap
-    cell keeps (the bucket's maximum, or its minimum where a dip is the event)."""
+    cell keeps (the bin's maximum, or its minimum where a dip is the event)."""
 
     label: str
     log: bool = True
@@ -72,7 +72,7 @@ MIN_TAIL = 0.2
 
 @dataclass(frozen=True)
 class Options:
-    buckets: int        # line buckets: two points each
+    bins: int        # line bins: two points each
     columns: int        # heatmap columns
 
 

@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from optiscope.dashboards.bands import BANDS, health
 from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.html import Page, esc, table
-from optiscope.dashboards.report.figures import band, f4, grid, heatmap, i4, label_margin, layout, line
+from optiscope.dashboards.report.figures import (band, f4, grid, heatmap, i4, label_margin, layout,
+                                                 line)
 from optiscope.dashboards.report.run import (LAYER_METRICS, MIN_TAIL, MONITOR_METRICS, PALETTE,
                                              SHOW, TREND_METRICS, Options, ReportRun,
                                              hyperparameter, bytes_per_param, worth_showing)
@@ -73,7 +74,8 @@ def _summary(page: Page, run: ReportRun, options: Options) -> None:
     rows = [("optimizer", meta.get("optimizer")), ("backend", meta.get("backend")),
             ("parameters", f"{run.n_params:,} in {len(run.tensors):,} tensors"
                            if run.n_params else None),
-            ("parameter bytes", format_bytes(meta["param_bytes"]) if meta.get("param_bytes") else None),
+            ("parameter bytes", format_bytes(meta["param_bytes"]) if meta.get("param_bytes")
+                                else None),
             ("steps", f"{last_step:,}, sampled every {meta.get('every', 1)}"),
             ("freeze probe", meta.get("freeze_probe")),
             ("top-k probe", f"density {meta['topk_density']:g}, block {meta.get('topk_block')}"
@@ -182,7 +184,7 @@ def _drift(page: Page, run: ReportRun, options: Options) -> None:
               f"takes the earliest.</p>")
     fig = go.Figure(layout=layout(340, "relative change of v", log=True))
     line(fig, run, "moment2_drift", "global", options, name="drift between samples")
-    steps, remaining = minmax_downsample(verdict.steps, verdict.remaining, options.buckets)
+    steps, remaining = minmax_downsample(verdict.steps, verdict.remaining, options.bins)
     fig.add_trace(go.Scatter(x=i4(steps), y=f4(np.where(np.isfinite(remaining), remaining,
                                                             np.nan)),
                              mode="lines", name="bound on ‖v_end − v_T‖/‖v_T‖",
@@ -222,7 +224,7 @@ def _coverage(page: Page, run: ReportRun, options: Options) -> None:
              f"{density:g}, blocks of {block} entries." if density else "")
     _compression_section(page, run, options, "topk_coverage",
                          "Share of ‖x‖² that a blockwise top-k keeps (MicroAdam: its own "
-                         f"accumulator and density).{probe} Heatmap cells hold the bucket's "
+                         f"accumulator and density).{probe} Heatmap cells hold the bin's "
                          "minimum: a dip is the event.")
 
 
@@ -257,7 +259,8 @@ def _memory(page: Page, run: ReportRun, options: Options) -> None:
                  bytes_per_param(adamw, n)])
     ratio = run.state_bytes / adamw if adamw else math.nan
     page.html(table(["state", "bytes", "per parameter"], rows, numeric={1, 2},
-                    caption=f"At the last sample. This optimizer keeps {format_number(ratio)}× the state "
+                    caption=f"At the last sample. This optimizer keeps {format_number(ratio)}× "
+                            "the state "
                             "of fp32 AdamW (8 bytes per parameter plus a 4-byte step counter "
                             "per tensor)."))
 
