@@ -34,6 +34,7 @@ from optiscope.dashboards.console.state import PER_TENSOR, ConsoleState
 from optiscope.dashboards.console.view import (HEALTH_STYLES, NONFINITE_MARK, DashboardView,
                                                format_value, number, sparkline)
 from optiscope.dashboards.sink import Sink, Values
+from optiscope.formatting import format_bytes
 from optiscope.monitor.history import Alert
 from optiscope.monitor.metrics import TENSOR_METRICS
 
@@ -191,7 +192,7 @@ class ConsoleDashboard(Sink):
                 parts.append(f"{label} {number(v)}")
         state = glob("state_bytes")
         if state is not None:
-            parts.append(f"state {state / 2**20:.2f} MiB")
+            parts.append(f"state {format_bytes(state)}")
         rate = self.state.steps_per_second()
         if rate is not None:
             parts.append(f"{rate:.3g} steps/s")
