@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,9 @@ import numpy as np
 import torch
 
 from optiscope import load_run
+from optiscope.bench.base import BenchError
 from optiscope.bench.machine import describe_device, git_commit, load_average, utc_now, versions
+from optiscope.bench.results import replace_section
 from optiscope.demo import DemoConfig, stdlib_text, train
 
 SCHEMA = "optiscope-bench-convergence/1"
@@ -132,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                  else sys.argv[1:])]),
         rows=rows), indent=1) + "\n")
     if args.readme:
-        text = args.readme.read_text()
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            print(f"{args.readme} has no {START} ... {END} section", file=sys.stderr)
+        try:
+            replace_section(args.readme, START, END, table)
+        except BenchError as exc:
+            print(exc, file=sys.stderr)
             return 1
-        args.readme.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text))
     return 0
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
+from optiscope.bench.base import BenchError
 from optiscope.bench.machine import git_commit, utc_now, versions
 from optiscope.bench.memory import MEMORY_MODELS, MEMORY_OPTIMIZERS, memory_table
+from optiscope.bench.results import replace_section
 
 SCHEMA = "optiscope-bench-memory/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         schema=SCHEMA, date_utc=utc_now(), git=git_commit(),
         versions=versions(), command="python -m benchmarks.memory", rows=rows), indent=1) + "\n")
     if args.readme:
-        text = args.readme.read_text()
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            print(f"{args.readme} has no {START} ... {END} section", file=sys.stderr)
+        try:
+            replace_section(args.readme, START, END, table)
+        except BenchError as exc:
+            print(exc, file=sys.stderr)
             return 1
-        args.readme.write_text(pattern.sub(lambda _: f"{START}\n{table}{END}", text))
     return 0
 
 

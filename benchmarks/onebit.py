@@ -53,7 +53,7 @@ from optiscope.demo import CharGPT, DemoConfig, _Batches, _loss, stdlib_text
 SCHEMA = "optiscope-bench-onebit/1"
 RESULTS = Path(__file__).resolve().parent / "results"
 LR, BETAS, WEIGHT_DECAY = 3e-3, (0.9, 0.95), 0.1
-DRIFT_TOL = 0.1  # the report's freeze tolerance (`optiscope.dashboards.report.freeze_verdict`)
+DRIFT_TOL = 0.1  # the report's freeze tolerance (`optiscope.monitor.analysis.freeze_verdict`)
 
 
 def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step: int) -> None:

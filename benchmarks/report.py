@@ -1,7 +1,7 @@
 """``python -m benchmarks.report``: the HTML report of a long run, against its floors.
 
 Builds the `RunHistory` of a 10,000-step run of a 100-tensor model with every metric
-(`optiscope.dashboards.synthetic.synthetic_run`: noisy trends, gradient spikes, a NaN, alerts),
+(`benchmarks.synthetic.synthetic_run`: noisy trends, gradient spikes, a NaN, alerts),
 writes its report, and opens it in headless Chromium several times. Floors: the file under 10 MB,
 and the report open — every figure drawn — in under 5 s. Prints a table and writes
 ``results/report-<device>.json``.
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from optiscope.bench.machine import describe_device, git_commit, load_average, utc_now, versions
-from optiscope.dashboards.browser import find_chromium, open_in_chromium
+from benchmarks.browser import find_chromium, open_in_chromium
 from optiscope.dashboards.report import write_report
-from optiscope.dashboards.synthetic import synthetic_run
+from benchmarks.synthetic import synthetic_run
 
 SCHEMA = "optiscope-bench-report/1"
 MAX_BYTES = 10_000_000

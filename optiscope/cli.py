@@ -3,7 +3,8 @@
 
 Every subcommand has ``--help`` with examples, and bad input (a missing run directory, an unknown
 optimizer, an empty run log) ends it with exit status 1 (2 for a malformed command line) and one
-line saying what was wrong and what to do.
+line saying what was wrong and what to do. Any other error is a bug: it keeps its traceback.
+``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -15,21 +16,25 @@ import shlex
 import sys
 from pathlib import Path
 
+from optiscope.cmdline import OneLineParser, positive_float, positive_int
+
 __all__ = ["OneLineParser", "main"]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line, the reason (the usage is in --help)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
 
 _COMPARE_DIR = Path("runs/compare")
 
 
 class _Failure(Exception):
     """Bad input found while running a command: one line for the user, exit status 1."""
+
+
+@contextlib.contextmanager
+def _user_errors(*types: type[BaseException]):
+    """Turns the ``types`` raised inside into `_Failure`: errors a library call raises about the
+    input the user gave it (a path, a run log), as opposed to a bug."""
+    try:
+        yield
+    except types as exc:
+        raise _Failure(str(exc)) from exc
 
 
 _EPILOG = """\
@@ -44,6 +49,7 @@ examples:
   optiscope tensorboard runs/exp1          TensorBoard events from a run log
   optiscope bench --quick                  time our optimizers against torch.optim
   optiscope COMMAND --help                 every option of a command
+  optiscope --debug COMMAND ...            a traceback for every error, not only for bugs
 """
 
 _DEMO_EPILOG = """\
@@ -99,23 +105,29 @@ examples:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``optiscope`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere: before or after the command
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"]:  # its options come from the harness, which imports torch
         from optiscope import bench
 
         parser = OneLineParser(prog="optiscope bench", epilog=_BENCH_EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         bench.configure_parser(parser, Path("benchmarks/results"))
-        return bench.execute(parser, parser.parse_args(argv[1:]), shlex.join(["optiscope", *argv]))
+        return bench.execute(parser, parser.parse_args(argv[1:]), shlex.join(["optiscope", *argv]),
+                             debug=debug)
 
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:
+        if debug:
+            raise
         print(f"optiscope {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (_Failure, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-            OSError) as exc:
+    except _Failure as exc:
+        if debug:
+            raise
         message = str(exc).removeprefix("optiscope: ").replace("\n", " ")
         print(f"optiscope {args.command}: error: {message}", file=sys.stderr)
         return 1
@@ -127,6 +139,8 @@ def _parser() -> OneLineParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = OneLineParser(prog="optiscope", epilog=_EPILOG, formatter_class=raw,
                            description="See what your PyTorch optimizer does.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=OneLineParser)
     defaults = DemoConfig()
@@ -163,11 +177,11 @@ def _parser() -> OneLineParser:
         description="Follow RUN_DIR's run log and show the live dashboard until Ctrl-C.",
         epilog=_WATCH_EPILOG, formatter_class=raw)
     watch.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    watch.add_argument("--top", type=_positive, default=12, metavar="N",
+    watch.add_argument("--top", type=positive_int, default=12, metavar="N",
                        help="layers in the table (default 12)")
     watch.add_argument("--sort-by", default="grad_norm", metavar="METRIC",
                        help="metric that picks the top layers (default grad_norm)")
-    watch.add_argument("--interval", type=_positive_float, default=0.5, metavar="S",
+    watch.add_argument("--interval", type=positive_float, default=0.5, metavar="S",
                        help="seconds between looks at the run log (default 0.5)")
     watch.add_argument("--once", action="store_true",
                        help="print the dashboard of what is there now and exit")
@@ -203,35 +217,15 @@ def _parser() -> OneLineParser:
 
 
 def _training_options(parser: argparse.ArgumentParser, defaults) -> None:
-    parser.add_argument("--steps", type=_positive, default=defaults.steps, metavar="N",
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, metavar="N",
                         help=f"optimizer steps (default {defaults.steps})")
-    parser.add_argument("--every", type=_positive, default=defaults.every, metavar="N",
+    parser.add_argument("--every", type=positive_int, default=defaults.every, metavar="N",
                         help=f"sample every N steps (default {defaults.every})")
-    parser.add_argument("--lr", type=_positive_float, metavar="LR",
+    parser.add_argument("--lr", type=positive_float, metavar="LR",
                         help="learning rate (default: the optimizer's demo default)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="(default 0)")
     parser.add_argument("--plain", action="store_true",
                         help="one line per sample even on a terminal")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
-    return value
 
 
 # ------------------------------------------------------------------------------- commands
@@ -272,6 +266,7 @@ def _logging_to(console):
 
 def _demo(args) -> int:
     from optiscope.demo import fresh_dir, stdlib_text, train
+    from optiscope.monitor.runlog import RunLogError
 
     _check_optimizers([args.optimizer])
     out = args.out if args.out is not None else fresh_dir(Path("runs") / f"demo-{args.optimizer}")
@@ -282,7 +277,7 @@ def _demo(args) -> int:
     console.print(f"optiscope demo: a {config.layers}-layer character GPT on {len(text) / 1e6:.1f} "
                   f"MB of the standard library's source, {args.optimizer}, {config.steps} steps "
                   f"→ {out}", highlight=False)
-    with _logging_to(console):
+    with _logging_to(console), _user_errors(RunLogError):  # an unusable --out
         result = train(args.optimizer, out, config, console=console, text=text)
     _print_result(console, result)
     console.print(f"\n  report       {out / 'report.html'}\n  trends       {out / 'trends.png'}\n"
@@ -307,6 +302,7 @@ def _compare(args) -> int:
     from optiscope.dashboards.png import write_png
     from optiscope.dashboards.report import write_report
     from optiscope.demo import stdlib_text, train
+    from optiscope.monitor.runlog import RunLogError
 
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     if not names:
@@ -325,7 +321,7 @@ def _compare(args) -> int:
     results = []
     for i, name in enumerate(names, 1):
         console.rule(f"[{i}/{len(names)}] {name}")
-        with _logging_to(console):
+        with _logging_to(console), _user_errors(RunLogError):  # an unusable --out
             results.append(train(name, out / name, config, console=console, text=text,
                                  title=f"compare {i}/{len(names)}: {name}"))
     runs = [r.run_dir for r in results]
@@ -366,7 +362,8 @@ def _load(run_dir: Path):
         raise _Failure(f"{run_dir} does not exist; pass the log_dir a monitor wrote")
     if not run_dir.is_dir():
         raise _Failure(f"{run_dir} is a file; pass the run directory that holds runlog.jsonl")
-    history = load_run(run_dir)
+    with _user_errors(OSError, ValueError):  # not a run directory, an unreadable run log
+        history = load_run(run_dir)
     if not history.metrics():
         raise _Failure(f"{run_dir / 'runlog.jsonl'} holds no samples yet (the run has not reached "
                        "its first sampled step, or crashed before it); wait, or check the path")
@@ -402,12 +399,13 @@ def _report(args) -> int:
                           else Path("report.html"))
     if out.exists() and out.is_dir():
         raise _Failure(f"{out} is a directory; pass -o with a file name such as {out / 'report.html'}")
-    written = write_report(histories, out, names=names, title=args.title)
-    print(f"report  {written}")
-    if not args.no_png:
-        png = write_png(histories, out.with_suffix(".png") if len(histories) > 1 or args.output
-                        else out.with_name("trends.png"), names=names)
-        print(f"trends  {png}")
+    with _user_errors(OSError):  # an unwritable -o
+        written = write_report(histories, out, names=names, title=args.title)
+        print(f"report  {written}")
+        if not args.no_png:
+            png = write_png(histories, out.with_suffix(".png") if len(histories) > 1 or args.output
+                            else out.with_name("trends.png"), names=names)
+            print(f"trends  {png}")
     return 0
 
 
@@ -415,7 +413,8 @@ def _tensorboard(args) -> int:
     from optiscope.dashboards.tensorboard import export_tensorboard
 
     _load(args.run_dir)
-    events = export_tensorboard(args.run_dir, args.out)
+    with _user_errors(OSError):  # an unwritable --out
+        events = export_tensorboard(args.run_dir, args.out)
     print(f"events in {events}; view with: tensorboard --logdir {events.parent}")
     return 0
 

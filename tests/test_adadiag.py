@@ -1,5 +1,5 @@
 """AdaDiag, AdaDiag++ and AdafacDiag: against a slow, literal reference written from the algorithm
-(reference/optimizers.md §3.2) over 30 steps with two basis refreshes; the Triton backend against
+(docs/optimizers.md, AdaDiag) over 30 steps with two basis refreshes; the Triton backend against
 the torch backend; the method's premise on an ill-conditioned rotated quadratic; resumption; the
 monitor's metrics, diagonality included, against brute force."""
 

@@ -29,7 +29,7 @@ STATE_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
 
 # ------------------------------------------------------------------------------------ reference
 class ReferenceAdafactor:
-    """transformers' Adafactor rule (reference §4.2) written out per tensor in float64, with the
+    """transformers' Adafactor rule (docs/optimizers.md) written out per tensor in float64, with the
     second moment materialised as v̂ = R Cᵀ / mean(R) and U = g / √v̂."""
 
     def __init__(self, params: list[torch.Tensor], settings: list[dict]):

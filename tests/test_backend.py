@@ -1,4 +1,4 @@
-"""backend="auto" | "triton" | "torch": rules of DESIGN.md, errors that say what to do."""
+"""backend="auto" | "triton" | "torch": kernels/backend.py's rules, errors that say what to do."""
 
 import logging
 import os

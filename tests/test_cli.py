@@ -87,6 +87,30 @@ def test_bad_input_is_one_line_with_the_reason(tmp_path, capsys):
     _one_line_error(capsys, ["report", str(not_a_run)], 1, "runlog.jsonl")
 
 
+def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(tmp_path, monkeypatch, capsys):
+    """Only the errors about the user's input are one line: an error that is not (here a
+    ValueError from inside the report writer) propagates with its traceback, and ``--debug``
+    raises the user's-input errors too, before or after the command."""
+    from optiscope.dashboards import report
+
+    from runs import train_run
+
+    run_dir = train_run(tmp_path / "run", steps=2)
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the report writer")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(ValueError, match="a bug in the report writer"):
+        main(["report", str(run_dir), "--no-png"])
+    missing = tmp_path / "nope"
+    for argv in (["--debug", "report", str(missing)], ["report", str(missing), "--debug"]):
+        with pytest.raises(Exception, match="does not exist") as raised:
+            main(argv)
+        assert not isinstance(raised.value, SystemExit)
+    _one_line_error(capsys, ["report", str(missing)], 1, "does not exist")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """``optiscope demo`` with stdout redirected: a short run, plain lines."""

@@ -318,7 +318,7 @@ def test_plain_lines_off_a_terminal(adamw_run):
     first = samples[0]
     assert first.startswith(f"step 1  loss {format_value('loss', history.series('loss')[1][0]).plain}"
                             f"  grad {format_value('grad_norm', history.series('grad_norm')[1][0]).plain}")
-    assert "  state 0.03 MiB" in first and "drift" not in first  # no drift at the first sample
+    assert "  state 28.8 KiB" in first and "drift" not in first  # no drift at the first sample
     assert " drift " in samples[1] and " steps/s" in samples[1]
     alert = [i for i, line in enumerate(lines) if line.startswith("alert  ")]
     assert [lines[i] for i in alert] == [f"alert  {history.alerts[0].message}"]

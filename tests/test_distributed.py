@@ -16,12 +16,12 @@ What the figures mean across ranks, as the tests pin it down:
   metric is that of the whole tensor. Replicated tensors (plain tensors, ``Replicate()`` DTensors)
   count once, even when they sit in the same optimizer as sharded ones.
 * ``state_bytes`` is not reduced: it is the memory of this process's optimizer state, a DTensor
-  counting its local shard (DESIGN.md). Rank 0's log therefore holds rank 0's bytes; with torch's
+  counting its local shard. Rank 0's log therefore holds rank 0's bytes; with torch's
   chunked ``Shard(0)`` rank 0 holds the largest shard of every tensor, so that is the per-device
   peak, which is what "does my optimizer state fit" asks.
 * Coordinate samples are drawn per local shard (``sample_size`` coordinates per shard), so a
   sample is exact when ``sample_size`` is at least the largest local shard.
-* The top-k probe's blocks are cut within each rank's shard: ``topk_coverage`` is DESIGN.md's
+* The top-k probe's blocks are cut within each rank's shard: ``topk_coverage`` is the monitor's
   figure of the whole tensor when every shard starts at a multiple of ``topk_block`` (the tests
   choose ``topk_block=2`` so that this holds for their odd shapes).
 * Collectives: on a sampled step of a sharded run, one all-reduce SUM and one all-reduce MAX;
@@ -35,15 +35,15 @@ import math
 import os
 import pickle
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from spawn import spawn_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -160,7 +160,7 @@ class _Recorder:
 
 
 def _topk_mass(g: torch.Tensor, density: float, block: int) -> tuple[float, float]:
-    """(kept, total) squared mass of DESIGN.md's blockwise top-k of the whole tensor ``g``."""
+    """(kept, total) squared mass of the monitor's blockwise top-k of the whole tensor ``g``."""
     flat = g.reshape(-1).square()
     kept = total = 0.0
     for start in range(0, flat.numel(), block):
@@ -176,7 +176,7 @@ def _norm(x: torch.Tensor) -> float:
 
 def _brute_force(rec: _Recorder, sampled: list[int], *, topk: tuple[float, int] | None,
                  grads_only: tuple[int, ...] = ()) -> dict:
-    """Every metric of DESIGN.md's table, per tensor and global, from the whole tensors.
+    """Every metric of `TENSOR_METRICS`, per tensor and global, from the whole tensors.
 
     Returns ``{metric: {scope: {step: value}}}``; steps in ``grads_only`` get the gradient
     metrics only (their update is NaN by construction).
@@ -491,7 +491,7 @@ def _block_coverage(g: torch.Tensor, density: float, block: int) -> list[float]:
 
 def _on_sample(rec: _Recorder, steps: list[int], name: str, shards, *, density: float,
                block: int) -> dict:
-    """The sampled statistics as DESIGN.md defines them on a given sample: every rank's sum over
+    """The sampled statistics as the monitor defines them on a given sample: every rank's sum over
     its coordinates, scaled by its shard's numel / count, added over the ranks."""
     def estimate(x: torch.Tensor) -> float:
         flat, total, offset = x.reshape(-1), 0.0, 0
@@ -530,31 +530,8 @@ SCENARIOS = {"ddp": _scenario_ddp, "sharded": _scenario_sharded}
 def _spawn(scenario: str, root: Path) -> list[dict]:
     """Runs ``scenario`` on WORLD spawned ranks; a worker's exception fails the test with its
     traceback, and a rank that hangs is killed after JOIN_TIMEOUT_S."""
-    root.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(WORLD, str(root), scenario), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    failure = None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=2):
-            if time.monotonic() >= deadline:
-                failure = (f"the workers did not finish within {JOIN_TIMEOUT_S} s (a collective "
-                           "only some ranks entered?)")
-                break
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        failure = f"a worker failed:{exc}"  # the worker's own traceback
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    if failure is not None:
-        pytest.fail(f"{scenario}: {failure}", pytrace=False)
-    results = []
-    for rank in range(WORLD):
-        with open(root / f"result{rank}.pkl", "rb") as f:
-            results.append(pickle.load(f))
-    return results
+    return spawn_ranks(_worker, (WORLD, str(root), scenario), WORLD, root, scenario,
+                       JOIN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

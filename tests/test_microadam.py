@@ -1,4 +1,4 @@
-"""MicroAdam: the torch backend against a slow, literal reference of reference §1.4/§1.5 written
+"""MicroAdam: the torch backend against a slow, literal reference of docs/optimizers.md written
 here, the Triton backend (under the interpreter) against the torch backend, the state's size,
 the quantizer's edge cases, checkpoints, and argument checks."""
 
@@ -28,7 +28,7 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def literal_dequantize(error, mins, maxs, d, qbs) -> torch.Tensor:
-    """§1.5's Q⁻¹, entry by entry: code·u + δ with u = (Δ − δ)/15, in float32."""
+    """The quantizer's Q⁻¹, entry by entry: code·u + δ with u = (Δ − δ)/15, in float32."""
     out = torch.zeros(d, dtype=torch.float32)
     for j in range(d):
         byte = int(error[j // 2])
@@ -40,7 +40,7 @@ def literal_dequantize(error, mins, maxs, d, qbs) -> torch.Tensor:
 
 
 class ReferenceMicroAdam:
-    """MicroAdam as reference §1.4 and §1.5 write it, one tensor, one block, one bucket and one
+    """MicroAdam as docs/optimizers.md writes it, one tensor, one block, one bucket and one
     entry at a time.
 
     The dtype rules are the optimizer's documented ones: the accumulator a and the quantizer's

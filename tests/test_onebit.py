@@ -1,6 +1,6 @@
 """1-bit Adam: the compressed all-reduce and the optimizer against a single-process simulation.
 
-The simulation below is written from the algorithm (reference/optimizers.md §2.4 and the
+The simulation below is written from the algorithm (docs/optimizers.md, 1-bit Adam, and the
 `onebit_allreduce` docstring), with w simulated ranks in one process, ±1 signs as float tensors
 and no bit packing. The same float32 operations in the same order give the same bits, so the
 spawned gloo runs on 2 and 3 processes are compared with it bit for bit.
@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import sys
-import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from optiscope.kernels.stats import Stat
@@ -36,6 +34,7 @@ from optiscope.optimizers.onebit import (chunk_size, compressed_bytes, onebit_al
                                          unpack_signs)
 from conftest import requires_triton
 from helpers import assert_equal
+from spawn import spawn_ranks
 
 JOIN_TIMEOUT_S = 180
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
@@ -350,30 +349,7 @@ def _worker(rank: int, world: int, root: str, names: tuple[str, ...] | None = No
 
 def _spawn(world: int, root: Path, names: tuple[str, ...] | None = None,
            timeout: float = JOIN_TIMEOUT_S) -> list[dict]:
-    root.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(world, str(root), names), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    failure = None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic()), grace_period=2):
-            if time.monotonic() >= deadline:
-                failure = f"the workers did not finish within {timeout} s"
-                break
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        failure = f"a worker failed:{exc}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    if failure is not None:
-        pytest.fail(f"world {world}: {failure}", pytrace=False)
-    results = []
-    for rank in range(world):
-        with open(root / f"result{rank}.pkl", "rb") as f:
-            results.append(pickle.load(f))
-    return results
+    return spawn_ranks(_worker, (world, str(root), names), world, root, f"world {world}", timeout)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from optiscope import OptimizerMonitor, load_run
 from optiscope.dashboards import png
 from optiscope.dashboards.png import write_png
 from optiscope.dashboards.runs import labelled_histories
-from optiscope.dashboards.synthetic import synthetic_run
+from benchmarks.synthetic import synthetic_run
 from optiscope.monitor.history import RunHistory
 from optiscope.optimizers import AdamW
 

@@ -19,11 +19,11 @@ from plotly.offline import get_plotlyjs
 
 from models import TinyTransformer, batches, loss_fn
 from optiscope import OptimizerMonitor, RunHistory
-from optiscope.dashboards.browser import PageStatus, find_chromium, open_in_chromium
+from benchmarks.browser import PageStatus, find_chromium, open_in_chromium
 from optiscope.dashboards.downsample import downsample_2d, minmax_downsample
 from optiscope.dashboards.html import PLOTLYJS_END, PLOTLYJS_START, Page, esc, table
 from optiscope.dashboards.report import FreezeVerdict, freeze_verdict, write_report
-from optiscope.dashboards.synthetic import synthetic_run
+from benchmarks.synthetic import synthetic_run
 from optiscope.monitor.history import Alert
 from optiscope.optimizers import Adafactor, AdamW
 
@@ -180,7 +180,7 @@ def test_minmax_downsample_returns_copies_and_checks_its_arguments():
     out_steps, _ = minmax_downsample(steps, values, 10)
     out_steps[0] = 99
     assert steps[0] == 0
-    with pytest.raises(ValueError, match=r"buckets must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"bins must be an integer >= 1, got 0"):
         minmax_downsample(steps, values, 0)
     with pytest.raises(ValueError, match=r"shapes \(5,\) and \(4,\)"):
         minmax_downsample(steps, values[:4], 2)

@@ -28,7 +28,7 @@ from tensorboard.util import tensor_util
 
 from models import TinyTransformer, batches, loss_fn
 from optiscope import OptimizerMonitor
-from optiscope.dashboards.eventfile import masked_crc32c
+from optiscope.dashboards.eventfile import crc32c, masked_crc32c
 from optiscope.dashboards.tensorboard import TensorBoardSink, export_tensorboard
 from optiscope.monitor.history import Alert
 from optiscope.monitor.runlog import META, RUNLOG
@@ -359,6 +359,18 @@ def test_session_status_is_unknown_when_the_run_did_not_close(tmp_path):
 
 
 # ------------------------------------------------------------------------------- file format
+@pytest.mark.parametrize("data, expected", [
+    (b"", 0x00000000),
+    (b"123456789", 0xE3069283),                 # the CRC-32C check value
+    (bytes(32), 0x8A9136AA),                    # RFC 3720 B.4: 32 bytes of zeros
+    (b"\xff" * 32, 0x62A8AB43),                 # ... of ones
+    (bytes(range(32)), 0x46DD794E),             # ... incrementing
+    (bytes(range(31, -1, -1)), 0x113FDB5C),     # ... decrementing
+])
+def test_crc_matches_known_crc32c_values(data, expected):
+    assert crc32c(data) == expected
+
+
 @pytest.mark.parametrize("size", [0, 1, 7, 63, 64, 1023, 1024, 1025, 4097, 100_003])
 def test_crc_is_tensorboards(size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()

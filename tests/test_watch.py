@@ -316,3 +316,31 @@ def test_watch_in_a_terminal_follows_a_growing_run_until_sigint(tmp_path, run_li
         assert "Traceback" not in child.text() and "KeyboardInterrupt" not in child.text()
     finally:
         child.close()
+
+
+def test_names_with_rich_markup_are_drawn_literally(tmp_path, capsys):
+    """A scalar, tensor or state-key name is the user's text, not rich markup: ``optiscope watch
+    --once`` draws "[/]loss" as it is instead of failing on a closing tag with nothing to close."""
+    import torch
+
+    from optiscope import OptimizerMonitor
+    from optiscope.cli import main
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("[bold]enc[/bold]", torch.nn.Linear(4, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, tensorboard=False,
+                          report=False) as mon:
+        for _ in range(3):
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            mon.log_scalar("[/]loss", 1.5)
+            mon.log_scalar("[red]acc[/red]", 0.25)
+    capsys.readouterr()
+    assert main(["watch", str(tmp_path), "--once"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\[/\]loss +1\.5 ", out), out
+    assert re.search(r"\[red\]acc\[/red\] +0\.25 ", out), out
+    assert "[bold]enc[/bold].bias" in out, out

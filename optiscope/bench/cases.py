@@ -54,7 +54,7 @@ def _microadam_bytes(shape: Shape, itemsize: int) -> int:
 
 
 def _microadam_state(shape: Shape, itemsize: int) -> int:
-    # 4-bit error feedback + min/max per bucket of 4096 + the window (m=10, k=41 per 4096).
+    # 4-bit error feedback + min/max per 4096-entry quantization block + the window (m=10, k=41).
     n = _numel(shape)
     blocks = math.ceil(n / 4096)
     return math.ceil(n / 2) + 4 * blocks + 10 * 41 * 4 * blocks

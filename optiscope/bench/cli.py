@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from optiscope.bench.machine import cpu_llc_bytes, describe_device
 from optiscope.bench.markdown import render_markdown
 from optiscope.bench.results import load_results, readme_text, update_readme, write_results
 from optiscope.bench.runner import run
-from optiscope.cli import OneLineParser
+from optiscope.cmdline import (OneLineParser, nonnegative_int, positive_float, positive_int,
+                               size)
 
 __all__ = ["add_arguments", "configure_parser", "build_parser", "settings_from_args",
            "run_command", "execute", "main"]
@@ -47,54 +47,13 @@ models: {models}
 """
 
 
-def _size(text: str) -> int:
-    try:
-        value = float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be a positive integer like 1000000 or 1e6, "
-                                         f"got {text!r}") from None
-    if value != value or value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"size must be a positive integer, got {text}")
-    return int(value)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None:
     """The options of ``optiscope bench`` / ``python -m benchmarks``."""
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (1000 and 4097 parameters, GPT-2 tiny), 1 warm-up step, "
                              "3 timed steps, 2 overhead rounds, a small cache flush: for tests, "
                              "not for numbers")
-    parser.add_argument("--sizes", nargs="*", type=_size, metavar="N",
+    parser.add_argument("--sizes", nargs="*", type=size, metavar="N",
                         help="single-tensor workloads, in parameters (1e6 is accepted; default "
                              "1e6 1e7 1e8 on CPU, also 1e9 on CUDA; none when given no value)")
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), metavar="MODEL",
@@ -115,11 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: print (or, with --readme, write) the tables of the "
                              "results already in --output")
-    parser.add_argument("--warmup", type=_nonnegative_int, metavar="N",
+    parser.add_argument("--warmup", type=nonnegative_int, metavar="N",
                         help="untimed steps per case (default 3)")
-    parser.add_argument("--repeats", type=_positive_int, metavar="N",
+    parser.add_argument("--repeats", type=positive_int, metavar="N",
                         help="timed steps per case (default: as many as fit --budget, 5 to 100)")
-    parser.add_argument("--budget", type=_positive_float, metavar="SECONDS",
+    parser.add_argument("--budget", type=positive_float, metavar="SECONDS",
                         help="seconds of timed steps per workload when --repeats is not given "
                              "(default 90 on CPU, 30 on CUDA)")
     part = parser.add_mutually_exclusive_group()
@@ -129,10 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser, default_output: Path) -> None
     part.add_argument("--no-overhead", action="store_true",
                       help="do not time the monitor's overhead (the overhead section of the "
                            "device's results file is kept)")
-    parser.add_argument("--overhead-budget", type=_positive_float, metavar="SECONDS",
+    parser.add_argument("--overhead-budget", type=positive_float, metavar="SECONDS",
                         help="seconds of timed overhead rounds per model (default 150 on CPU, 60 "
                              "on CUDA), rounded to whole sampling periods")
-    parser.add_argument("--overhead-rounds", type=_positive_int, metavar="N",
+    parser.add_argument("--overhead-rounds", type=positive_int, metavar="N",
                         help="timed overhead rounds per model instead of a budget (rounded up to "
                              "whole sampling periods; default 2 with --quick)")
 
@@ -299,11 +258,15 @@ def run_command(args: argparse.Namespace, command: str) -> int:
     return 1 if failed else 0
 
 
-def execute(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
-    """Runs parsed bench options, reporting a BenchError as one line (exit status 2)."""
+def execute(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str, *,
+            debug: bool = False) -> int:
+    """Runs parsed bench options, reporting a BenchError (bad options) as one line, exit status
+    2; with ``debug`` it keeps its traceback. Any other exception is a bug and keeps its own."""
     try:
         return run_command(args, command)
     except BenchError as exc:
+        if debug:
+            raise
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 

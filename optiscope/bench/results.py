@@ -10,7 +10,7 @@ from pathlib import Path
 from optiscope.bench.base import BenchError
 
 __all__ = ["SCHEMA", "README_START", "README_END", "write_results", "write_script_results",
-           "load_results", "update_readme", "readme_text"]
+           "load_results", "update_readme", "readme_text", "replace_section"]
 
 SCHEMA = "optiscope-bench/1"
 README_START = "<!-- bench:start -->"
@@ -89,20 +89,30 @@ def load_results(output: Path) -> list[tuple[Path, dict]]:
 
 def update_readme(readme: Path, markdown: str) -> None:
     """Replaces what lies between the bench markers of ``readme`` with ``markdown``."""
-    text = readme_text(readme)
-    start = text.index(README_START) + len(README_START)
-    end = text.index(README_END)
-    readme.write_text(text[:start] + "\n" + markdown + text[end:])
+    replace_section(readme, README_START, README_END, markdown)
 
 
 def readme_text(readme: Path) -> str:
     """The text of ``readme``; raises BenchError when it cannot be read or lacks the markers."""
+    return _marked_text(readme, README_START, README_END)
+
+
+def replace_section(path: Path, start: str, end: str, body: str) -> None:
+    """Replaces what lies between the markers ``start`` and ``end`` of ``path`` (a README) with
+    a newline and ``body``: the generated tables of ``optiscope bench`` and of the benchmark
+    scripts. Raises BenchError when the file cannot be read or lacks the markers."""
+    text = _marked_text(path, start, end)
+    first = text.index(start) + len(start)
+    path.write_text(text[:first] + "\n" + body + text[text.index(end, first):])
+
+
+def _marked_text(path: Path, start: str, end: str) -> str:
     try:
-        text = readme.read_text()
+        text = path.read_text()
     except OSError as exc:
-        raise BenchError(f"--readme {readme}: cannot read it ({exc.strerror})") from None
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < 0 or end < start:
-        raise BenchError(f"--readme {readme}: needs the markers {README_START} and {README_END} "
+        raise BenchError(f"--readme {path}: cannot read it ({exc.strerror})") from None
+    first, last = text.find(start), text.find(end)
+    if first < 0 or last < 0 or last < first:
+        raise BenchError(f"--readme {path}: needs the markers {start} and {end} "
                          "(in that order) around the section to generate")
     return text

@@ -1,17 +1,17 @@
 """Downsampling long series for plotting, without losing their spikes.
 
 A 10,000-step run sampled every step has 10,000 points per series; a browser draws a few thousand
-at most usefully, and the HTML report must stay small. Averaging buckets would hide exactly what a
+at most usefully, and the HTML report must stay small. Averaging bins would hide exactly what a
 person opens the report for (the one step where a layer's gradient blew up), so both functions
 keep extremes instead:
 
-* `minmax_downsample` (lines): per bucket of consecutive samples, the smallest and the largest
-  value, at their own steps and in step order, plus the first non-finite sample of the bucket.
-* `downsample_2d` (heatmaps, layer × step): per bucket, one cell per layer holding the bucket's
+* `minmax_downsample` (lines): per bin of consecutive samples, the smallest and the largest
+  value, at their own steps and in step order, plus the first non-finite sample of the bin.
+* `downsample_2d` (heatmaps, layer × step): per bin, one cell per layer holding the bin's
   maximum (or minimum, for metrics where a dip is the event, such as top-k coverage), and a flag
-  for buckets that held a non-finite value.
+  for bins that held a non-finite value.
 
-Buckets hold equal numbers of consecutive samples (not equal step ranges), so a run whose sampling
+Bins hold equal numbers of consecutive samples (not equal step ranges), so a run whose sampling
 changed (``every`` changed on resume, a freeze-probe step) keeps its resolution everywhere.
 """
 
@@ -24,66 +24,66 @@ import numpy as np
 __all__ = ["minmax_downsample", "downsample_2d", "Downsampled2D"]
 
 
-def _edges(n: int, buckets: int) -> np.ndarray:
-    """Start indices of ``buckets`` runs of consecutive samples covering ``n`` samples."""
-    return np.linspace(0, n, buckets + 1).astype(np.int64)[:-1]
+def _edges(n: int, bins: int) -> np.ndarray:
+    """Start indices of ``bins`` runs of consecutive samples covering ``n`` samples."""
+    return np.linspace(0, n, bins + 1).astype(np.int64)[:-1]
 
 
-def _check_buckets(buckets: int) -> None:
-    if isinstance(buckets, bool) or not isinstance(buckets, (int, np.integer)) or buckets < 1:
-        raise ValueError(f"buckets must be an integer >= 1, got {buckets!r}")
+def _check_bins(bins: int) -> None:
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
 
 
-def minmax_downsample(steps, values, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``2 * buckets`` points (plus non-finite ones) that keep every bucket's extremes.
+def minmax_downsample(steps, values, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``2 * bins`` points (plus non-finite ones) that keep every bin's extremes.
 
-    The samples are cut into ``buckets`` runs of consecutive samples; from each run the smallest
+    The samples are cut into ``bins`` runs of consecutive samples; from each run the smallest
     and the largest finite value are kept at their own steps, so a one-sample spike survives any
     amount of downsampling. A NaN or ±inf is never dropped silently: the first non-finite sample of
-    each bucket is kept as well (a plot shows it as a gap or a marker). The first and last samples
+    each bin is kept as well (a plot shows it as a gap or a marker). The first and last samples
     are always kept, so the plotted range is the run's range. A series of at most
-    ``2 * buckets`` samples is returned unchanged.
+    ``2 * bins`` samples is returned unchanged.
 
     Args:
         steps: the steps, one per value, increasing.
         values: the values (NaN and ±inf allowed).
-        buckets: number of buckets, >= 1.
+        bins: number of bins, >= 1.
 
     Returns:
         ``(steps, values)``: the kept samples, in step order, as new arrays of the input dtypes.
     """
-    _check_buckets(buckets)
+    _check_bins(bins)
     steps, values = np.asarray(steps), np.asarray(values)
     if steps.shape != values.shape or steps.ndim != 1:
         raise ValueError(f"steps and values must be 1-D arrays of one length, got shapes "
                          f"{steps.shape} and {values.shape}")
     n = len(values)
-    if n <= 2 * buckets:
+    if n <= 2 * bins:
         return steps.copy(), values.copy()
-    bucket = np.repeat(np.arange(buckets), np.diff(np.append(_edges(n, buckets), n)))
+    in_bin = np.repeat(np.arange(bins), np.diff(np.append(_edges(n, bins), n)))
     as_float = values.astype(np.float64, copy=False)
     finite = np.isfinite(as_float)
-    # Within each bucket, sort by value (non-finite last); the first entry is the bucket's minimum.
-    lowest = np.lexsort((np.where(finite, as_float, np.inf), ~finite, bucket))
-    highest = np.lexsort((np.where(finite, -as_float, np.inf), ~finite, bucket))
-    first_of_bucket = np.flatnonzero(np.diff(bucket, prepend=-1))
-    keep = [lowest[first_of_bucket], highest[first_of_bucket], [0, n - 1]]
+    # Within each bin, sort by value (non-finite last); the first entry is the bin's minimum.
+    lowest = np.lexsort((np.where(finite, as_float, np.inf), ~finite, in_bin))
+    highest = np.lexsort((np.where(finite, -as_float, np.inf), ~finite, in_bin))
+    first_of_bin = np.flatnonzero(np.diff(in_bin, prepend=-1))
+    keep = [lowest[first_of_bin], highest[first_of_bin], [0, n - 1]]
     bad = np.flatnonzero(~finite)
     if len(bad):
-        keep.append(bad[np.unique(bucket[bad], return_index=True)[1]])
+        keep.append(bad[np.unique(in_bin[bad], return_index=True)[1]])
     kept = np.unique(np.concatenate(keep))
     return steps[kept], values[kept]
 
 
 class Downsampled2D(NamedTuple):
-    """A layer × step matrix reduced to layer × bucket.
+    """A layer × step matrix reduced to layer × bin.
 
     Attributes:
-        start: ``[buckets]`` the first step of each bucket.
-        stop: ``[buckets]`` the last step of each bucket.
-        cells: ``[layers, buckets]`` float64, the maximum (or minimum) of the finite values of
-            each layer in each bucket; NaN where the layer had no finite value there.
-        nonfinite: ``[layers, buckets]`` bool, where the layer recorded a NaN or ±inf in the bucket.
+        start: ``[bins]`` the first step of each bin.
+        stop: ``[bins]`` the last step of each bin.
+        cells: ``[layers, bins]`` float64, the maximum (or minimum) of the finite values of
+            each layer in each bin; NaN where the layer had no finite value there.
+        nonfinite: ``[layers, bins]`` bool, where the layer recorded a NaN or ±inf in the bin.
     """
 
     start: np.ndarray
@@ -92,21 +92,21 @@ class Downsampled2D(NamedTuple):
     nonfinite: np.ndarray
 
 
-def downsample_2d(steps, values, buckets: int, *, reduce: str = "max",
+def downsample_2d(steps, values, bins: int, *, reduce: str = "max",
                   present=None) -> Downsampled2D:
-    """Reduces a layer × step matrix to at most ``buckets`` columns, keeping each bucket's extreme.
+    """Reduces a layer × step matrix to at most ``bins`` columns, keeping each bin's extreme.
 
-    A cell holds the maximum of the layer's finite values in the bucket (``reduce="max"``), the
+    A cell holds the maximum of the layer's finite values in the bin (``reduce="max"``), the
     honest choice for norms and ratios: a spike at one step colours its whole cell. For metrics
     where the event is a dip (top-k coverage falling) pass ``reduce="min"``. Non-finite values do
     not enter the cells; `Downsampled2D.nonfinite` marks where they were, so that a plot can flag
     them instead of leaving them as blank cells indistinguishable from missing data. With at most
-    ``buckets`` steps every step is its own bucket.
+    ``bins`` steps every step is its own bin.
 
     Args:
         steps: ``[n]`` increasing steps.
         values: ``[layers, n]`` values; NaN or ±inf where a value was recorded as such.
-        buckets: the most columns to keep, >= 1.
+        bins: the most columns to keep, >= 1.
         reduce: ``"max"`` (default) or ``"min"``.
         present: optional ``[layers, n]`` bool, False where the layer recorded nothing at that step
             (a tensor without a gradient); those entries are ignored. Default None: every entry
@@ -115,7 +115,7 @@ def downsample_2d(steps, values, buckets: int, *, reduce: str = "max",
     Returns:
         A `Downsampled2D`.
     """
-    _check_buckets(buckets)
+    _check_bins(bins)
     if reduce not in ("max", "min"):
         raise ValueError(f"reduce must be 'max' or 'min', got {reduce!r}")
     steps = np.asarray(steps)
@@ -132,7 +132,7 @@ def downsample_2d(steps, values, buckets: int, *, reduce: str = "max",
     if n == 0:
         empty = np.zeros(0, dtype=steps.dtype)
         return Downsampled2D(empty, empty, values.copy(), np.zeros(values.shape, dtype=bool))
-    starts = _edges(n, min(buckets, n))
+    starts = _edges(n, min(bins, n))
     finite = np.isfinite(values) & present
     fill = -np.inf if reduce == "max" else np.inf
     ufunc = np.maximum if reduce == "max" else np.minimum

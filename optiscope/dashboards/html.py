@@ -16,8 +16,8 @@ data-rendered=M data-errors=K data-resources=R data-first-ms=F data-ms=T data-do
 self-contained page; F and T: ``performance.now()``, milliseconds since the navigation started,
 when the first and the last figure were drawn; D: the Unix time in milliseconds of the last), and
 shows a red banner when a figure is missing or a script failed. The figures are drawn one by one
-after the page has loaded; `optiscope.dashboards.browser` reads the element from headless
-Chromium.
+after the page has loaded; `benchmarks/browser.py` (the tests and the report benchmark) reads the
+element from headless Chromium.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ step when a freeze probe ran), top-k coverage and quantization error, each over 
 log scale with the healthy band of `optiscope.dashboards.bands` shaded; and the optimizer state
 bytes of each run split by state key. NaN and ±inf values are marked with a ✕ at the top of their
 panel, at their step (red; with several runs, a row of marks per run in its colour). Long series
-are downsampled to at most ``max_points`` points per line keeping each bucket's minimum and
+are downsampled to at most ``max_points`` points per line keeping each bin's minimum and
 maximum, so a one-step spike survives.
 
 Drawn with matplotlib's Agg canvas directly (`matplotlib.figure.Figure` and `FigureCanvasAgg`, no
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogFormatter
 
+from optiscope.atomicfile import atomic_file
 from optiscope.dashboards.bands import BANDS
 from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.runs import as_run_list, labelled_histories
+from optiscope.formatting import format_bytes
 from optiscope.monitor.history import RunHistory
 from optiscope.monitor.metrics import TENSOR_METRICS
 
@@ -94,7 +95,7 @@ def write_png(runs, out: str | os.PathLike, *, names: Sequence[str] | None = Non
             class name for a `RunHistory`; repeated names get " (2)", " (3)", ...).
         dpi: resolution (default 110: about 1,400 pixels wide).
         max_points: the most points a line keeps (default 2000); longer series keep each
-            bucket's minimum and maximum.
+            bin's minimum and maximum.
 
     Returns:
         The path written.
@@ -120,7 +121,7 @@ def write_png(runs, out: str | os.PathLike, *, names: Sequence[str] | None = Non
 
 
 # ---------------------------------------------------------------------------------- the figure
-def _figure(histories: list[RunHistory], labels: list[str], dpi: float, buckets: int) -> Figure:
+def _figure(histories: list[RunHistory], labels: list[str], dpi: float, bins: int) -> Figure:
     user = _user_scalars(histories)
     panels = [_Panel(m, m, log=False) for m in user]
     panels += [p for p in _PANELS if any(p.metric in h.metrics() for h in histories)]
@@ -139,7 +140,7 @@ def _figure(histories: list[RunHistory], labels: list[str], dpi: float, buckets:
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(grid[i // _COLUMNS, i % _COLUMNS], sharex=first)
         first = first or ax
-        _draw(ax, panel, histories, legend, buckets)
+        _draw(ax, panel, histories, legend, bins)
         if i + _COLUMNS >= count:
             ax.set_xlabel("step")
     if memory:
@@ -175,7 +176,7 @@ class _Legend:
                                        label="freeze step T"))
 
 
-def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, buckets: int) -> None:
+def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, bins: int) -> None:
     ax.set_title(panel.title)
     if panel.log:
         ax.set_yscale("log", nonpositive="mask")
@@ -189,7 +190,7 @@ def _draw(ax, panel: _Panel, histories: list[RunHistory], legend: _Legend, bucke
         scopes = available if panel.every_scope else [s for s in ("global",) if s in available]
         color = _PALETTE[index % len(_PALETTE)]
         for j, scope in enumerate(scopes):
-            steps, values = minmax_downsample(*history.series(panel.metric, scope), buckets)
+            steps, values = minmax_downsample(*history.series(panel.metric, scope), bins)
             ok = np.isfinite(values)
             ax.plot(steps, np.where(ok, values, np.nan), color=color,
                     linestyle=_GROUP_STYLES[j % len(_GROUP_STYLES)],
@@ -262,7 +263,7 @@ def _draw_state_bytes(ax, memory: list[tuple[str, RunHistory]]) -> None:
             left += nbytes
         n_params = history.meta.get("n_params")
         per = f", {left / n_params:.2f} B/param" if n_params else ""
-        ax.annotate(f" {_bytes(left)}{per}", (left / scale, row), va="center", fontsize=8)
+        ax.annotate(f" {format_bytes(left)}{per}", (left / scale, row), va="center", fontsize=8)
     ax.set_yticks(range(len(memory)), [label for label, _ in memory])
     ax.set_ylim(max(len(memory), 3) - 0.5, -0.5)  # bars keep their thickness for one run
     ax.set_xlim(0, 1.6 * largest / scale if largest > 0 else 1)
@@ -309,24 +310,8 @@ def _title(histories: list[RunHistory], labels: list[str]) -> str:
     return "optiscope trends: " + " · ".join(facts)
 
 
-def _bytes(n: float) -> str:
-    """``123 B``, ``28.8 KiB``, ``1.5 GiB``."""
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    exponent = min(int(math.log(abs(n), 1024)), 4)
-    return f"{n / 1024 ** exponent:.1f} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"
-
-
 def _save(fig: Figure, out: Path, dpi: float) -> Path:
     """Writes the PNG through a temporary file, so no reader sees half an image."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".trends-", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, metadata={"Software": "optiscope"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, metadata={"Software": "optiscope"})
     return out

@@ -1,6 +1,6 @@
 """Triton kernel for Adam and AdamW: one launch for many tensors, statistics in the same pass.
 
-Per element, in float32 whatever the storage dtype (torch.optim's order, reference §5.3):
+Per element, in float32 whatever the storage dtype (the order of torch.optim's single-tensor Adam):
 
     g ← −g if maximize;  θ ← θ(1 − lr·wd) (AdamW)  or  g ← g + wd·θ (Adam)
     m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²;  v̄ ← max(v̄, v) if amsgrad

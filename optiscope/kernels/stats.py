@@ -2,7 +2,7 @@
 
 A step that is asked for statistics writes one row of `NUM_STATS` float32 values per parameter
 tensor into a small device buffer (`StatsRows`): no extra pass over tensors the step already
-reads, and no host synchronisation. The monitor turns the sums into the metrics of DESIGN.md
+reads, and no host synchronisation. The monitor turns the sums into its metrics (monitor/metrics.py)
 (``grad_norm = sqrt(GRAD_SQ)``, ``update_ratio = sqrt(UPDATE_SQ / PARAM_SQ_BEFORE)``, ...).
 
 Columns are shared by every optimizer; each optimizer declares the subset it fills

@@ -52,7 +52,7 @@ class Metric:
     """A per-tensor metric and its global aggregate.
 
     Attributes:
-        name: the contract name (DESIGN.md's table).
+        name: the metric's name in the run log, the dashboards and `RunHistory.series`.
         formula: ``"sqrt"`` √a, ``"max"`` a, ``"sum"`` a, ``"sqrt_ratio"`` √(a/b), ``"ratio"`` a/b,
             over the columns ``cols`` (a, or a and b); ``"mean"``: a per tensor, and the mean
             over the tensors as the global (for per-tensor shares that are not sums).

@@ -59,7 +59,7 @@ class _Pending:
 
 
 class OptimizerMonitor:
-    """Watches an optimizer and records DESIGN.md's metrics on sampled steps.
+    """Watches an optimizer and records the metrics of `TENSOR_METRICS` on sampled steps.
 
     Args:
         optimizer: any `torch.optim.Optimizer`, bundled or not.

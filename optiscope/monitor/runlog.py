@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optiscope.atomicfile import atomic_file
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.records import RecordDecoder
 
@@ -195,10 +196,9 @@ class RunLogWriter:
 
     def _write_meta_json(self) -> None:
         path = self.dir / META
-        tmp = path.with_name(META + ".tmp")
         try:  # replaced, not rewritten in place: a crash never leaves half a meta.json
-            tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n")
-            os.replace(tmp, path)
+            with atomic_file(path) as f:
+                f.write(json.dumps(self._meta, indent=1, default=str) + "\n")
         except OSError as exc:
             try:  # a full disk left an empty or partial file behind
                 tmp.unlink(missing_ok=True)
