@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -175,8 +176,19 @@ def wandb_records(path: Path):
 
 
 def wandb_run_file(root: Path, run_id: str) -> Path:
+    """The run's ``.wandb`` file, once W&B's service has written its last (``exit``) record:
+    ``run.finish()`` can return before the service has flushed the file."""
     files = list((root / "wandb_dir").glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 1, f"expected one .wandb file for run {run_id}, found {files}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            records = wandb_records(files[0])
+        except AssertionError:  # a chunk being written: its CRC does not match yet
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        time.sleep(0.2)
     return files[0]
 
 
@@ -255,8 +267,13 @@ def test_mlflow_logs_into_the_active_run_and_leaves_it_open(offline):
         assert sink.run_id == active.info.run_id and not sink.owns_run
         assert MlflowClient().get_run(sink.run_id).info.status == "RUNNING"
         mlflow.log_metric("after", 1.0)  # the user's run goes on
+        # A second monitor in the same run: its parameters differ (start time), MLflow's
+        # cannot change, so they become tags and the sink goes on.
+        again = MLflowSink()
+        train(offline / "active-mlflow-2", [again], steps=2, nan_at=None)
+        assert again.failed is None and not again.owns_run
     history = MlflowClient().get_metric_history(active.info.run_id, "grad_norm/global")
-    assert [m.step for m in history] == [1, 2]
+    assert sorted(m.step for m in history) == [1, 1, 2, 2]
 
 
 # ------------------------------------------------------------------------------------ W&B

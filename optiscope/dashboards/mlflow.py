@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable
 
 from optiscope.dashboards.trackers import (DEFAULT_METRICS, DEFAULT_TOP, TrackerSink,
-                                           alert_line, flat_meta, run_name)
+                                           alert_line, flat_meta, log, run_name)
 from optiscope.monitor.history import Alert
 
 __all__ = ["MLflowSink", "mlflow_key"]
@@ -116,12 +116,23 @@ class MLflowSink(TrackerSink):
             active = run.info.run_id
             self.owns_run = True
         self.run_id = active
-        params = {self._key(f"optiscope.{self.prefix}{k}"): str(v)[:_MAX_VALUE]
-                  for k, v in flat_meta(meta).items()}
         from mlflow.entities import Param
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+        from mlflow.exceptions import MlflowException
+
+        items = [Param(self._key(f"optiscope.{self.prefix}{k}"), str(v)[:_MAX_VALUE])
+                 for k, v in flat_meta(meta).items()]
+        try:
+            for i in range(0, len(items), _PARAMS_PER_BATCH):
+                self._client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
+        except MlflowException as exc:
+            if self.owns_run:
+                raise
+            # The run already has other optiscope.* parameters (a second monitor in the same
+            # run): parameters cannot change, tags can.
+            log.warning("optiscope: MLflowSink: the active run already holds different "
+                        "optiscope.* parameters (%s); this monitor's metadata goes into tags "
+                        "instead (pass prefix= to tell two monitors apart)", exc.message)
+            self._log_meta(meta)
 
     def _log_samples(self, samples) -> None:
         from mlflow.entities import Metric
