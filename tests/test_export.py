@@ -54,11 +54,13 @@ def assert_table_is_the_log(df: pd.DataFrame, want: dict, what: str) -> None:
         key = (int(step), metric, scope)
         assert key not in got, f"{what}: two rows for {key}"
         got[key] = float(value)
-    assert got.keys() == want.keys(), (f"{what}: rows not in the log: {sorted(got.keys() - want.keys())[:3]}; "
-                                       f"values without a row: {sorted(want.keys() - got.keys())[:3]}")
+    extra, missing = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+    assert not extra and not missing, (f"{what}: rows not in the log: {extra[:3]}; values "
+                                       f"without a row: {missing[:3]}")
     bad = [k for k, v in want.items()
            if not (got[k] == v or (math.isnan(got[k]) and math.isnan(v)))]
-    assert not bad, f"{what}: {len(bad)} values differ, first {bad[0]}: {got[bad[0]]!r} vs {want[bad[0]]!r}"
+    assert not bad, (f"{what}: {len(bad)} values differ, first {bad[0]}: {got[bad[0]]!r} vs "
+                     f"{want[bad[0]]!r}")
 
 
 def test_the_log_has_nan_and_inf_to_carry(run_dir):

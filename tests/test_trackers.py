@@ -297,7 +297,8 @@ def test_wandb_file_holds_every_chosen_value_at_its_step(tracked, offline):
         assert set(got[step]) == keys, (step, sorted(set(got[step]) ^ keys)[:5])
         for key in keys:
             g = float(got[step][key])
-            assert same(g, values[(step, key)]), f"{key} at {step}: W&B {g!r}, run log {values[(step, key)]!r}"
+            w = values[(step, key)]
+            assert same(g, w), f"{key} at {step}: W&B {g!r}, run log {w!r}"
             n += 1
     assert n > 3 * STEPS  # the budget sends the globals plus some tensors each step
     assert any("ln1.weight" in k for k in want_keys[1])  # scopes= pattern

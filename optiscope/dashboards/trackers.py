@@ -56,6 +56,12 @@ def _patterns(name: str, value) -> tuple[str, ...]:
     return patterns
 
 
+def _largest_first(scope_value: tuple[str, float]) -> tuple[bool, float]:
+    """Sort key: non-finite values first (a NaN gradient is what to look at), then largest."""
+    x = scope_value[1]
+    return (True, -x) if math.isfinite(x) else (False, 0.0)
+
+
 def is_tensor_scope(metric: str, scope: str) -> bool:
     """Whether ``scope`` of ``metric`` is a tensor (not ``global``, ``group<i>`` or ``key/...``)."""
     return not (scope == "global" or metric == "lr" or scope.startswith("key/"))
@@ -103,7 +109,7 @@ class KeyBudget:
         ranked = [(s, float(x)) for s, x in zip(scopes, numbers)
                   if is_tensor_scope("grad_norm", s)]
         if len(ranked) > self.top:
-            ranked.sort(key=lambda sx: (math.isfinite(sx[1]), -sx[1] if math.isfinite(sx[1]) else 0))
+            ranked.sort(key=_largest_first)
             ranked = ranked[: self.top]
         return {s for s, _ in ranked}
 
