@@ -31,6 +31,8 @@ import time as _time
 from collections import deque
 from collections.abc import Iterable
 
+import numpy as np
+
 from optiscope.dashboards.sink import Sink, Values
 from optiscope.monitor.history import Alert
 
@@ -54,12 +56,6 @@ def _patterns(name: str, value) -> tuple[str, ...]:
         raise TypeError(f"{name} must be a glob pattern or a list of them (e.g. ['grad_norm', "
                         f"'update_*']), got {value!r}")
     return patterns
-
-
-def _largest_first(scope_value: tuple[str, float]) -> tuple[bool, float]:
-    """Sort key: non-finite values first (a NaN gradient is what to look at), then largest."""
-    x = scope_value[1]
-    return (True, -x) if math.isfinite(x) else (False, 0.0)
 
 
 def is_tensor_scope(metric: str, scope: str) -> bool:
@@ -86,6 +82,7 @@ class KeyBudget:
         self.top = top
         self._metric_match: dict[str, bool] = {}
         self._scope_match: dict[str, bool] = {}
+        self._layouts: dict[tuple, tuple[list[int], list[int], list[int]]] = {}
 
     def per_tensor(self, metric: str) -> bool:
         hit = self._metric_match.get(metric)
@@ -102,28 +99,47 @@ class KeyBudget:
         return hit
 
     def top_tensors(self, values: Values) -> set[str]:
-        """The ``top`` tensors of this sample by grad norm, non-finite ones first."""
+        """The ``top`` tensors of this sample by grad norm, non-finite ones first (ties keep the
+        monitor's order)."""
         if not self.top or "grad_norm" not in values:
             return set()
         scopes, numbers = values["grad_norm"]
-        ranked = [(s, float(x)) for s, x in zip(scopes, numbers)
-                  if is_tensor_scope("grad_norm", s)]
-        if len(ranked) > self.top:
-            ranked.sort(key=_largest_first)
-            ranked = ranked[: self.top]
-        return {s for s, _ in ranked}
+        tensors = self._layout("grad_norm", scopes)[1]
+        if len(tensors) > self.top:
+            x = np.asarray(numbers, dtype=np.float64)[tensors]
+            finite = np.isfinite(x)
+            order = np.lexsort((-np.where(finite, x, 0.0), finite))  # stable
+            tensors = [tensors[i] for i in order[: self.top]]
+        return {scopes[i] for i in tensors}
 
     def select(self, values: Values) -> dict[str, float]:
         """``{"<metric>/<scope>": value}`` for the values of one sample that go to the tracker."""
         top = self.top_tensors(values)
         out: dict[str, float] = {}
         for metric, (scopes, numbers) in values.items():
-            per_tensor = self.per_tensor(metric)
-            for scope, x in zip(scopes, numbers):
-                if not is_tensor_scope(metric, scope) or \
-                        (per_tensor and (scope in top or self.named(scope))):
-                    out[f"{metric}/{scope}"] = float(x)
+            run_wide, tensors, named = self._layout(metric, scopes)
+            chosen = list(run_wide)
+            if tensors and self.per_tensor(metric):
+                chosen += sorted(set(named).union(i for i in tensors if scopes[i] in top))
+            for i in chosen:
+                out[f"{metric}/{scopes[i]}"] = float(numbers[i])
         return out
+
+    def _layout(self, metric: str, scopes) -> tuple[list[int], list[int], list[int]]:
+        """Indices into ``scopes``: the run-wide ones, the tensors, the tensors named by
+        ``scopes=``. Cached per scope list: the monitor sends the same lists sample after
+        sample, and a 1,000-tensor sample is 11,000 values to sort through otherwise."""
+        key = (metric, tuple(scopes))
+        layout = self._layouts.get(key)
+        if layout is None:
+            run_wide, tensors = [], []
+            for i, scope in enumerate(scopes):
+                (tensors if is_tensor_scope(metric, scope) else run_wide).append(i)
+            named = [i for i in tensors if self.named(scopes[i])] if self.scopes else []
+            if len(self._layouts) >= 1024:  # scope lists that keep changing: start over
+                self._layouts.clear()
+            layout = self._layouts[key] = (run_wide, tensors, named)
+        return layout
 
 
 def flat_meta(meta: dict) -> dict[str, bool | int | float | str]:
