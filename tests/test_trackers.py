@@ -223,15 +223,41 @@ def test_mlflow_holds_every_chosen_value_at_its_step(tracked):
     # ... where every value is 17 + 11 per tensor (the README's "11 values per tensor").
     n_tensors = len(history.meta["params"])
     assert sum(len(history.scopes(m)) for m in history.metrics()) == 17 + 11 * n_tensors
+    assert_mlflow_run_holds(sink.run_id, want_keys, values)
+
+
+def assert_mlflow_run_holds(run_id: str, want_keys: dict, values: dict) -> None:
+    """The run's metrics are exactly ``want_keys`` per step, each equal to the run log's."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    all_keys = set().union(*want_keys.values())
+    assert set(client.get_run(run_id).data.metrics) == all_keys
     n = 0
     for key in sorted(all_keys):
-        got = [(m.step, m.value) for m in client.get_metric_history(sink.run_id, key)]
+        got = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         want = sorted((t, values[(t, key)]) for t, keys in want_keys.items() if key in keys)
         assert [t for t, _ in sorted(got)] == [t for t, _ in want], key
         for (t, g), (_, w) in zip(sorted(got), want):
             assert same(g, w, inf_as=INF_SQL), f"{key} at step {t}: MLflow {g!r}, run log {w!r}"
             n += 1
     assert n == sum(len(k) for k in want_keys.values())
+
+
+@pytest.mark.slow
+def test_mlflow_replay_of_the_run_log_holds_the_same(tracked):
+    from mlflow import MlflowClient
+
+    from optiscope.dashboards import MLflowSink, RecordDecoder
+    from optiscope.monitor.runlog import read_records
+
+    log_dir, history, _, _ = tracked
+    sink = MLflowSink(block=True, max_queue=1, run_name="replayed")
+    RecordDecoder(sink).feed(read_records(log_dir / "runlog.jsonl"))
+    sink.close()
+    assert sink.failed is None and sink.dropped == 0
+    assert MlflowClient().get_run(sink.run_id).info.run_name == "replayed"
+    assert_mlflow_run_holds(sink.run_id, expected_keys(load_run(log_dir)), logged(log_dir))
 
 
 @pytest.mark.slow
@@ -412,6 +438,25 @@ def test_a_slow_tracker_drops_the_oldest_samples(caplog):
     assert sink.dropped == 7 - len(steps) >= 4
     drops = [r for r in caplog.records if "dropping the oldest" in r.getMessage()]
     assert len(drops) == 1
+
+
+def test_a_replay_with_block_waits_instead_of_dropping():
+    from optiscope.dashboards import RecordDecoder
+
+    class Slow(Recording):
+        def _log_samples(self, samples):
+            time.sleep(0.01)
+            super()._log_samples(samples)
+
+    sink = Slow(max_queue=1, block=True)
+    records = [{"type": "meta", "optimizer_name": "X"},
+               {"type": "scopes", "id": 0, "names": ["global"]}]
+    records += [{"type": "sample", "step": t, "time": 0.0, "values": {"grad_norm": [0, [t]]}}
+                for t in range(1, 41)]
+    RecordDecoder(sink).feed(records)
+    sink.close()
+    assert [s for s, _ in sink.samples] == list(range(1, 41)) and sink.dropped == 0
+    assert [v["grad_norm/global"] for _, v in sink.samples] == list(range(1, 41))
 
 
 def test_the_key_budget():

@@ -64,6 +64,8 @@ class MLflowSink(TrackerSink):
         max_queue: samples waiting for the background thread at most; the oldest is dropped
             beyond it (default 256).
         close_timeout: seconds `close` waits for the queue to drain (default 120).
+        block: wait for room in the queue instead of dropping (default False; True to replay a
+            run log, where nothing is training).
 
     Raises:
         ImportError: MLflow is not installed (``pip install 'optiscope[mlflow]'``).
@@ -76,14 +78,14 @@ class MLflowSink(TrackerSink):
                  run_name: str | None = None, tracking_uri: str | None = None,
                  metrics: str | Iterable[str] = DEFAULT_METRICS, scopes: str | Iterable[str] = (),
                  top: int = DEFAULT_TOP, prefix: str = "", max_queue: int = 256,
-                 close_timeout: float = 120.0):
+                 close_timeout: float = 120.0, block: bool = False):
         try:
             import mlflow  # noqa: F401
         except ImportError as exc:
             raise ImportError("optiscope: MLflowSink needs MLflow, which is not installed: "
                               "pip install 'optiscope[mlflow]'") from exc
         super().__init__(metrics=metrics, scopes=scopes, top=top, prefix=prefix,
-                         max_queue=max_queue, close_timeout=close_timeout)
+                         max_queue=max_queue, close_timeout=close_timeout, block=block)
         for name, value in (("run_id", run_id), ("experiment", experiment),
                             ("run_name", run_name), ("tracking_uri", tracking_uri)):
             if value is not None and not isinstance(value, str):

@@ -12,7 +12,9 @@
   selects the keys and talks to the tracker, batching what has queued up. The queue holds at
   most ``max_queue`` samples: when the tracker falls that far behind, the oldest queued sample
   is dropped (training never waits for a tracker; the run log has every value) and the drops are
-  reported. `close` waits for the queue to drain (at most ``close_timeout`` seconds).
+  reported; with ``block=True`` the caller waits instead, for replaying a run log:
+  ``RecordDecoder(MLflowSink(block=True)).feed(read_records(path))``, then ``close()``. `close`
+  waits for the queue to drain (at most ``close_timeout`` seconds).
 * **Failure.** The first error from the tracker is logged once (``logging.error``, with the
   reason) and the sink switches itself off; training, the run log and the other dashboards go on.
 * **The run.** The tracker's active run is looked up on the training thread at the first sample
@@ -206,7 +208,9 @@ class TrackerSink(Sink):
         metrics, scopes, top: the key budget (`KeyBudget`).
         prefix: put before every key (e.g. ``"gen/"`` for a second optimizer in the same run).
         max_queue: samples queued for the background thread at most; beyond it the oldest is
-            dropped.
+            dropped, or with ``block`` the caller waits.
+        block: wait for room in the queue instead of dropping (for replaying a run log, where
+            nothing is training; default False).
         close_timeout: seconds `close` waits for the queue to drain.
     """
 
@@ -215,7 +219,7 @@ class TrackerSink(Sink):
 
     def __init__(self, *, metrics: str | Iterable[str] = DEFAULT_METRICS,
                  scopes: str | Iterable[str] = (), top: int = DEFAULT_TOP, prefix: str = "",
-                 max_queue: int = 256, close_timeout: float = 120.0):
+                 max_queue: int = 256, close_timeout: float = 120.0, block: bool = False):
         cls = type(self).__name__
         try:
             self.budget = KeyBudget(metrics, scopes, top)
@@ -229,7 +233,10 @@ class TrackerSink(Sink):
                 or not close_timeout >= 0:
             raise ValueError(f"{cls}: close_timeout must be a number of seconds >= 0, got "
                              f"{close_timeout!r}")
+        if not isinstance(block, bool):
+            raise TypeError(f"{cls}: block must be True or False, got {block!r}")
         self.prefix = prefix
+        self.block = block
         self.max_queue = max_queue
         self.close_timeout = float(close_timeout)
         self.owns_run = False  # set once the background thread has started a run
@@ -347,6 +354,9 @@ class TrackerSink(Sink):
             return
         with self._cond:
             if kind == "sample":
+                while self.block and self._samples >= self.max_queue and not self.failed \
+                        and self._thread is not None and self._thread.is_alive():
+                    self._cond.wait(1.0)
                 if self._samples >= self.max_queue:
                     for i, (k, _) in enumerate(self._items):
                         if k == "sample":
@@ -375,6 +385,7 @@ class TrackerSink(Sink):
                 self._items.clear()
                 self._samples = 0
                 self._busy = True
+                self._cond.notify_all()  # room in the queue for a producer that waits
             try:
                 done = self._process(items)
             finally:

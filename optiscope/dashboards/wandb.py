@@ -55,6 +55,8 @@ class WandbSink(TrackerSink):
         max_queue: samples waiting for the background thread at most; the oldest is dropped
             beyond it (default 256).
         close_timeout: seconds `close` waits for the queue to drain (default 120).
+        block: wait for room in the queue instead of dropping (default False; True to replay a
+            run log, where nothing is training).
 
     Raises:
         ImportError: wandb is not installed (``pip install 'optiscope[wandb]'``).
@@ -67,14 +69,14 @@ class WandbSink(TrackerSink):
                  init_kwargs: dict | None = None, alert: bool = False,
                  metrics: str | Iterable[str] = DEFAULT_METRICS, scopes: str | Iterable[str] = (),
                  top: int = DEFAULT_TOP, prefix: str = "", max_queue: int = 256,
-                 close_timeout: float = 120.0):
+                 close_timeout: float = 120.0, block: bool = False):
         try:
             import wandb  # noqa: F401
         except ImportError as exc:
             raise ImportError("optiscope: WandbSink needs wandb, which is not installed: "
                               "pip install 'optiscope[wandb]'") from exc
         super().__init__(metrics=metrics, scopes=scopes, top=top, prefix=prefix,
-                         max_queue=max_queue, close_timeout=close_timeout)
+                         max_queue=max_queue, close_timeout=close_timeout, block=block)
         for what, value in (("project", project), ("name", name)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"WandbSink: {what} must be a string, got {value!r}")
