@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def offline(tmp_path_factory):
     """Trackers confined to a temporary directory, offline."""
     root = tmp_path_factory.mktemp("trackers")
     mp = pytest.MonkeyPatch()
+    # optiscope's compiled CPU kernel stays where it is cached, not rebuilt under the new HOME
+    mp.setenv("OPTISCOPE_CACHE_DIR", os.environ.get("OPTISCOPE_CACHE_DIR")
+              or str(Path.home() / ".cache" / "optiscope"))
     dirs = {k: root / k.lower() for k in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
                                           "WANDB_DATA_DIR", "HOME")}
     for key, path in dirs.items():
