@@ -72,7 +72,6 @@ class MLflowSink(TrackerSink):
     """
 
     tracker = "MLflowSink"
-    extra = "mlflow"
 
     def __init__(self, *, run_id: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, tracking_uri: str | None = None,

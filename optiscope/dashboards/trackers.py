@@ -4,10 +4,11 @@
   (``global``, ``lr``'s ``group<i>``, ``state_bytes``' ``key/<state key>``) is always sent; a
   tensor's scope is sent for the per-tensor ``metrics`` (glob patterns, default ``grad_norm`` and
   ``update_ratio``) when the tensor matches one of ``scopes`` (glob patterns, default none) or is
-  among the ``top`` tensors by that sample's ``grad_norm`` (default 20; non-finite first). A
-  1,000-tensor model with every metric would send about 15,000 values per sample; the default
-  sends about 60: the run-wide series, and the two per-tensor series people read first for the
-  tensors that dominate the gradient (all of them for a model of 20 tensors or fewer).
+  among the ``top`` tensors by that sample's ``grad_norm`` (default 20; non-finite first). Every
+  metric of AdamW is 11 values per tensor per sample, 11,000 for a 1,000-tensor model; the
+  default sends 57 (17 run-wide, 2 × 20 per tensor): the run-wide series, and the two
+  per-tensor series people read first for the tensors that dominate the gradient (all of them
+  for a model of 20 tensors or fewer).
 * **Off the training thread.** The monitor's calls only queue records; one daemon thread
   selects the keys and talks to the tracker, batching what has queued up. The queue holds at
   most ``max_queue`` samples: when the tracker falls that far behind, the oldest queued sample
@@ -215,7 +216,6 @@ class TrackerSink(Sink):
     """
 
     tracker = "tracker"  # the name in messages
-    extra = ""  # the optiscope extra that installs the library
 
     def __init__(self, *, metrics: str | Iterable[str] = DEFAULT_METRICS,
                  scopes: str | Iterable[str] = (), top: int = DEFAULT_TOP, prefix: str = "",

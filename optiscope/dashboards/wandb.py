@@ -63,7 +63,6 @@ class WandbSink(TrackerSink):
     """
 
     tracker = "WandbSink"
-    extra = "wandb"
 
     def __init__(self, *, run=None, project: str | None = None, name: str | None = None,
                  init_kwargs: dict | None = None, alert: bool = False,
