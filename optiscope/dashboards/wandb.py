@@ -120,7 +120,8 @@ class WandbSink(TrackerSink):
             for key in row:
                 if key not in self._defined:  # each key, not a glob: it meets the user's keys
                     self._defined.add(key)
-                    run.define_metric(key, step_metric=STEP_KEY)
+                    if "*" not in key:  # W&B reads "*" as a glob (and refuses it mid-name)
+                        run.define_metric(key, step_metric=STEP_KEY)
             row[STEP_KEY] = step
             run.log(row)
 
