@@ -306,6 +306,19 @@ def test_mlflow_logs_into_the_active_run_and_leaves_it_open(offline):
     assert sorted(m.step for m in history) == [1, 1, 2, 2]
 
 
+@pytest.mark.slow
+def test_mlflow_failing_is_reported_once_and_training_goes_on(offline, caplog):
+    from optiscope.dashboards import MLflowSink
+
+    sink = MLflowSink(run_id="0" * 32)  # no such run
+    with caplog.at_level(logging.ERROR, logger="optiscope"):
+        train(offline / "bad-mlflow", [sink], steps=3, nan_at=None)
+    errors = [r.getMessage() for r in caplog.records if "MLflowSink failed" in r.getMessage()]
+    assert len(errors) == 1 and "0" * 32 in errors[0], errors
+    assert sink.failed and not sink.owns_run
+    assert load_run(offline / "bad-mlflow").series("grad_norm")[0].tolist() == [1, 2, 3]
+
+
 # ------------------------------------------------------------------------------------ W&B
 @pytest.mark.slow
 def test_wandb_file_holds_every_chosen_value_at_its_step(tracked, offline):
