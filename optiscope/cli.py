@@ -1,5 +1,5 @@
-"""The ``optiscope`` command: ``demo``, ``compare``, ``watch``, ``report``, ``tensorboard`` and
-``bench``.
+"""The ``optiscope`` command: ``demo``, ``compare``, ``watch``, ``report``, ``tensorboard``,
+``export`` and ``bench``.
 
 Every subcommand has ``--help`` with examples, and bad input (a missing run directory, an unknown
 optimizer, an empty run log) ends it with exit status 1 (2 for a malformed command line) and one
@@ -47,6 +47,7 @@ examples:
   optiscope report runs/exp1 runs/exp2 -o both.html
                                            one HTML report, the runs overlaid
   optiscope tensorboard runs/exp1          TensorBoard events from a run log
+  optiscope export runs/exp1 -o exp1.csv   every value as a row: step, metric, scope, value
   optiscope bench --quick                  time our optimizers against torch.optim
   optiscope COMMAND --help                 every option of a command
   optiscope --debug COMMAND ...            a traceback for every error, not only for bugs
@@ -91,6 +92,13 @@ examples:
   optiscope tensorboard runs/exp1          events into runs/exp1 (for a run recorded with
                                            tensorboard=False); then: tensorboard --logdir runs
   optiscope tensorboard runs/exp1 --out tb/exp1
+"""
+
+_EXPORT_EPILOG = """\
+examples:
+  optiscope export runs/exp1 -o exp1.csv   one row per value: step,metric,scope,value
+  optiscope export runs/exp1 -o exp1.parquet
+                                           Parquet (needs pyarrow: pip install 'optiscope[parquet]')
 """
 
 _BENCH_EPILOG = """\
@@ -210,6 +218,16 @@ def _parser() -> OneLineParser:
     tensorboard.add_argument("--out", type=Path, metavar="DIR",
                              help="where the events go (default RUN_DIR)")
     tensorboard.set_defaults(run=_tensorboard)
+
+    export = sub.add_parser(
+        "export", help="a run's values as a long table (CSV or Parquet)",
+        description="Write every value of RUN_DIR's run log as one row: step, metric, scope, "
+                    "value.", epilog=_EXPORT_EPILOG, formatter_class=raw)
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--format", choices=("csv", "parquet"),
+                        help="default: from FILE's suffix (.parquet), else csv")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    export.set_defaults(run=_export)
 
     sub.add_parser("bench", help="time optimizer steps and the monitor's overhead side by side; "
                                  "write results and the README tables", add_help=False)
@@ -416,6 +434,18 @@ def _tensorboard(args) -> int:
     with _user_errors(OSError):  # an unwritable --out
         events = export_tensorboard(args.run_dir, args.out)
     print(f"events in {events}; view with: tensorboard --logdir {events.parent}")
+    return 0
+
+
+def _export(args) -> int:
+    from optiscope.dashboards.export import export_run
+
+    _load(args.run_dir)
+    try:
+        n = export_run(args.run_dir, args.output, args.format)
+    except ImportError as exc:
+        raise _Failure(str(exc)) from exc
+    print(f"{n} rows in {args.output}")
     return 0
 
 

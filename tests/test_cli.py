@@ -18,7 +18,7 @@ import pytest
 from optiscope import load_run
 from optiscope.cli import main
 
-COMMANDS = ["demo", "compare", "watch", "report", "tensorboard", "bench"]
+COMMANDS = ["demo", "compare", "watch", "report", "tensorboard", "export", "bench"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLED = sorted({*range(1, 25, 3), 6, 24})  # the demo below: every=3, freeze_probe=6, 24 steps

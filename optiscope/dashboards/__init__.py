@@ -5,15 +5,18 @@
   (`export_tensorboard` writes them from a run log);
 * `write_report`: the self-contained HTML report (plotly) of one run or several overlaid;
 * `write_png`: the trends as a PNG (matplotlib, Agg);
-* `watch`: the terminal dashboard following a run log that another process writes.
+* `watch`: the terminal dashboard following a run log that another process writes;
+* `MLflowSink`, `WandbSink`: the run in MLflow or Weights & Biases (optional extras);
+* `export_run`: a run log as a long table (CSV, Parquet).
 
-The heavy libraries (TensorBoard, plotly, matplotlib) are imported when first used.
+The heavy libraries (TensorBoard, plotly, matplotlib, MLflow, wandb, pyarrow) are imported when
+first used.
 """
 
 from optiscope.dashboards.sink import RecordDecoder, Sink
 
-__all__ = ["ConsoleDashboard", "RecordDecoder", "Sink", "TensorBoardSink", "export_tensorboard",
-           "watch", "write_png", "write_report"]
+__all__ = ["ConsoleDashboard", "MLflowSink", "RecordDecoder", "Sink", "TensorBoardSink",
+           "WandbSink", "export_run", "export_tensorboard", "watch", "write_png", "write_report"]
 
 _LAZY = {
     "ConsoleDashboard": "optiscope.dashboards.console",
@@ -22,6 +25,9 @@ _LAZY = {
     "write_report": "optiscope.dashboards.report",
     "write_png": "optiscope.dashboards.png",
     "watch": "optiscope.dashboards.follow",
+    "MLflowSink": "optiscope.dashboards.mlflow",
+    "WandbSink": "optiscope.dashboards.wandb",
+    "export_run": "optiscope.dashboards.export",
 }
 
 

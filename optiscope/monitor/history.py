@@ -138,3 +138,38 @@ class RunHistory:
         if metric not in self._series:
             raise KeyError(f"no metric {metric!r} in this run; recorded: {', '.join(self._series)}")
         return self._series[metric]
+
+    def to_pandas(self):
+        """Every recorded value as a long `pandas.DataFrame`: columns ``step`` (int64),
+        ``metric``, ``scope`` (categoricals) and ``value`` (float64), one row per value; rows
+        metric by metric, scope by scope, then by step (as ``optiscope export`` writes them).
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'optiscope[pandas]'``).
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("optiscope: RunHistory.to_pandas needs pandas, which is not "
+                              "installed: pip install 'optiscope[pandas]'") from exc
+        steps, values, metric_codes, scope_codes = [], [], [], []
+        metrics = list(self._series)
+        scopes: dict[str, int] = {}
+        for m, name in enumerate(metrics):
+            for scope in self._series[name].scopes:
+                st, va = self.series(name, scope)
+                s = scopes.setdefault(scope, len(scopes))
+                steps.append(st)
+                values.append(va)
+                metric_codes.append(np.full(len(st), m, dtype=np.int32))
+                scope_codes.append(np.full(len(st), s, dtype=np.int32))
+
+        def cat(parts, dtype):
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        return pd.DataFrame({
+            "step": cat(steps, np.int64),
+            "metric": pd.Categorical.from_codes(cat(metric_codes, np.int32), categories=metrics),
+            "scope": pd.Categorical.from_codes(cat(scope_codes, np.int32), categories=list(scopes)),
+            "value": cat(values, np.float64),
+        })
