@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["kernel", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
+from optiscope.kernels.launch import is_dense
+
+__all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
            "sq_sums_small_f32", "grad_sums_f32", "take_f32", "microadam_f32",
            "microadam_v_at", "MICROADAM_STATS"]
 
@@ -199,6 +201,41 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+# The exact types whose ``data_ptr`` is the address of their own elements. A tensor subclass
+# (torchao's OptimState8bit, a DTensor, a FakeTensor) reports another pointer, or 0, for storage
+# it does not own: the C code would read invalid memory and take the training process down.
+# ``isinstance`` admits every subclass, hence the exact type.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def is_plain(t, dtype: torch.dtype = torch.float32, *, contiguous: bool = True) -> bool:
+    """True when ``t`` is a tensor the C kernels may read through its raw pointer: exactly a
+    `torch.Tensor` (or `torch.nn.Parameter`), strided, on the CPU, of ``dtype``, and contiguous
+    (with ``contiguous=False``: dense, ``numel`` consecutive elements in some order)."""
+    return (type(t) in _PLAIN_TYPES and t.dtype == dtype and t.is_cpu and t.layout == torch.strided
+            and (t.is_contiguous() or (not contiguous and is_dense(t))))
+
+
+def _require_plain(function: str, name: str, t, dtype: torch.dtype = torch.float32, *,
+                   contiguous: bool = True) -> None:
+    """Raises TypeError unless `is_plain(t, dtype, contiguous=contiguous)`: a caller that passes
+    anything else to a raw-pointer kernel is a bug, caught here rather than as a segmentation
+    fault."""
+    if t is None or is_plain(t, dtype, contiguous=contiguous):
+        return
+    what = f"a {type(t).__module__}.{type(t).__qualname__}"
+    if isinstance(t, Tensor):
+        try:  # a subclass may not answer
+            what += (f" ({t.dtype}, {t.layout}, device {t.device}, "
+                     f"{'contiguous' if t.is_contiguous() else 'non-contiguous'})")
+        except Exception:
+            pass
+    raise TypeError(f"optiscope.kernels.cpu.{function}: {name} must be a plain "
+                    f"{'contiguous' if contiguous else 'dense'} {dtype} "
+                    f"CPU torch.Tensor (its raw pointer is read), got {what}; route other "
+                    "tensors (subclasses, DTensors, other dtypes or devices) through torch ops")
+
+
 class BlockSums:
     """Per-block partial sums of several tensors in one float64 buffer, reduced per tensor at
     once: one reduction for a step's tensors, where one per tensor cost GPT-2 small's 148
@@ -245,8 +282,14 @@ def adam_f32(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, *,
     (`_CHUNK_STATS` order of `optiscope.optimizers.adam`, before the non-finite fix-up) go to
     the rows of tensor ``index`` there.
 
-    All tensors contiguous float32 on the CPU, same size.
+    All tensors float32 on the CPU, same size, dense with the same strides (walked flat).
     """
+    for name, t in (("p", p), ("g", g), ("m", m), ("v", v), ("vmax", vmax)):
+        _require_plain("adam_f32", name, t, contiguous=False)
+        if t is not None and (t.numel() != p.numel() or t.stride() != p.stride()):
+            raise ValueError(f"optiscope.kernels.cpu.adam_f32: {name} has {t.numel()} entries "
+                             f"with strides {t.stride()}, p {p.numel()} with {p.stride()}; the "
+                             "tensors of one step share p's size and layout")
     lib = kernel()
     # Constants in double, rounded once to float, as torch.optim's Python code computes them.
     one_minus_b1 = 1.0 - beta1
@@ -261,14 +304,15 @@ def adam_f32(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, *,
 
 
 def sums_apply(tensors: list[Tensor]) -> bool:
-    """The monitor's sums run here: contiguous float32 CPU tensors, and the kernel compiled."""
-    return (bool(tensors) and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                  and t.is_contiguous() and not t.is_sparse for t in tensors)
-            and kernel() is not None)
+    """The monitor's sums run here: plain contiguous float32 CPU tensors (`is_plain`), and the
+    kernel compiled."""
+    return bool(tensors) and all(is_plain(t) for t in tensors) and kernel() is not None
 
 
 def _block_sums(name: str, tensors: list[Tensor], width: int) -> BlockSums:
     """Per-block partial sums of each tensor by the C function ``name``."""
+    for i, t in enumerate(tensors):
+        _require_plain(name.removeprefix("optiscope_"), f"tensors[{i}]", t)
     sums = BlockSums([t.numel() for t in tensors], width)
     f, threads = getattr(kernel(), name), torch.get_num_threads()
     for i, t in enumerate(tensors):
@@ -284,6 +328,8 @@ def sq_sums_f32(tensors: list[Tensor]) -> Tensor:
 def sq_sums_small_f32(tensors: list[Tensor]) -> list[float]:
     """Σx² of each of a few tensors that are in cache (see `sums_apply`), in one call
     (3 sums of 2^18 entries: 25 us; `sq_sums_f32`: 80 us)."""
+    for i, t in enumerate(tensors):
+        _require_plain("sq_sums_small_f32", f"tensors[{i}]", t)
     lib, count = kernel(), len(tensors)
     pointers = (ctypes.c_void_p * count)(*(t.data_ptr() for t in tensors))
     sizes = (ctypes.c_int64 * count)(*(t.numel() for t in tensors))
@@ -305,8 +351,7 @@ def take_f32(x: Tensor, index: Tensor) -> Tensor:
     int32 indices (7.2 -> 5.5 ms for GPT-2 small's coordinate samples), by index_select else (on
     CPU 100x faster than advanced indexing: 65,536 of 3.8e7 entries in 0.1 ms against 12)."""
     flat = x.detach().reshape(-1)
-    if (index.dtype == torch.int32 and index.device.type == "cpu" and index.is_contiguous()
-            and sums_apply([flat])):
+    if is_plain(index, torch.int32) and sums_apply([flat]):
         out = torch.empty(index.numel(), dtype=torch.float32)
         kernel().optiscope_gather_f32(flat.data_ptr(), index.data_ptr(), index.numel(),
                                       out.data_ptr(), torch.get_num_threads())
@@ -328,6 +373,12 @@ def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_val
     ``p`` and ``g`` contiguous float32 CPU tensors; the state as `MicroAdam` keeps it (the bf16
     tensors are read and written as their bits); ``w1``, ``w2`` float32 [m] weights.
     """
+    for name, t, dtype in (("p", p, torch.float32), ("g", g, torch.float32),
+                           ("error", error, torch.uint8), ("min_vals", min_vals, torch.bfloat16),
+                           ("max_vals", max_vals, torch.bfloat16), ("indices", indices, torch.int16),
+                           ("values", values, torch.bfloat16), ("w1", w1.contiguous(), torch.float32),
+                           ("w2", w2.contiguous(), torch.float32)):
+        _require_plain("microadam_f32", name, t, dtype)
     lib = kernel()
     blocks_ = n_full + (tail > 0)
     out = torch.empty((max(blocks_, 1), MICROADAM_STATS), dtype=torch.float64) if stats else None
@@ -352,10 +403,13 @@ def microadam_v_at(indices: Tensor, values: Tensor, *, block: int, n_full: int, 
                    tail: int, k_tail: int, w2: Tensor, c2: float, index: Tensor) -> Tensor:
     """MicroAdam's v̂ = c2·S2 at sorted flat coordinates ``index`` (float32, the bits of the
     step's own v̂ there), from the window ``indices`` (int16) and ``values`` (bf16) on the CPU."""
-    lib = kernel()
     index = index.to(torch.int64).contiguous()
-    out = torch.empty(index.numel(), dtype=torch.float32)
     w2 = w2.contiguous()
+    for name, t, dtype in (("indices", indices, torch.int16), ("values", values, torch.int16),
+                           ("w2", w2, torch.float32), ("index", index, torch.int64)):
+        _require_plain("microadam_v_at", name, t, dtype)
+    lib = kernel()
+    out = torch.empty(index.numel(), dtype=torch.float32)
     failed = lib.optiscope_microadam_v_at(
         indices.data_ptr(), values.data_ptr(), block, n_full, k_full, tail, k_tail,
         indices.shape[0], w2.data_ptr(), c2, index.data_ptr(), index.numel(), out.data_ptr(),

@@ -22,7 +22,7 @@ from optiscope.monitor.layouts import MomentLayout, find_layout
 from optiscope.monitor.metrics import NUM_COLS, Col
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
-__all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "sums_dtype"]
+__all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "readable", "storage_parts", "sums_dtype"]
 
 _UNRESOLVED = object()
 
@@ -106,6 +106,51 @@ def _dense(g: Tensor) -> Tensor:
     return g.coalesce().values() if g.is_sparse else g
 
 
+def _plain(t) -> bool:
+    """Exactly a tensor (or a Parameter) of the strided layout: what kernels and torch's
+    reductions read as they are. A subclass reports sizes and dtypes of values it may not store
+    (torchao's OptimState8bit holds uint8 codes behind a float32 face, with ``data_ptr`` 0)."""
+    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
+def readable(t: Tensor) -> Tensor | None:
+    """A state tensor as values the monitor can sum: a DTensor's local shard; a tensor subclass
+    that implements ``dequantize()`` (torchao's low-bit optimizer states) its dequantized values,
+    a transient copy; a plain tensor as it is. None for any other subclass: the monitor skips
+    the metric rather than read memory the subclass does not describe."""
+    t = local(t)
+    if _plain(t) or t.is_sparse:
+        return t
+    if type(t).dequantize is not Tensor.dequantize:  # the subclass's own, not aten's
+        values = t.dequantize()
+        if _plain(values) and values.shape == t.shape:
+            return values
+    return None
+
+
+def _dequantized(t: Tensor) -> bool:
+    """True when `readable` returns a copy of ``t``'s values rather than ``t`` (or its shard)."""
+    t = local(t)
+    return not (_plain(t) or t.is_sparse)
+
+
+def storage_parts(t: Tensor) -> list[tuple[object, int]]:
+    """(identity, bytes) of the storages holding ``t``'s values, for state memory: a plain
+    tensor's own storage; a traceable subclass's inner tensors (torchao's codes, scales and
+    quantization map: the bytes it really keeps, not numel × the float32 it poses as); a
+    tensor without readable storage counts numel × element size."""
+    t = local(t)
+    if not _plain(t) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [part for name in names for part in storage_parts(getattr(t, name))]
+    try:
+        storage = t.untyped_storage()
+        pointer = storage.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return [(id(t), t.numel() * t.element_size())]
+    return [((t.device, pointer) if pointer else id(storage), storage.nbytes())]
+
+
 @dataclass
 class TensorSlot:
     """One parameter tensor as the monitor tracks it."""
@@ -185,6 +230,8 @@ class Collector:
         self._before: list[Tensor] = []
         self._active: list[int] = []
         self._constants: dict[tuple, Tensor] = {}
+        # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
+        self.unreadable: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -354,6 +401,13 @@ class Collector:
             rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
 
+    def _unreadable(self, metrics: tuple[str, ...], key: str, value: Tensor) -> None:
+        why = (f"the optimizer's state {key!r} is a {type(value).__module__}."
+               f"{type(value).__qualname__}, a tensor subclass without dequantize(): optiscope "
+               "does not read values a subclass does not describe")
+        for metric in metrics:
+            self.unreadable.setdefault(metric, why)
+
     def _moments(self, step: int, columns: dict[Col, Tensor], rows: Tensor, device) -> None:
         """Moment norms (when the optimizer does not produce them) and second-moment drift.
 
@@ -374,7 +428,13 @@ class Collector:
                 continue
             state = self.optimizer.state[slot.param]
             if want_m1 and (m := layout.first(state)) is not None:
-                m1.append((i, local(m)))
+                values = readable(m)
+                if values is None:
+                    self._unreadable(("moment1_norm",), layout.m, m)
+                elif not _dequantized(m):
+                    m1.append((i, values))
+                else:  # a dequantized copy: summed now, freed before the next one is made
+                    rows[i, Col.MOMENT1_SQ] = torch_sq_norms([values])[0].to(device)
             if not layout.has_second(state):
                 continue
             if layout.v_method is not None:  # computed by the optimizer (MicroAdam's window)
@@ -384,13 +444,21 @@ class Collector:
                         compute(slot.param, None), dtype=rows.dtype).square().to(device)
                 v = compute(slot.param, slot.sample.index)
             else:
-                local_state = {k: local(v) if isinstance(v, Tensor) else v
-                               for k, v in state.items()}
+                keys = {layout.v, layout.v_row, layout.v_col}
+                local_state = {k: (readable(v) if k in keys else local(v))
+                               if isinstance(v, Tensor) else v for k, v in state.items()}
+                lost = [k for k in keys if k in state and local_state[k] is None]
+                if lost:
+                    self._unreadable(("moment2_norm", "moment2_drift",
+                                      "moment2_drift_since_freeze"), lost[0], state[lost[0]])
+                    continue
                 if want_m2:
-                    if (full := layout.second_tensor(local_state)) is not None:
-                        m2.append((i, full))  # summed with the others below
-                    else:
+                    if (full := layout.second_tensor(local_state)) is None:
                         rows[i, Col.MOMENT2_SQ] = layout.second_sq_sum(local_state).to(device)
+                    elif not _dequantized(state[layout.v]):
+                        m2.append((i, full))  # summed with the others below
+                    else:  # a dequantized copy: summed now
+                        rows[i, Col.MOMENT2_SQ] = torch_sq_norms([full])[0].to(device)
                 v = layout.second_at(local_state, slot.sample.index)
             if layout.v_unfrozen_method is not None:
                 # v itself is frozen: compare v_T with the v the optimizer would have had

@@ -30,7 +30,7 @@ from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, sums_dtype
+from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
@@ -460,6 +460,7 @@ class OptimizerMonitor:
             if absent(Col.MOMENT2_SQ):
                 reasons["moment2_norm"] = f"{cls} keeps no second moment"
                 reasons["moment2_drift"] = f"{cls} keeps no second moment"
+        reasons.update(self.collector.unreadable)  # state tensors it could not read
         if self.freeze_probe is None:
             reasons["moment2_drift_since_freeze"] = "off: pass freeze_probe=T to compare v with v_T"
         # An optimizer that declares the column keeps the metric even when this first sample has
@@ -539,14 +540,12 @@ class OptimizerMonitor:
             for key, value in self.optimizer.state.get(slot.param, {}).items():
                 if not isinstance(value, Tensor):
                     continue
-                t = local(value)
-                storage = t.untyped_storage()
-                ident = (t.device, storage.data_ptr()) if storage.data_ptr() else id(storage)
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                total += storage.nbytes()
-                per_key[key] = per_key.get(key, 0) + storage.nbytes()
+                for ident, nbytes in storage_parts(value):  # a subclass: its inner tensors
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                    total += nbytes
+                    per_key[key] = per_key.get(key, 0) + nbytes
             per_tensor.append(total)
         shared = getattr(self.optimizer, "shared_state_bytes", None)
         device = local(self.slots[0].param).device if self.slots else torch.device("cpu")

@@ -64,10 +64,12 @@ def _number(x: float) -> str:
         return "NaN"
     if math.isinf(x):
         return "Infinity" if x > 0 else "-Infinity"
-    if x.is_integer() and abs(x) < 2**53:
-        # Counts and byte sizes stay exact: ".7g" wrote 123456789 state bytes as 1.234568e+08.
-        return str(int(x))
-    return format(x, ".7g")  # float32 precision: the statistics are float32 sums
+    if x.is_integer() and abs(x) < 2**53 and math.copysign(1.0, x) > 0:
+        return str(int(x))  # counts and byte sizes as integers
+    # The shortest text that reads back as the same float64 (repr's guarantee): `load_run` then
+    # returns the very values of `monitor.history`. 7 digits (float32's) lost the float64 the
+    # monitor derives from its sums (a norm's square root, a ratio) by up to 5e-7.
+    return repr(x)
 
 
 def _values_json(values) -> str:
