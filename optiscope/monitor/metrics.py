@@ -17,7 +17,7 @@ import numpy as np
 
 from optiscope.kernels.stats import NUM_STATS, Stat
 
-__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "derive"]
+__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS", "derive"]
 
 
 class Col(enum.IntEnum):
@@ -94,6 +94,13 @@ TENSOR_METRICS: tuple[Metric, ...] = (
     Metric("grad_diagonality_original", "mean", (Col.GRAD_DIAG_ORIGINAL,),
            "share of ‖GGᵀ‖²_F on its diagonal, in the parameter's own basis", partial=True),
 )
+
+# Global metrics of a sampled step that are not formulas over the per-tensor sums.
+STEP_METRICS: dict[str, str] = {
+    "clip_coef": "the factor gradient clipping multiplied g by this step (1: none; see "
+                 "optiscope/monitor/clipping.py); grad_norm, grad_max and nonfinite_grads are "
+                 "from before clipping",
+}
 
 
 def derive(rows: np.ndarray, metric: Metric) -> tuple[np.ndarray, float]:

@@ -8,7 +8,10 @@
 * ``{"type": "sample", "step": t, "time": unix_s, "values": {metric: [k, [v, ...]]}}`` — one
   sampled step: for each metric the id of its scope list and one value per scope
   (``NaN``/``Infinity`` as Python's json writes them);
-* ``{"type": "alert", ...}`` — an alert (`Alert` fields).
+* ``{"type": "alert", ...}`` — an alert (`Alert` fields);
+* ``{"type": "resume", "step": k}`` — the run was resumed from a checkpoint at step k: the
+  samples and alerts of steps after k written before this record belong to an abandoned attempt
+  and are void (the reader drops them; the log stays append-only).
 
 A line is written with one ``write`` and a crash leaves at most the last line torn; the reader
 skips it with a warning, and ``resume=True`` cuts it off before appending (else the first new
@@ -34,7 +37,7 @@ import numpy as np
 from optiscope.monitor.history import Alert, RunHistory
 
 __all__ = ["RUNLOG", "META", "RunLogError", "RunLogWriter", "NullWriter", "load_run",
-           "read_records"]
+           "read_records", "live_records"]
 
 RUNLOG = "runlog.jsonl"
 META = "meta.json"
@@ -75,6 +78,9 @@ class NullWriter:
         pass
 
     def write_alert(self, alert: Alert) -> None:
+        pass
+
+    def write_resume(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -200,6 +206,11 @@ class RunLogWriter:
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])
 
+    def write_resume(self, step: int) -> None:
+        """Records that the run continues after ``step``: what was recorded before for later
+        steps is superseded."""
+        self._append([json.dumps({"type": "resume", "step": int(step)})])
+
     def close(self) -> None:
         if self._fd is None:
             return
@@ -297,10 +308,13 @@ def load_run(path: str | os.PathLike) -> RunHistory:
     history = RunHistory()
     scopes: dict[int, list[str]] = {}
     undeclared: dict[int, int] = {}  # scope list id -> values that name it
-    for number, record in enumerate(read_records(file), start=1):
+    for number, record in enumerate(live_records(file), start=1):
         kind = record.get("type") if isinstance(record, dict) else type(record).__name__
         try:
-            if kind == "meta":
+            if kind == "resume":
+                if int(history.meta.get("steps_taken", 0)) > int(record["step"]):
+                    history.meta.pop("steps_taken")  # the abandoned attempt's count
+            elif kind == "meta":
                 history.meta.update((k, v) for k, v in record.items() if k != "type")
             elif kind == "scopes":
                 scopes[record["id"]] = record["names"]
@@ -326,3 +340,64 @@ def load_run(path: str | os.PathLike) -> RunHistory:
                       f"lists that are never declared (ids {sorted(undeclared)}: their line is "
                       "corrupt); skipped", RuntimeWarning, stacklevel=2)
     return history
+
+
+def _resume_points(path) -> list[tuple[int, int]]:
+    """(line number, step) of each resume record; only lines that mention it are parsed."""
+    points = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if b'"resume"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("type") == "resume":
+                try:
+                    points.append((number, int(record["step"])))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    return points
+
+
+def live_records(path: str | os.PathLike, *, warn: bool = True):
+    """`read_records` without the samples and alerts a later resume record supersedes: a record
+    of step s on line i is void when a resume record at step k < s follows it."""
+    points = _resume_points(path)
+    if not points:
+        yield from read_records(path, warn=warn)
+        return
+    # void_after[j]: the smallest resume step among the resume records after line points[j-1]
+    lines = [n for n, _ in points]
+    floor = [0] * len(points)
+    low = None
+    for j in range(len(points) - 1, -1, -1):
+        low = points[j][1] if low is None else min(low, points[j][1])
+        floor[j] = low
+    j = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            while j < len(lines) and lines[j] < number:
+                j += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if warn:
+                    last = not line.endswith(b"\n")
+                    what = (f"the last line (line {number}) is incomplete: the run was interrupted "
+                            "while writing it, or is writing it now" if last else
+                            f"line {number} is not valid JSON")
+                    warnings.warn(f"optiscope: {path}: {what}; skipped", RuntimeWarning,
+                                  stacklevel=2)
+                continue
+            if (j < len(lines) and isinstance(record, dict)
+                    and record.get("type") in ("sample", "alert")):
+                try:
+                    if int(record["step"]) > floor[j]:
+                        continue
+                except (KeyError, TypeError, ValueError):
+                    pass  # load_run says what is wrong with it
+            yield record
