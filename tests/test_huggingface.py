@@ -80,13 +80,16 @@ class _Crash(transformers.TrainerCallback):
 
 
 def _trainer(tmp_path, model, callbacks, *, optimizer=None, max_steps=8, accumulation=1,
-             logging_steps=2, save_steps=100, max_grad_norm=1.0, lr=5e-3):
+             logging_steps=2, save_steps=100, max_grad_norm=1.0, lr=5e-3, eval_steps=None):
+    evaluate = {} if eval_steps is None else dict(eval_strategy="steps", eval_steps=eval_steps,
+                                                  per_device_eval_batch_size=4)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=accumulation, logging_steps=logging_steps,
         save_steps=save_steps, learning_rate=lr, max_grad_norm=max_grad_norm, report_to="none",
-        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0)
+        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0, **evaluate)
     return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                                eval_dataset=_Tokens(n=8, seed=1) if eval_steps else None,
                                 callbacks=callbacks,
                                 optimizers=(optimizer, None) if optimizer is not None else (None, None))
 
@@ -97,7 +100,8 @@ def test_trainer_with_clipping_records_the_gradient_before_it(tmp_path, bundled)
     oracle = _Oracle(model)
     optimizer = AdamW(model.parameters(), lr=5e-3) if bundled else None
     callback = OptimizerMonitorCallback(every=3)
-    trainer = _trainer(tmp_path, model, [oracle, callback], optimizer=optimizer, accumulation=2)
+    trainer = _trainer(tmp_path, model, [oracle, callback], optimizer=optimizer, accumulation=2,
+                       eval_steps=4)
     trainer.train()
     run = load_run(tmp_path / "optiscope")  # the default log_dir
 
@@ -120,6 +124,10 @@ def test_trainer_with_clipping_records_the_gradient_before_it(tmp_path, bundled)
     assert steps.tolist() == [2, 4, 6, 8]
     for s, v in zip(steps, values):  # the Trainer's own pre-clip norm, against the oracle
         assert v == pytest.approx(oracle.norm[s], rel=1e-4)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    steps, values = run.series("trainer/eval_loss")
+    assert steps.tolist() == [h["step"] for h in evals] == [4, 8]
+    assert values.tolist() == pytest.approx([h["eval_loss"] for h in evals], rel=1e-6)
     assert run.last_step() == 8
 
 

@@ -36,6 +36,9 @@ class _Module(pl.LightningModule):
         step = self.trainer.global_step + 1
         if step == self.poison_at:
             self.net[0].bias.grad[3] = float("nan")
+        if step == getattr(self, "scale_at", None):
+            for p in self.parameters():
+                p.grad.mul_(20)
         self.norm[step] = math.sqrt(sum(p.grad.double().square().sum().item()
                                         for p in self.parameters()))
 
@@ -107,3 +110,40 @@ def test_lightning_nan_raise_stops_at_that_step(tmp_path, bundled):
     alerts = [a for a in run.alerts if a.kind == "nonfinite_grads"]
     assert [(a.step, a.tensors) for a in alerts] == [(3, ["net.0.bias"])]
     assert all(torch.isfinite(p).all() for p in module.parameters())  # update not applied
+
+
+class _Crash(pl.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_lightning_crash_and_resume_from_checkpoint(tmp_path):
+    module = _Module()
+    module.scale_at = 5  # the abandoned attempt's step 5 differs from the resumed run's
+
+    def fit(module, callbacks, ckpt_path=None):
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4,
+                                                  save_top_k=-1)
+        trainer = pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False,
+                             callbacks=[checkpoint, *callbacks], enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path))
+        trainer.fit(module, _data(), ckpt_path=ckpt_path)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(module, [OptimizerMonitorCallback(every=1), _Crash(6)])
+    first = module.norm
+    resumed = _Module()
+    ckpt = next((tmp_path / "ckpt").glob("*step=4*.ckpt"))
+    fit(resumed, [OptimizerMonitorCallback(every=1)], ckpt_path=str(ckpt))
+    run = load_run(tmp_path / "optiscope")
+    steps, values = run.series("grad_norm")
+    assert steps.tolist() == list(range(1, 9))  # each step once
+    assert sorted(resumed.norm) == list(range(5, 9))
+    assert abs(first[5] / resumed.norm[5] - 1) > 0.1
+    truth = {**{s: first[s] for s in range(1, 5)}, **resumed.norm}
+    for s, v in zip(steps, values):
+        assert v == pytest.approx(truth[s], rel=1e-5)

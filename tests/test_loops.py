@@ -224,10 +224,11 @@ def test_start_step_continues_at_the_checkpoint(tmp_path):
     assert run.last_step() == 5
 
 
-def test_accelerate_prepared_optimizer_and_model_are_unwrapped():
+@pytest.mark.parametrize("name", ["torch-adamw", "bundled-adamw"])
+def test_accelerate_prepared_optimizer_and_model_are_unwrapped(name):
     accelerate = pytest.importorskip("accelerate")
     model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = OPTIMIZERS[name](model.parameters())
     accelerator = accelerate.Accelerator(cpu=True)
     pmodel, popt = accelerator.prepare(model, opt)
     mon = OptimizerMonitor(popt, model=pmodel, console=False, strict=True)

@@ -43,7 +43,7 @@ def make_monitor(optimizer, model, default_dir, step: int, kwargs: dict) -> Opti
 
 def record_logs(monitor: OptimizerMonitor | None, logs: dict, step: int) -> None:
     """Records each number in ``logs`` as ``trainer/<key>`` at ``step``, sampled or not."""
-    if monitor is None or not logs:
+    if monitor is None or not logs or not monitor._hooks:  # none yet, or closed
         return
     step = min(int(step), monitor.step)
     for key, value in logs.items():

@@ -129,6 +129,8 @@ def _install() -> None:
 def _norm_coef(max_norm, total_norm) -> torch.Tensor:
     """The factor norm clipping multiplies the gradients by (torch's formula; on the device)."""
     total = total_norm if isinstance(total_norm, torch.Tensor) else torch.tensor(float(total_norm))
+    if hasattr(total, "full_tensor"):  # a DTensor norm (FSDP2): the same on every rank
+        total = total.full_tensor()
     total = total.detach().float()
     return torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
 
