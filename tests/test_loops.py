@@ -247,3 +247,75 @@ def test_accelerate_prepared_optimizer_and_model_are_unwrapped(name):
         assert v == pytest.approx(oracle[s], rel=1e-5)
     assert mon.history.scopes("grad_norm")[1:] == [n for n, _ in model.named_parameters()]
     assert all(c < 1 for c in mon.history.series("clip_coef")[1])
+
+
+def test_gradscaler_skipped_step_does_not_leave_a_stale_capture():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    mon = OptimizerMonitor(opt, model=model, scaler=scaler, console=False, strict=True)
+    oracle, taken = [], 0
+    for t in range(1, 7):
+        x, y = _batch(t)
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        if t == 3:
+            model[0].weight.grad[0, 0] = float("inf")  # the scaler skips this step
+        scaler.unscale_(opt)
+        if t != 3:
+            oracle.append(_norm64(model))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    steps, values = mon.history.series("grad_norm")
+    assert steps.tolist() == [1, 2, 3, 4, 5]  # five steps taken
+    assert values.tolist() == pytest.approx(oracle, rel=1e-5)
+    assert mon.history.series("skipped_steps")[1][-1] == 1
+
+
+def test_runlog_reader_supersedes_after_each_resume_point(tmp_path):
+    from optiscope.monitor.runlog import RunLogWriter
+    w = RunLogWriter(tmp_path)
+    w.write_meta({"optimizer": "x"})
+    for s in range(1, 7):
+        w.write_sample(s, 0.0, {"v": (["global"], [s])})        # attempt 1: 1..6
+    w.write_resume(4)
+    for s in range(5, 9):
+        w.write_sample(s, 0.0, {"v": (["global"], [10 + s])})   # attempt 2: 5..8
+    w.write_resume(2)
+    for s in range(3, 6):
+        w.write_sample(s, 0.0, {"v": (["global"], [100 + s])})  # attempt 3: 3..5
+    w.close()
+    steps, values = load_run(tmp_path).series("v")
+    assert steps.tolist() == [1, 2, 3, 4, 5]
+    assert values.tolist() == [1, 2, 103, 104, 105]
+
+
+def test_log_scalar_at_a_step_and_bad_arguments():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = OptimizerMonitor(opt, model=model, every=4, console=False)
+    for t in range(1, 4):
+        x, y = _batch(t)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        mon.log_scalar("seen", float(t), step=t)  # steps 2 and 3 are not sampled
+    with pytest.raises(ValueError, match="step must be an integer in \\[0, 3\\]"):
+        mon.log_scalar("seen", 1.0, step=4)
+    mon.close()
+    assert mon.history.series("seen")[0].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        OptimizerMonitor(opt, on_nonfinite="stop")
+    with pytest.raises(ValueError, match="start_step"):
+        OptimizerMonitor(opt, start_step=-1)
+
+
+def test_import_optiscope_imports_no_trainer_library():
+    import subprocess
+    import sys
+    code = ("import sys, optiscope, optiscope.integrations; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

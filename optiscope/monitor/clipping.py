@@ -146,6 +146,17 @@ class Capture:
         self.step = step
         self.rows: dict[int, torch.Tensor] = {}   # slot index -> [Σg², max|g|, non-finite]
         self.coefs: list[torch.Tensor] = []
+        self.seen: dict[int, tuple[int, int]] = {}  # slot index -> its grad's (id, version)
+
+    def _new_backward(self, slots) -> bool:
+        """Whether a gradient captured earlier has changed since its clip call: a new backward
+        for the same step number (a GradScaler skipped the step in between: no step was taken),
+        so what was captured is stale."""
+        for i, (ident, version) in self.seen.items():
+            g = slots[i].param.grad
+            if g is None or id(g) != ident or g._version != version:
+                return True
+        return False
 
     def take(self, slots, params: list):
         """Captures the statistics of the tracked tensors among ``params`` not captured yet;
@@ -158,6 +169,8 @@ class Capture:
         tracked = [i for i, s in enumerate(slots) if id(s.param) in ids]
         if not tracked:
             return None
+        if self.seen and self._new_backward(slots):
+            self.rows, self.coefs, self.seen = {}, [], {}
         fresh = [i for i in tracked if slots[i].param.grad is not None and i not in self.rows]
         if fresh:
             with torch.no_grad():
@@ -172,6 +185,10 @@ class Capture:
     def finish(self, slots, token: list, coef) -> None:
         """Keeps the factor one clip call applied (None: value clipping, measured here as
         ‖g after‖ / ‖g before‖ over the tensors it captured)."""
+        for i in token:  # clipping changed them in place: remember their version after it
+            g = slots[i].param.grad
+            if g is not None:
+                self.seen[i] = (id(g), g._version)
         if coef is None:
             if not token:
                 return

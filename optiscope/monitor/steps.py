@@ -150,8 +150,8 @@ class StepControl:
         if not self._hooks:
             return None
         step = self.step if self._closure_depth else self.step + 1
-        if not self.is_sampled(step):
-            return None
+        if not self.is_sampled(step) or (self._closure_depth and not self._begin_pending):
+            return None  # unsampled, or a closure called again (LBFGS) after the statistics
         try:
             if self._capture is None or self._capture.step != step:
                 self._capture = clipping.Capture(step)
