@@ -18,7 +18,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_optimizer
+from optiscope.monitor.pending import _Pending, _to_host
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogWriter, load_run
 from optiscope.monitor.sampling import sample_count
@@ -42,24 +42,6 @@ from optiscope.monitor.sampling import sample_count
 __all__ = ["OptimizerMonitor"]
 
 log = logging.getLogger("optiscope.monitor")
-
-@dataclass
-class _Pending:
-    """A sampled step whose numbers are on their way to the host."""
-
-    step: int
-    time: float
-    rows: Tensor | None = None            # [n_tensors, NUM_COLS] (host, or pinned when CUDA)
-    active: list[int] = field(default_factory=list)  # the tensors the step updated
-    skipped_device: Tensor | None = None  # found_inf total of fused steps, host copy
-    scalars: dict[str, object] = field(default_factory=dict)
-    lrs: list[float] = field(default_factory=list)
-    state_bytes: tuple | None = None
-    skipped_host: int = 0
-    event: object = None                  # torch.cuda.Event once sealed, on CUDA
-    sealed: bool = False
-    checked: bool = False                 # on_nonfinite="raise" looked before the update
-
 
 class OptimizerMonitor(StepControl):
     """Watches an optimizer and records DESIGN.md's metrics on sampled steps.
@@ -591,15 +573,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-def _to_host(t: Tensor) -> Tensor:
-    """Starts a device-to-host copy without waiting for it (a plain copy on CPU)."""
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
 
 
 def _jsonable(v):

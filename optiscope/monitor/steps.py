@@ -15,6 +15,7 @@ from optiscope.monitor import clipping
 from optiscope.monitor.history import Alert
 from optiscope.monitor.metrics import Col
 from optiscope.monitor.nonfinite import NonFiniteGradientError, nonfinite_message
+from optiscope.monitor.pending import _Pending, _to_host
 from optiscope.monitor.resume import drop_after
 
 __all__ = ["StepControl"]
@@ -71,7 +72,7 @@ class StepControl:
             columns = capture.columns(self.slots, self.collector.active)
             if columns is not None:  # the gradient before clipping
                 self.collector._pre.update(columns)
-            self._current.scalars["clip_coef"] = _host()(torch.as_tensor(capture.coef()))
+            self._current.scalars["clip_coef"] = _to_host(torch.as_tensor(capture.coef()))
         else:
             self._current.scalars["clip_coef"] = 1.0
 
@@ -109,12 +110,12 @@ class StepControl:
             raise ValueError(f"optiscope: log_scalar({name!r}, step={step!r}): step must be an "
                              f"integer in [0, {self.step}] (the monitor's current step)")
         if isinstance(value, Tensor):
-            value = _host()(value.detach().reshape(()))
+            value = _to_host(value.detach().reshape(()))
         current = self._current
         if current is not None and current.step == step and not current.sealed:
             current.scalars[name] = value
             return
-        pending = _pending_cls()(step, time.time(), scalars={name: value})
+        pending = _Pending(step, time.time(), scalars={name: value})
         if step == self.step:  # later scalars of this step join it
             self._seal_current()
             self._current = pending
@@ -220,13 +221,3 @@ class StepControl:
         if skip:  # the optimizer skips tensors without a gradient: the update is not applied
             for slot in self.slots:
                 slot.param.grad = None
-
-
-def _pending_cls():
-    from optiscope.monitor.monitor import _Pending
-    return _Pending
-
-
-def _host():
-    from optiscope.monitor.monitor import _to_host
-    return _to_host
