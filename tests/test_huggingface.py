@@ -156,10 +156,11 @@ def test_trainer_nan_in_one_tensor_under_clipping(tmp_path, bundled, mode):
 def test_trainer_crash_and_resume_from_checkpoint(tmp_path):
     model = _model()
     first = _Oracle(model, poison={5: ("transformer.wte.weight", 30.0)})  # the abandoned steps differ
-    trainer = _trainer(tmp_path, model, [first, OptimizerMonitorCallback(every=1), _Crash(6)],
-                       max_steps=10, save_steps=4)
+    crashed = OptimizerMonitorCallback(every=1)
+    trainer = _trainer(tmp_path, model, [first, crashed, _Crash(6)], max_steps=10, save_steps=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
+    crashed.monitor.writer.close()  # the crashed process's file is closed when it dies
 
     model = _model(seed=1)
     second = _Oracle(model)

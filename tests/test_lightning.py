@@ -133,8 +133,10 @@ def test_lightning_crash_and_resume_from_checkpoint(tmp_path):
                              enable_model_summary=False, default_root_dir=str(tmp_path))
         trainer.fit(module, _data(), ckpt_path=ckpt_path)
 
+    crashed = OptimizerMonitorCallback(every=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(module, [OptimizerMonitorCallback(every=1), _Crash(6)])
+        fit(module, [crashed, _Crash(6)])
+    crashed.monitor.writer.close()  # the crashed process's file is closed when it dies
     first = module.norm
     resumed = _Module()
     ckpt = next((tmp_path / "ckpt").glob("*step=4*.ckpt"))

@@ -109,8 +109,9 @@ class StepControl:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.step:
             raise ValueError(f"optiscope: log_scalar({name!r}, step={step!r}): step must be an "
                              f"integer in [0, {self.step}] (the monitor's current step)")
-        if isinstance(value, Tensor):
-            value = _to_host(value.detach().reshape(()))
+        if isinstance(value, Tensor):  # an earlier step's record is sealed at once: read it now
+            value = (_to_host(value.detach().reshape(())) if step == self.step
+                     else float(value.detach().reshape(()).item()))
         current = self._current
         if current is not None and current.step == step and not current.sealed:
             current.scalars[name] = value
