@@ -71,7 +71,7 @@ class Metric:
 
 
 TENSOR_METRICS: tuple[Metric, ...] = (
-    Metric("grad_norm", "sqrt", (Col.GRAD_SQ,), "‖g‖₂ of the gradient the step consumed"),
+    Metric("grad_norm", "sqrt", (Col.GRAD_SQ,), "‖g‖₂ of the step's gradient, before any clipping"),
     Metric("grad_max", "max", (Col.GRAD_ABSMAX,), "max |g| (inf when any entry is non-finite)"),
     Metric("nonfinite_grads", "sum", (Col.GRAD_NONFINITE,), "non-finite entries of g"),
     Metric("weight_norm", "sqrt", (Col.PARAM_SQ_AFTER,), "‖θ‖₂ after the step"),
