@@ -7,5 +7,7 @@
 __version__ = "0.1.0"
 
 from optiscope.monitor import Alert, OptimizerMonitor, RunHistory, load_run  # noqa: E402
+from optiscope.monitor.nonfinite import NonFiniteGradientError  # noqa: E402
 
-__all__ = ["OptimizerMonitor", "load_run", "RunHistory", "Alert", "__version__"]
+__all__ = ["OptimizerMonitor", "load_run", "RunHistory", "Alert", "NonFiniteGradientError",
+           "__version__"]

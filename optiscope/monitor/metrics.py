@@ -17,7 +17,7 @@ import numpy as np
 
 from optiscope.kernels.stats import NUM_STATS, Stat
 
-__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "MONITOR_SERIES", "derive"]
+__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS", "MONITOR_SERIES", "derive"]
 
 
 class Col(enum.IntEnum):
@@ -71,7 +71,7 @@ class Metric:
 
 
 TENSOR_METRICS: tuple[Metric, ...] = (
-    Metric("grad_norm", "sqrt", (Col.GRAD_SQ,), "‖g‖₂ of the gradient the step consumed"),
+    Metric("grad_norm", "sqrt", (Col.GRAD_SQ,), "‖g‖₂ of the step's gradient, before any clipping"),
     Metric("grad_max", "max", (Col.GRAD_ABSMAX,), "max |g| (inf when any entry is non-finite)"),
     Metric("nonfinite_grads", "sum", (Col.GRAD_NONFINITE,), "non-finite entries of g"),
     Metric("weight_norm", "sqrt", (Col.PARAM_SQ_AFTER,), "‖θ‖₂ after the step"),
@@ -95,12 +95,19 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            "share of ‖GGᵀ‖²_F on its diagonal, in the parameter's own basis", partial=True),
 )
 
+# Global metrics of a sampled step that are not formulas over the per-tensor sums.
+STEP_METRICS: dict[str, str] = {
+    "clip_coef": "the factor gradient clipping multiplied g by this step (1: none; see "
+                 "optiscope/monitor/clipping.py); grad_norm, grad_max and nonfinite_grads are "
+                 "from before clipping",
+}
+
 
 # Every series the monitor records itself: `OptimizerMonitor.log_scalar` refuses these names, so a
 # user scalar never replaces one. None contains "/": a prefixed name ("trainer/grad_norm") is
 # always free for a user scalar.
 MONITOR_SERIES: frozenset[str] = frozenset({m.name for m in TENSOR_METRICS} | {
-    "state_bytes", "cuda_memory_allocated", "lr", "skipped_steps"})
+    "state_bytes", "cuda_memory_allocated", "lr", "skipped_steps"} | set(STEP_METRICS))
 
 
 def derive(rows: np.ndarray, metric: Metric) -> tuple[np.ndarray, float]:

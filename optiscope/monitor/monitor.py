@@ -18,7 +18,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from optiscope.dashboards.sink import Sink
+from optiscope.monitor import clipping
 from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
@@ -34,6 +34,10 @@ from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.nonfinite import NonFiniteGradientError
+from optiscope.monitor.resume import unwrap_optimizer
+from optiscope.monitor.pending import _Pending, _to_host
+from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.sampling import sample_count
 
@@ -41,24 +45,7 @@ __all__ = ["OptimizerMonitor"]
 
 log = logging.getLogger("optiscope.monitor")
 
-@dataclass
-class _Pending:
-    """A sampled step whose numbers are on their way to the host."""
-
-    step: int
-    time: float
-    rows: Tensor | None = None            # [n_tensors, NUM_COLS] (host, or pinned when CUDA)
-    active: list[int] = field(default_factory=list)  # the tensors the step updated
-    skipped_device: Tensor | None = None  # found_inf total of fused steps, host copy
-    scalars: dict[str, object] = field(default_factory=dict)
-    lrs: list[float] = field(default_factory=list)
-    state_bytes: tuple | None = None
-    skipped_host: int = 0
-    event: object = None                  # torch.cuda.Event once sealed, on CUDA
-    sealed: bool = False
-
-
-class OptimizerMonitor:
+class OptimizerMonitor(StepControl):
     """Watches an optimizer and records the metrics of `TENSOR_METRICS` on sampled steps.
 
     Args:
@@ -84,6 +71,16 @@ class OptimizerMonitor:
         seed: seeds the coordinate samples (default 0).
         resume: append to an existing run log in ``log_dir``, continuing its step count
             (default False).
+        start_step: the step the run continues from, e.g. the step of the checkpoint a crashed
+            run resumes from (default None: 0 for a new run, the run log's last step with
+            ``resume=True``). The next optimizer step is ``start_step + 1``; what an abandoned
+            attempt recorded after ``start_step`` is superseded (`load_run` shows each step
+            once, with the resumed run's values). See also `state_dict`.
+        on_nonfinite: ``"warn"`` (default): a non-finite gradient raises an alert and training
+            goes on; ``"raise"``: the first sampled step with a non-finite gradient raises
+            `optiscope.NonFiniteGradientError` naming the tensors, from before the update where
+            the gradient statistics are known then (any optimizer not bundled, or clipping seen;
+            a bundled optimizer computes them in its update: there it raises right after).
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -105,7 +102,9 @@ class OptimizerMonitor:
                  spike_factor: float = 10.0, update_ratio_band: float = 10.0, seed: int = 0,
                  resume: bool = False, process_group=None, strict: bool = False,
                  console="auto", tensorboard: bool = True, report: bool = True,
-                 sinks: Sequence[Sink] = ()):
+                 sinks: Sequence[Sink] = (), start_step: int | None = None,
+                 on_nonfinite: str = "warn"):
+        optimizer = unwrap_optimizer(optimizer)  # Accelerate's / Lightning's wrappers
         (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
          update_ratio_band, seed) = check_args(
             optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
@@ -136,6 +135,7 @@ class OptimizerMonitor:
         self._errors = 0
         self._forced: int | None = None
         self._scalar_names: set[str] = set()  # names log_scalar has accepted
+        self._init_step_control(start_step, on_nonfinite)
 
         writes = log_dir is not None and self.topology.writes
         self.writer, failure = NullWriter(), None
@@ -150,6 +150,8 @@ class OptimizerMonitor:
         if failure is not None or self.step < 0:
             raise failure or RuntimeError("optiscope: rank 0 could not resume the run log")
         self._completed = self.step  # steps whose optimizer.step returned: `steps_taken`
+        if start_step is not None:
+            self._restart_at(start_step)
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -170,9 +172,10 @@ class OptimizerMonitor:
             self._watch_scaler(scaler)
         self._hooks = [optimizer.register_step_pre_hook(self._pre_hook),
                        optimizer.register_step_post_hook(self._post_hook)]
+        clipping.register(self)
 
     # ----------------------------------------------------------------------------- public
-    def log_scalar(self, name: str, value: float | Tensor) -> None:
+    def log_scalar(self, name: str, value: float | Tensor, step: int | None = None) -> None:
         """Records a user series (loss, throughput, ...) at the step just taken.
 
         Only sampled steps (and step 0, before the first step) record it; on other steps this
@@ -188,11 +191,17 @@ class OptimizerMonitor:
                 ``"trainer/grad_norm"`` (a trainer's own gradient norm) is always a user scalar.
             value: a real number (int, float, numpy scalar, one-element array) or a one-element
                 real tensor; NaN and ±inf are values like any other; not a bool.
+            step: record it at this step (at most the current step), sampled or not: a
+                trainer's logged loss at its logging step (default None: the step just taken,
+                if sampled).
         """
         if not (isinstance(name, str) and name in self._scalar_names):
             check_scalar_name(name, value)
             self._scalar_names.add(name)
         value = check_scalar_value(name, value)
+        if step is not None:
+            self._scalar_at(name, value, step)
+            return
         if self._current is None:
             if self.step != 0:
                 return
@@ -211,6 +220,7 @@ class OptimizerMonitor:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        clipping.unregister(self)
         if self._scaler is not None and "step" in vars(self._scaler):
             del self._scaler.step
         self._guard(self._drain, block=True)
@@ -277,33 +287,20 @@ class OptimizerMonitor:
         self._forced = self._completed + 1
 
     # ----------------------------------------------------------------------------- hooks
-    def _pre_hook(self, optimizer, args, kwargs) -> None:
-        # The step's number: one after the last that completed (a step interrupted or failed
-        # inside optimizer.step is not counted, and its number is used again by the next one).
-        self.step = self._completed + 1
-        self._calls += 1
-        if not (self._pending or self._current is not None or self.is_sampled(self.step)):
-            self._guard(self._before_step, kwargs)  # nothing to record: no signal calls either
-            return
-        with DeferInterrupt():
-            self._guard(self._before_step, kwargs)
-
-    def _post_hook(self, optimizer, args, kwargs) -> None:
-        self._completed = self.step
-        if self.is_sampled(self.step):
-            with DeferInterrupt():  # Ctrl-C lands after the step's record is complete
-                self._guard(self._after_step)
-
-    def _before_step(self, kwargs: dict) -> None:
+    def _before_step(self, kwargs: dict, defer: bool = False) -> None:
         self.collector.note_step(kwargs)
         self._seal_current()
         self._drain(block=False)
         if not self.is_sampled(self.step):
+            self._capture = None
             return
         if len(self.slots) != sum(len(g["params"]) for g in self.optimizer.param_groups):
             self._refresh_slots()
         self._current = _Pending(self.step, time.time())
-        self.collector.begin(kwargs)
+        if defer:
+            self._begin_pending = True
+        else:
+            self._begin(kwargs)
 
     def _after_step(self) -> None:
         current = self._current if self._current is not None and self._current.step == self.step else None
@@ -338,6 +335,8 @@ class OptimizerMonitor:
     def _guard(self, fn, *args, **kwargs) -> None:
         try:
             fn(*args, **kwargs)
+        except NonFiniteGradientError:
+            raise
         except Exception:
             if self.strict:
                 raise
@@ -605,15 +604,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-def _to_host(t: Tensor) -> Tensor:
-    """Starts a device-to-host copy without waiting for it (a plain copy on CPU)."""
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
 
 
 def _jsonable(v):

@@ -18,11 +18,13 @@ Schema:
   ±Infinity are values the monitor writes: a non-finite gradient's norm and maximum). A metric
   whose scope list was never declared (its declaration line was corrupt) is dropped and counted;
   the record's other metrics are kept;
+* ``resume``: ``step`` a step: the run resumed from a checkpoint at that step, and the samples and
+  alerts of later steps written before this record are void (`runlog.live_records` drops them);
 * ``alert``: the fields of `Alert`: ``step`` a step, ``kind``, ``metric``, ``message`` strings,
   ``tensors`` a list of strings, ``value`` a number or null.
 
 The consumer is anything with ``on_meta(changes)``, ``on_sample(step, time, values)`` and
-``on_alert(alert)`` (the dashboards' ``Sink``, or the `RunHistory` builder of `load_run`).
+``on_alert(alert)`` (and optionally ``on_resume(step)``) (the dashboards' ``Sink``, or the `RunHistory` builder of `load_run`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from optiscope.monitor.history import Alert
 __all__ = ["MAX_STEP", "RecordDecoder", "SchemaError"]
 
 MAX_STEP = 2**62  # a step beyond this is damage, and would overflow int64 arrays downstream
-KINDS = ("meta", "scopes", "sample", "alert")
+KINDS = ("meta", "scopes", "sample", "alert", "resume")
 
 
 class SchemaError(ValueError):
@@ -125,6 +127,11 @@ class RecordDecoder:
             self.sink.on_meta(changes)
         elif kind == "alert":
             self.sink.on_alert(self._alert(record))
+        elif kind == "resume":  # a resume at a checkpoint's step: see `runlog.live_records`
+            step = _step(record.get("step"))
+            on_resume = getattr(self.sink, "on_resume", None)
+            if on_resume is not None:
+                on_resume(step)
         else:
             raise SchemaError(f"unknown type {str(kind)[:40]!r}")
 

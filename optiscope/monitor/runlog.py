@@ -8,7 +8,10 @@
 * ``{"type": "sample", "step": t, "time": unix_s, "values": {metric: [k, [v, ...]]}}`` — one
   sampled step: for each metric the id of its scope list and one value per scope
   (``NaN``/``Infinity`` as Python's json writes them);
-* ``{"type": "alert", ...}`` — an alert (`Alert` fields).
+* ``{"type": "alert", ...}`` — an alert (`Alert` fields);
+* ``{"type": "resume", "step": k}`` — the run was resumed from a checkpoint at step k: the
+  samples and alerts of steps after k written before this record belong to an abandoned attempt
+  and are void (the reader drops them; the log stays append-only).
 
 A line is written with one ``write`` and a crash leaves at most the last line torn; the reader
 skips it with a warning, and ``resume=True`` cuts it off before appending (else the first new
@@ -43,7 +46,7 @@ from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.records import RecordDecoder
 
 __all__ = ["RUNLOG", "META", "LOCK", "RunLogError", "RunIdentityError", "RunLogWriter",
-           "NullWriter", "check_resume", "open_run", "load_run", "read_records"]
+           "NullWriter", "check_resume", "open_run", "load_run", "read_records", "live_records"]
 
 RUNLOG = "runlog.jsonl"
 META = "meta.json"
@@ -91,6 +94,9 @@ class NullWriter:
         pass
 
     def write_alert(self, alert: Alert) -> None:
+        pass
+
+    def write_resume(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -226,6 +232,11 @@ class RunLogWriter:
 
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])
+
+    def write_resume(self, step: int) -> None:
+        """Records that the run continues after ``step``: what was recorded before for later
+        steps is superseded."""
+        self._append([json.dumps({"type": "resume", "step": int(step)})])
 
     def close(self) -> None:
         if self._fd is None:
@@ -429,6 +440,10 @@ class _HistoryBuilder:
     def on_alert(self, alert: Alert) -> None:
         self.history.alerts.append(alert)
 
+    def on_resume(self, step: int) -> None:
+        if int(self.history.meta.get("steps_taken", 0)) > step:
+            self.history.meta.pop("steps_taken")  # the abandoned attempt's count
+
 
 def load_run(path: str | os.PathLike) -> RunHistory:
     """Reads a run directory (or its ``runlog.jsonl``) into a `RunHistory`.
@@ -448,5 +463,66 @@ def load_run(path: str | os.PathLike) -> RunHistory:
         what = "is not a run directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"optiscope: {str(path)!r} {what}: no {RUNLOG} there")
     builder = _HistoryBuilder()
-    RecordDecoder(builder, source=file).feed(read_records(file))
+    RecordDecoder(builder, source=file).feed(live_records(file))
     return builder.history
+
+
+def _resume_points(path) -> list[tuple[int, int]]:
+    """(line number, step) of each resume record; only lines that mention it are parsed."""
+    points = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if b'"resume"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("type") == "resume":
+                try:
+                    points.append((number, int(record["step"])))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    return points
+
+
+def live_records(path: str | os.PathLike, *, warn: bool = True):
+    """`read_records` without the samples and alerts a later resume record supersedes: a record
+    of step s on line i is void when a resume record at step k < s follows it."""
+    points = _resume_points(path)
+    if not points:
+        yield from read_records(path, warn=warn)
+        return
+    # void_after[j]: the smallest resume step among the resume records after line points[j-1]
+    lines = [n for n, _ in points]
+    floor = [0] * len(points)
+    low = None
+    for j in range(len(points) - 1, -1, -1):
+        low = points[j][1] if low is None else min(low, points[j][1])
+        floor[j] = low
+    j = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            while j < len(lines) and lines[j] < number:
+                j += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if warn:
+                    last = not line.endswith(b"\n")
+                    what = (f"the last line (line {number}) is incomplete: the run was interrupted "
+                            "while writing it, or is writing it now" if last else
+                            f"line {number} is not valid JSON")
+                    warnings.warn(f"optiscope: {path}: {what}; skipped", RuntimeWarning,
+                                  stacklevel=2)
+                continue
+            if (j < len(lines) and isinstance(record, dict)
+                    and record.get("type") in ("sample", "alert")):
+                try:
+                    if int(record["step"]) > floor[j]:
+                        continue
+                except (KeyError, TypeError, ValueError):
+                    pass  # load_run says what is wrong with it
+            yield record

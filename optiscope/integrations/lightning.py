@@ -1,0 +1,99 @@
+"""The monitor inside Lightning: add one callback.
+
+    from optiscope.integrations.lightning import OptimizerMonitorCallback
+    trainer = lightning.Trainer(..., callbacks=[OptimizerMonitorCallback(every=10)])
+
+The callback attaches an `OptimizerMonitor` to the trainer's (first) optimizer when training
+starts, keeps the monitor's step equal to ``trainer.global_step``, records every metric Lightning
+sends to its loggers (``self.log(...)``) as ``trainer/<name>`` at the step it is logged, and
+closes the monitor when training ends. Automatic optimization passes a closure to
+``optimizer.step``: the monitor takes its statistics after the closure ran, and sees the
+gradient before ``gradient_clip_val`` clipped it. The run directory defaults to
+``<default_root_dir>/optiscope``; ``fit(ckpt_path=...)`` continues it at the checkpoint's step.
+With ``on_nonfinite="raise"`` the first sampled step with a non-finite gradient is not applied
+and ``trainer.should_stop`` ends the fit after it, with an error logged that names the tensors.
+Only the global-zero process writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lightning.pytorch.callbacks import Callback
+
+from optiscope.integrations._common import PREFIX, make_monitor, record_logs
+
+__all__ = ["OptimizerMonitorCallback", "PREFIX"]
+
+log = logging.getLogger("optiscope.integrations")
+
+
+class OptimizerMonitorCallback(Callback):
+    """Watches a Lightning trainer's optimizer with an `OptimizerMonitor`.
+
+    Args:
+        **monitor_kwargs: `OptimizerMonitor`'s keyword arguments (``every``, ``log_dir``,
+            ``on_nonfinite``, ...). ``log_dir`` defaults to ``<default_root_dir>/optiscope``
+            and ``console`` to False.
+
+    Attributes:
+        monitor: the monitor, from ``on_train_start`` on (None before).
+    """
+
+    def __init__(self, **monitor_kwargs):
+        if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
+            raise TypeError("OptimizerMonitorCallback: the trainer's optimizer and module are "
+                            "attached at on_train_start; pass only OptimizerMonitor's other "
+                            "keyword arguments")
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor = None
+        self._connector = None
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.optimizers:
+            raise RuntimeError("OptimizerMonitorCallback: the trainer has no optimizer "
+                               "(configure_optimizers returned none)")
+        if len(trainer.optimizers) > 1:
+            log.warning("optiscope: %d optimizers: the monitor watches the first",
+                        len(trainer.optimizers))
+        default_dir = os.path.join(trainer.default_root_dir, "optiscope")
+        self.monitor = make_monitor(trainer.optimizers[0], pl_module, default_dir,
+                                    trainer.global_step, self.monitor_kwargs)
+        self._watch_logging(trainer)
+
+    def _watch_logging(self, trainer) -> None:
+        """Every metric Lightning logs goes through its logger connector's ``log_metrics``:
+        wrapped on this trainer only (undone at the end of training)."""
+        connector = getattr(trainer, "_logger_connector", None)
+        original = getattr(connector, "log_metrics", None)
+        if original is None:
+            log.warning("optiscope: this Lightning version has no logger connector to read the "
+                        "logged metrics from; they are not recorded")
+            return
+
+        def log_metrics(metrics, step=None):
+            if self.monitor is not None and metrics:
+                record_logs(self.monitor, {k: v for k, v in metrics.items() if k != "step"},
+                            trainer.global_step)
+            return original(metrics, step)
+
+        connector.log_metrics = log_metrics
+        self._connector = connector
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.monitor is not None:
+            self.monitor._align_step(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.monitor is not None and self.monitor.stopped is not None and not trainer.should_stop:
+            trainer.should_stop = True
+            log.error("optiscope: stopping the trainer at step %d: %s", trainer.global_step,
+                      self.monitor.stopped)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._connector is not None and "log_metrics" in vars(self._connector):
+            del self._connector.log_metrics
+            self._connector = None
+        if self.monitor is not None:
+            self.monitor.close()

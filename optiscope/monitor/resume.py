@@ -1,0 +1,46 @@
+"""Resuming a run where its checkpoint left it, and the wrappers trainers put around objects.
+
+A resumed run continues at the checkpoint's step k, not at the last step the crashed attempt
+recorded: the run log gets a ``{"type": "resume", "step": k}`` record, and `load_run` voids every
+earlier sample and alert of a step after k (the log itself stays append-only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from optiscope.monitor.history import RunHistory
+
+__all__ = ["drop_after", "unwrap_optimizer"]
+
+
+def drop_after(history: RunHistory, step: int) -> None:
+    """Removes the values and alerts of steps after ``step`` from ``history`` (in place)."""
+    for series in history._series.values():
+        keep = np.flatnonzero(series.steps[: series.n] <= step)
+        if len(keep) == series.n:
+            continue
+        n = len(keep)
+        series.steps[:n] = series.steps[keep]
+        series.values[:n] = series.values[keep]
+        series.recorded[:n] = series.recorded[keep]
+        series.n = n
+    history.alerts[:] = [a for a in history.alerts if a.step <= step]
+    if int(history.meta.get("steps_taken", 0)) > step:
+        history.meta.pop("steps_taken")
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` or Lightning's
+    ``LightningOptimizer``: the wrappers do not hold the step hooks the monitor needs (they
+    subclass `torch.optim.Optimizer` without running its ``__init__``)."""
+    seen = 0
+    while seen < 8 and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
