@@ -98,7 +98,8 @@ def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step
                 mon.log_scalar("loss", loss)
                 report = getattr(opt, "last_compression", None)
                 if report is not None:
-                    sent, ring, probe = report.bytes_sent, report.fp32_ring_bytes, report.probe_bytes
+                    sent, ring = report.bytes_sent, report.fp32_ring_bytes
+                    probe = report.probe_bytes
             model.eval()
             with torch.no_grad():
                 val = float(_loss(model, *data.validation()))

@@ -9,8 +9,8 @@ back at the next.
 The compressed all-reduce (`onebit_allreduce`, in `optiscope.optimizers.onebit_comm` and
 exported here) is built on two collectives, ``all_to_all_single`` and ``all_gather``, so it runs
 on NCCL on GPUs and on gloo on CPUs; with no process group it is the same algorithm over a world
-of one. On CUDA tensors the sign bits are packed by a Triton
-kernel (`optiscope.kernels.onebit`), elsewhere by torch ops; the two pack the same bytes.
+of one. On CUDA tensors the sign bits are packed by a Triton kernel (`optiscope.kernels.onebit`),
+elsewhere by torch ops; the two pack the same bytes.
 
 Differences from the DeepSpeed reference (``deepspeed/runtime/fp16/onebit/adam.py``), on purpose:
 
@@ -530,7 +530,7 @@ def onebit_ddp_hook(state: OneBitAdam, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-# ================================================================================ the monitor's probe
+# ============================================================================ the monitor's probe
 
 
 @dataclass
