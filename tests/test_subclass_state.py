@@ -217,6 +217,7 @@ def test_monitor_reads_a_dequantizable_subclass_state_through_dequantize():
     expected_bytes = sum(2 * (p.numel() + 4) + 4 for p in model.parameters())
     assert _at(history, "state_bytes", "global", 3) == expected_bytes
     assert "moment1_norm" not in history.meta["skipped_metrics"]
+    assert "keeps quantized state (Packed)" in history.meta["skipped_metrics"]["quant_error"]
 
 
 def test_monitor_skips_moments_of_an_unreadable_subclass_with_a_reason_once():
@@ -293,3 +294,4 @@ def test_monitor_on_torchao_low_bit_adamw(bits, tmp_path):
                     bits, step, name, metric, at(metric, name, step), expected)
     assert quantized == 3 * 2  # the first weight's two moments at each of 3 steps
     assert "moment1_norm" not in run["skipped"] and "moment2_norm" not in run["skipped"]
+    assert f"keeps quantized state (OptimState{bits})" in run["skipped"]["quant_error"]

@@ -232,6 +232,7 @@ class Collector:
         self._constants: dict[tuple, Tensor] = {}
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
+        self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -401,6 +402,13 @@ class Collector:
             rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
 
+    def no_quant_error_reason(self, cls: str) -> str:
+        """Why an optimizer that produces no quantization error has none."""
+        if not self.dequantized:
+            return f"{cls} does not compress its state"
+        return (f"{cls} keeps quantized state ({', '.join(sorted(self.dequantized))}), but "
+                "optiscope measures the compression error of its own optimizers only")
+
     def _unreadable(self, metrics: tuple[str, ...], key: str, value: Tensor) -> None:
         why = (f"the optimizer's state {key!r} is a {type(value).__module__}."
                f"{type(value).__qualname__}, a tensor subclass without dequantize(): optiscope "
@@ -435,6 +443,7 @@ class Collector:
                     m1.append((i, values))
                 else:  # a dequantized copy: summed now, freed before the next one is made
                     rows[i, Col.MOMENT1_SQ] = torch_sq_norms([values])[0].to(device)
+                    self.dequantized.add(type(local(m)).__qualname__)
             if not layout.has_second(state):
                 continue
             if layout.v_method is not None:  # computed by the optimizer (MicroAdam's window)

@@ -466,7 +466,7 @@ class OptimizerMonitor(StepControl):
         # none (OneBitAdam compresses only after its freeze step).
         if (Col.QUANT_ERROR_SQ not in self.collector.produced
                 and np.isnan(rows[:, Col.QUANT_ERROR_SQ]).all()):
-            reasons["quant_error"] = f"{cls} does not compress its state"
+            reasons["quant_error"] = self.collector.no_quant_error_reason(cls)
         if np.isnan(rows[:, Col.GRAD_DIAG]).all():
             why = f"{cls} does not rotate its gradients into a basis of its own (AdaDiag does)"
             reasons["grad_diagonality"] = reasons["grad_diagonality_original"] = why

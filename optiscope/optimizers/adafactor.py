@@ -16,7 +16,7 @@ from torch import Tensor
 
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.launch import buckets
+from optiscope.kernels.launch import buckets, local
 from optiscope.kernels.stats import Stat, StatsRows, sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.monitor.layouts import MomentLayout
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
@@ -237,6 +237,12 @@ def adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor |
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (default ``"auto"``).
         stats: where to write statistics rows (`Adafactor.stat_columns`), or None.
     """
+    # The local tensors of (replicated) DTensors, as `adam` takes them: a DTensor's data_ptr is 0,
+    # not an address the Triton kernel may read (sharded ones are refused by `Adafactor`).
+    params, grads, row_vars, col_vars, exp_avg_sqs = (
+        [local(t) if t is not None else None for t in ts]
+        for ts in (params, grads, row_vars, col_vars, exp_avg_sqs))
+    exp_avgs = [local(t) for t in exp_avgs] if exp_avgs is not None else None
     impl = {"triton": _adafactor_triton, "torch": _adafactor_torch}[
         resolve_backend(backend, params[0].device, "Adafactor")]
     impl(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, state_steps, lr=lr, eps=eps,
