@@ -173,8 +173,6 @@ def test_tensorboard_skips_and_counts(damaged_run, capfd, tmp_path):
     assert f"skipped {n} record(s)" in err and list((tmp_path / "tb").glob("*tfevents*"))
 
 
-@pytest.mark.xfail(reason="scalar names are escaped by the console dashboard (dashboards/"
-                          "console.py, being split on another branch)", strict=False)
 def test_watch_once_with_rich_markup_in_a_scalar_name(clean_run, capfd, tmp_path):
     lines, g = clean_run
     extra = ['{"type": "sample", "step": 4, "values": {"[/]loss": [%d, [0.5]], '

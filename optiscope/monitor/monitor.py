@@ -140,6 +140,8 @@ class OptimizerMonitor(StepControl):
         writes = log_dir is not None and self.topology.writes
         self.writer, failure = NullWriter(), None
         self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
+        if log_dir is not None:  # a tracker names a run it starts after its directory
+            self.history.meta["log_dir"] = str(Path(log_dir).resolve())
         if writes:  # with resume, the logged run's history, once it is known to be this run
             try:
                 self.writer, self.history = open_run(log_dir, resume=resume, meta=self.history.meta)
