@@ -132,5 +132,9 @@ def _forward_kwargs(value) -> dict | None:
     if not isinstance(value, dict) or not set(value) <= set(_FORWARD_KEYS):
         raise TypeError(f"OptimizerMonitorCallback: log_to_trainer must be True, False or a dict "
                         f"with keys among {list(_FORWARD_KEYS)}, got {value!r}")
-    LoggerSink([], **value)  # a bad pattern or top raises here, not at on_train_start
+    try:  # a bad pattern or top raises here, not at on_train_start
+        LoggerSink([], **value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"OptimizerMonitorCallback: log_to_trainer: "
+                        f"{str(exc).removeprefix('LoggerSink: ')}") from None
     return dict(value)
