@@ -149,3 +149,64 @@ def test_lightning_crash_and_resume_from_checkpoint(tmp_path):
     truth = {**{s: first[s] for s in range(1, 5)}, **resumed.norm}
     for s, v in zip(steps, values):
         assert v == pytest.approx(truth[s], rel=1e-5)
+
+
+class _Broken(pl.loggers.Logger):
+    """A logger whose backend rejects the monitor's values (and only those)."""
+
+    name, version = "broken", 0
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("optiscope/") for k in metrics):
+            self.calls += 1
+            raise ConnectionError("tracker unreachable")
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_lightning_log_to_trainer_csv(tmp_path, caplog):
+    """Every chosen value reaches Lightning's CSVLogger at its optimizer step, equal to the run
+    log's; a failing logger is reported once and training goes on."""
+    import csv
+    import logging
+
+    module = _Module()
+    names = {n for n, _ in module.named_parameters()}
+    csv_logger = pl.loggers.CSVLogger(tmp_path / "csv", name="run", version=0)
+    broken = _Broken()
+    with caplog.at_level(logging.ERROR, logger="optiscope"):
+        trainer = _fit(tmp_path, module, OptimizerMonitorCallback(every=2, log_to_trainer=True),
+                       logger=[csv_logger, broken])
+    assert trainer.global_step == 8
+    assert broken.calls == 1
+    assert len([r for r in caplog.records if "_Broken failed" in r.getMessage()]) == 1
+
+    with open(tmp_path / "csv" / "run" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        for key, cell in row.items():
+            if key.startswith("optiscope/") and cell != "":
+                metric, scope = key[len("optiscope/"):].split("/", 1)
+                assert int(row["step"]) not in got.setdefault((metric, scope), {})
+                got[(metric, scope)][int(row["step"])] = float(cell)
+    assert "train_loss" in rows[0] or any(r.get("train_loss") for r in rows)  # Lightning's own
+
+    run = load_run(tmp_path / "optiscope")
+    # The default budget: every run-wide value, and grad_norm and update_ratio per tensor (this
+    # model has 4 tensors, fewer than top=20); the trainer's logged values are not sent back.
+    want = {(m, s) for m in run.metrics() for s in run.scopes(m)
+            if not m.startswith("trainer/") and (s not in names or m in ("grad_norm", "update_ratio"))}
+    assert set(got) == want
+    assert ("grad_norm", "net.0.weight") in want and ("lr", "group0") in want
+    for metric, scope in want:
+        steps, values = run.series(metric, scope)
+        assert sorted(got[(metric, scope)]) == steps.tolist(), (metric, scope)
+        for s, v in zip(steps.tolist(), values.tolist()):
+            assert got[(metric, scope)][s] == pytest.approx(v, rel=1e-5, nan_ok=True), (metric, s)
+    assert run.series("grad_norm")[0].tolist() == [1, 3, 5, 7]

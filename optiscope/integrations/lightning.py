@@ -13,6 +13,15 @@ gradient before ``gradient_clip_val`` clipped it. The run directory defaults to
 With ``on_nonfinite="raise"`` the first sampled step with a non-finite gradient is not applied
 and ``trainer.should_stop`` ends the fit after it, with an error logged that names the tensors.
 Only the global-zero process writes.
+
+With ``log_to_trainer=True`` the monitor's values also go to the trainer's own loggers
+(``trainer.loggers``: TensorBoard, W&B, MLflow, CSV, whatever was configured) on each sample, as
+``optiscope/<metric>/<scope>`` at the optimizer step, through a `LoggerSink`
+(``optiscope.dashboards.loggers``: the tracker sinks' key budget, the run-wide values plus
+``grad_norm`` and ``update_ratio`` of the 20 tensors with the largest gradient norm). A dict
+instead of True sets that sink's ``metrics``, ``scopes``, ``top`` and ``prefix``. The trainer's
+own logged values (``trainer/...``) are not sent back. A logger that fails is reported once and
+gets nothing more; training goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import os
 
 from lightning.pytorch.callbacks import Callback
 
+from optiscope.dashboards.loggers import LoggerSink
 from optiscope.integrations._common import PREFIX, make_monitor, record_logs
 
 __all__ = ["OptimizerMonitorCallback", "PREFIX"]
@@ -33,6 +43,8 @@ class OptimizerMonitorCallback(Callback):
     """Watches a Lightning trainer's optimizer with an `OptimizerMonitor`.
 
     Args:
+        log_to_trainer: also send the monitor's values to the trainer's loggers (True, or a dict
+            of `LoggerSink`'s ``metrics``, ``scopes``, ``top``, ``prefix``; default False).
         **monitor_kwargs: `OptimizerMonitor`'s keyword arguments (``every``, ``log_dir``,
             ``on_nonfinite``, ...). ``log_dir`` defaults to ``<default_root_dir>/optiscope``
             and ``console`` to False.
@@ -41,11 +53,12 @@ class OptimizerMonitorCallback(Callback):
         monitor: the monitor, from ``on_train_start`` on (None before).
     """
 
-    def __init__(self, **monitor_kwargs):
+    def __init__(self, *, log_to_trainer: bool | dict = False, **monitor_kwargs):
         if "optimizer" in monitor_kwargs or "model" in monitor_kwargs:
             raise TypeError("OptimizerMonitorCallback: the trainer's optimizer and module are "
                             "attached at on_train_start; pass only OptimizerMonitor's other "
                             "keyword arguments")
+        self._forward = _forward_kwargs(log_to_trainer)
         self.monitor_kwargs = monitor_kwargs
         self.monitor = None
         self._connector = None
@@ -58,8 +71,16 @@ class OptimizerMonitorCallback(Callback):
             log.warning("optiscope: %d optimizers: the monitor watches the first",
                         len(trainer.optimizers))
         default_dir = os.path.join(trainer.default_root_dir, "optiscope")
+        kwargs = dict(self.monitor_kwargs)
+        if self._forward is not None and trainer.is_global_zero:
+            if not trainer.loggers:
+                log.warning("optiscope: log_to_trainer=True, but the trainer has no logger")
+            else:
+                sink = LoggerSink(lambda: trainer.loggers, exclude=PREFIX + "*",
+                                  **self._forward)
+                kwargs["sinks"] = [*kwargs.get("sinks", ()), sink]
         self.monitor = make_monitor(trainer.optimizers[0], pl_module, default_dir,
-                                    trainer.global_step, self.monitor_kwargs)
+                                    trainer.global_step, kwargs)
         self._watch_logging(trainer)
 
     def _watch_logging(self, trainer) -> None:
@@ -97,3 +118,23 @@ class OptimizerMonitorCallback(Callback):
             self._connector = None
         if self.monitor is not None:
             self.monitor.close()
+
+
+_FORWARD_KEYS = ("metrics", "scopes", "top", "prefix")
+
+
+def _forward_kwargs(value) -> dict | None:
+    """``log_to_trainer`` as LoggerSink's keyword arguments (None: off), checked now."""
+    if value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= set(_FORWARD_KEYS):
+        raise TypeError(f"OptimizerMonitorCallback: log_to_trainer must be True, False or a dict "
+                        f"with keys among {list(_FORWARD_KEYS)}, got {value!r}")
+    try:  # a bad pattern or top raises here, not at on_train_start
+        LoggerSink([], **value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"OptimizerMonitorCallback: log_to_trainer: "
+                        f"{str(exc).removeprefix('LoggerSink: ')}") from None
+    return dict(value)
