@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optiscope.contract import capabilities
 from optiscope.dashboards.sink import Sink
 from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
@@ -112,16 +113,17 @@ class OptimizerMonitor:
             spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler)
         check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
+        self.caps = capabilities(optimizer)  # what it provides of the contract, read once
         self.model = model
         self.every = every
         if freeze_probe is None:
-            freeze_probe = _declared_freeze_step(optimizer)
+            freeze_probe = self.caps.freeze_step
         self.freeze_probe = freeze_probe
         self.strict = strict
         self.slots = self._slots()
         self.topology = Topology([s.param for s in self.slots], process_group)
         self.collector = Collector(
-            optimizer, self.slots, declared=tuple(getattr(optimizer, "state_layouts", ())),
+            optimizer, self.slots, caps=self.caps,
             sample_size=sample_size, topk_density=topk_density, topk_block=topk_block,
             freeze_step=freeze_probe, seed=seed)
         self.rules = AlertRules(spike_factor, update_ratio_band)
@@ -328,7 +330,7 @@ class OptimizerMonitor:
             self._fused_skips = fused_skips if self._fused_skips is None else self._fused_skips + fused_skips
         if self._fused_skips is not None:
             current.skipped_device = _to_host(self._fused_skips)
-        declared = getattr(self.optimizer, "group_lrs", None)  # e.g. Adafactor's relative step
+        declared = self.caps.group_lrs  # e.g. Adafactor's relative step
         lrs = declared() if declared is not None else [g.get("lr") for g in self.optimizer.param_groups]
         current.lrs = [math.nan if lr is None else float(lr) for lr in lrs]
         current.state_bytes = self._state_bytes()
@@ -547,7 +549,7 @@ class OptimizerMonitor:
                     total += nbytes
                     per_key[key] = per_key.get(key, 0) + nbytes
             per_tensor.append(total)
-        shared = getattr(self.optimizer, "shared_state_bytes", None)
+        shared = self.caps.shared_state_bytes
         device = local(self.slots[0].param).device if self.slots else torch.device("cpu")
         cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         return per_tensor, per_key, int(shared()) if shared else 0, cuda
@@ -569,14 +571,14 @@ class OptimizerMonitor:
         return dict(
             optimizer=f"{type(opt).__module__}.{type(opt).__qualname__}",
             optimizer_name=type(opt).__name__,
-            backend=_backend(opt, self.slots),
+            backend=_backend(opt, self.caps.backend, self.slots),
             hyperparameters=groups,
             params=params,
             n_params=sum(p["numel"] for p in params),
             param_bytes=sum(s.param.numel() * s.param.element_size() for s in self.slots),
             every=self.every, sample_size=sample_size, topk_density=topk_density,
             topk_block=topk_block, freeze_probe=self.freeze_probe,
-            second_moment_frozen_at=_declared_freeze_step(opt),
+            second_moment_frozen_at=self.caps.freeze_step,
             produced_by_optimizer=sorted(c.name.lower() for c in self.collector.produced),
             world_size=self.topology.world, sharded=self.topology.sharded,
             versions=dict(optiscope=__version__, torch=torch.__version__, triton=triton_version,
@@ -585,9 +587,8 @@ class OptimizerMonitor:
         )
 
 
-def _backend(optimizer, slots) -> str | None:
+def _backend(optimizer, backend: str | None, slots) -> str | None:
     """A bundled optimizer's backend and what runs under it, e.g. ``"auto: torch (C kernel)"``."""
-    backend = getattr(optimizer, "backend", None)
     if backend != "auto" or not slots:
         return backend
     from optiscope.kernels.backend import describe_backend
@@ -640,11 +641,3 @@ def _console_sink(console) -> Sink | None:
     if console is True:
         return ConsoleDashboard()
     return ConsoleDashboard(console)
-
-
-def _declared_freeze_step(optimizer) -> int | None:
-    """The ``freeze_step`` of an optimizer that freezes its second moment and says so (a layout
-    with ``v_unfrozen_method``): the step ``moment2_drift_since_freeze`` compares with."""
-    if any(layout.v_unfrozen_method for layout in getattr(optimizer, "state_layouts", ())):
-        return getattr(optimizer, "freeze_step", None)
-    return None

@@ -12,11 +12,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.cpu import NSTATS, BlockSums, adam_f32, kernel
 from optiscope.kernels.launch import buckets, densify, local, write_back
-from optiscope.kernels.stats import Stat, StatsRows
-from optiscope.monitor.layouts import MomentLayout
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
 __all__ = ["Adam", "AdamW", "adam"]

@@ -18,11 +18,11 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import buckets, local
-from optiscope.kernels.stats import Stat, StatsRows, torch_grad_stats
-from optiscope.monitor.layouts import MomentLayout
+from optiscope.kernels.stats import torch_grad_stats
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
 __all__ = ["MicroAdam", "microadam", "TOPK_BLOCK_SIZE", "QUANT_BLOCK_SIZE", "Blocks", "blocks",
@@ -136,7 +136,7 @@ class MicroAdam(OptiscopeOptimizer):
                                         "steps")
     state_layouts: ClassVar[tuple[MomentLayout, ...]] = (
         MomentLayout("microadam (v̂ re-estimated from the window of sparse gradients)",
-                     requires=("I", "V"), v_method="moment2_at"),)
+                     requires=("I", "V"), v_computed=True),)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10,
