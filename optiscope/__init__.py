@@ -4,8 +4,7 @@
     from optiscope.optimizers import AdamW
 """
 
-__version__ = "0.1.0"
-
-from optiscope.monitor import Alert, OptimizerMonitor, RunHistory, load_run  # noqa: E402
+from optiscope._version import __version__
+from optiscope.monitor import Alert, OptimizerMonitor, RunHistory, load_run
 
 __all__ = ["OptimizerMonitor", "load_run", "RunHistory", "Alert", "__version__"]

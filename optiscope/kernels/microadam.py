@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.blocks import blocks
 from optiscope.kernels.launch import address_table, chunk_map, densify, tl_dtype, write_back
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
-from optiscope.optimizers.microadam import blocks
 
 __all__ = ["microadam_step", "max_programs", "RESIDENT_PER_SM"]
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optiscope._version import __version__
 from optiscope.contract import capabilities
 from optiscope.dashboards.sink import Sink
 from optiscope.monitor.alerts import AlertRules
@@ -567,7 +568,6 @@ class OptimizerMonitor:
             triton_version = triton.__version__
         except Exception:
             triton_version = None
-        from optiscope import __version__
         return dict(
             optimizer=f"{type(opt).__module__}.{type(opt).__qualname__}",
             optimizer_name=type(opt).__name__,
