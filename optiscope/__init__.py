@@ -5,6 +5,7 @@
 """
 
 from optiscope._version import __version__
-from optiscope.monitor import Alert, OptimizerMonitor, RunHistory, load_run
+from optiscope.api import OptimizerMonitor
+from optiscope.monitor import Alert, RunHistory, load_run
 
 __all__ = ["OptimizerMonitor", "load_run", "RunHistory", "Alert", "__version__"]

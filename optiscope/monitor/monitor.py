@@ -1,4 +1,5 @@
-"""OptimizerMonitor: watch any torch optimizer through its step hooks.
+"""MonitorCore: watch any torch optimizer through its step hooks (`optiscope.OptimizerMonitor`,
+in optiscope/api.py, adds the default dashboards).
 
 The monitor never replaces ``optimizer.step``: it registers a pre-hook and a post-hook, so LR
 schedulers, GradScaler and checkpointing keep working with the original optimizer object. On a
@@ -27,7 +28,6 @@ from torch import Tensor
 
 from optiscope._version import __version__
 from optiscope.contract import capabilities
-from optiscope.dashboards.sink import Sink
 from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
@@ -38,8 +38,9 @@ from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.sampling import sample_count
+from optiscope.monitor.sink import Sink
 
-__all__ = ["OptimizerMonitor"]
+__all__ = ["MonitorCore"]
 
 log = logging.getLogger("optiscope.monitor")
 
@@ -60,7 +61,7 @@ class _Pending:
     sealed: bool = False
 
 
-class OptimizerMonitor:
+class MonitorCore:
     """Watches an optimizer and records the metrics of `TENSOR_METRICS` on sampled steps.
 
     Args:
@@ -156,15 +157,10 @@ class OptimizerMonitor:
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self._report = report and writes
         self.sinks: list[Sink] = []
         if self.topology.writes:
-            dashboard = _console_sink(console)
-            if dashboard is not None:
-                self.sinks.append(dashboard)
-            if writes and tensorboard:
-                from optiscope.dashboards.tensorboard import TensorBoardSink
-                self.sinks.append(TensorBoardSink(log_dir))
+            self.sinks.extend(self._default_sinks(console, tensorboard and writes,
+                                                  report and writes))
             self.sinks.extend(sinks)
         self._emit("on_meta", dict(self.history.meta))
 
@@ -230,29 +226,18 @@ class OptimizerMonitor:
                 raise
             log.error("%s", exc)  # one line: what was lost from the file, where, and where it is
         finally:
-            if self._report:
-                self._write_report()
+            self._after_close()
 
-    def _write_report(self) -> None:
-        """``report.html`` and ``trends.png`` in the run directory; a failure is logged (the run
-        log is complete by now: ``optiscope report`` can make them again)."""
-        from optiscope.dashboards.png import write_png
-        from optiscope.dashboards.report import write_report
-        name = self.log_dir.name or str(self.log_dir)
-        for what, fn, file in (("report", write_report, "report.html"),
-                               ("PNG", write_png, "trends.png")):
-            try:
-                fn([self.history], self.log_dir / file, names=[name])
-            except Exception as exc:
-                if self.strict:
-                    raise
-                # A full or read-only disk is said in one line; anything else is a bug: traceback.
-                (log.error if isinstance(exc, OSError) else log.exception)(
-                    "optiscope: writing the %s %s failed%s; run `optiscope report %s` to try "
-                    "again", what, self.log_dir / file,
-                    f" ({exc})" if isinstance(exc, OSError) else "", self.log_dir)
+    # The dashboards are chosen above this layer (optiscope/api.py): the core draws none.
+    def _default_sinks(self, console, tensorboard: bool, report: bool) -> list[Sink]:
+        """The sinks ``console=``, ``tensorboard=`` and ``report=`` ask for (``tensorboard`` and
+        ``report`` already False without a run directory on this rank): none here."""
+        return []
 
-    def __enter__(self) -> "OptimizerMonitor":
+    def _after_close(self) -> None:
+        """Called by `close` once the run log is closed (the HTML report is written there)."""
+
+    def __enter__(self) -> "MonitorCore":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -625,19 +610,3 @@ def _jsonable(v):
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     return repr(v)
-
-
-def _console_sink(console) -> Sink | None:
-    """The dashboard that ``console=`` asks for (see `OptimizerMonitor`)."""
-    if console is False or console is None:
-        return None
-    if isinstance(console, Sink):
-        return console
-    if console == "auto":
-        if not sys.stdout.isatty():
-            return None
-        console = True
-    from optiscope.dashboards.console import ConsoleDashboard
-    if console is True:
-        return ConsoleDashboard()
-    return ConsoleDashboard(console)
