@@ -4,10 +4,10 @@
     from optiscope.optimizers import AdamW
 """
 
-__version__ = "0.1.0"
-
-from optiscope.monitor import Alert, OptimizerMonitor, RunHistory, load_run  # noqa: E402
-from optiscope.monitor.nonfinite import NonFiniteGradientError  # noqa: E402
+from optiscope._version import __version__
+from optiscope.api import OptimizerMonitor
+from optiscope.monitor import Alert, RunHistory, load_run
+from optiscope.monitor.nonfinite import NonFiniteGradientError
 
 __all__ = ["OptimizerMonitor", "load_run", "RunHistory", "Alert", "NonFiniteGradientError",
            "__version__"]

@@ -382,7 +382,7 @@ def test_rounds_are_whole_periods():
 
 
 def test_a_monitor_that_fails_is_an_error_and_the_other_optimizers_still_run(monkeypatch):
-    from optiscope.monitor.monitor import OptimizerMonitor
+    from optiscope import OptimizerMonitor
 
     def exploding(self):
         if not self.collector.produced:  # only the foreign optimizer's monitor

@@ -172,7 +172,7 @@ def test_the_constant_cache_keys_on_dtype_and_device():
     from optiscope.monitor.collect import Collector
 
     p = torch.nn.Parameter(torch.ones(2))
-    c = Collector(torch.optim.SGD([p], lr=0.1), [], declared=(), sample_size=None,
+    c = Collector(torch.optim.SGD([p], lr=0.1), [], sample_size=None,
                   topk_density=None, topk_block=8, freeze_step=None, seed=0)
     lengths = c._on([1, 2], "cpu")
     scales = c._on([1.0, 2.0], "cpu")

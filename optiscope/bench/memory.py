@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from optiscope.bench.cases import format_count, gpt2_shapes
+from optiscope.contract import capabilities
 
 __all__ = ["MemoryModel", "MemoryOptimizer", "MEMORY_MODELS", "MEMORY_OPTIMIZERS", "llama_shapes",
            "state_bytes", "memory_table"]
@@ -121,7 +122,7 @@ def state_bytes(optimizer: MemoryOptimizer, shapes: tuple[Shape, ...], *,
                     continue
                 seen.add(id(value))
                 per_key[key] = per_key.get(key, 0) + value.numel() * value.element_size()
-    shared = getattr(opt, "shared_state_bytes", None)
+    shared = capabilities(opt).shared_state_bytes
     if shared is not None and shared():
         per_key["shared"] = int(shared())
     return sum(per_key.values()), per_key

@@ -234,7 +234,7 @@ def _memory_plan(workload: Workload, n_optimizers: int, settings: Settings) -> i
 
 def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: Settings,
                   clock: Clock, skipped: list[dict], errors: list[dict]) -> list[dict]:
-    from optiscope.monitor.monitor import OptimizerMonitor
+    from optiscope import OptimizerMonitor
 
     oh, device, size = settings.overhead, settings.device, itemsize(settings.dtype)
     monitored = sorted([(n, False) for n in oh.everies]
@@ -387,7 +387,7 @@ def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: S
 
 
 def _monitor_defaults() -> dict:
-    from optiscope.monitor.monitor import OptimizerMonitor
+    from optiscope import OptimizerMonitor
 
     signature = inspect.signature(OptimizerMonitor)
     return {name: p.default for name, p in signature.parameters.items()

@@ -1,47 +1,12 @@
-"""What every dashboard consumes: a run's records, live from a monitor or replayed from a run log.
-
-A sink sees the same three kinds of record the run log holds (``optiscope.monitor.runlog``):
-
-* ``on_meta(changes)``: the run's metadata; first the whole of it, later keys learnt during the
-  run (``skipped_metrics``, ``steps_taken``);
-* ``on_sample(step, time, values)``: one sampled step, ``values[metric] = (scopes, numbers)``
-  with ``"global"`` first for the monitor's metrics, user scalars such as ``loss`` as
-  ``(["global"], [x])``, ``lr`` as ``(["group0", ...], [...])`` and ``state_bytes`` with
-  ``"global"``, then one scope per tensor, then ``"key/<state key>"`` scopes;
-* ``on_alert(alert)``: an `Alert`.
-
-`OptimizerMonitor` calls its sinks after each decoded sample; `RecordDecoder`
-(``optiscope.monitor.records``, which checks each record against the run-log schema) feeds a sink
-the records of a run log, so ``optiscope watch`` and ``optiscope report`` show what the live views
-showed.
-Sinks only consume: they never reach back into the optimizer or the monitor.
+"""The sink interface, as the dashboards import it: `Sink` and `Values` are defined with the
+monitor that calls them (`optiscope.monitor.sink`, which describes the records), `RecordDecoder`
+with the run log (`optiscope.monitor.records`); both are re-exported here, the dashboards' way to
+subclass a sink and to replay a run log into one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-from optiscope.monitor.history import Alert
-# The one decoder of the run-log format (with its schema) lives with the run log; it is exported
-# here too, as the dashboards' way to replay a run log into a sink.
 from optiscope.monitor.records import RecordDecoder
+from optiscope.monitor.sink import Sink, Values
 
 __all__ = ["Sink", "Values", "RecordDecoder"]
-
-Values = dict[str, tuple[Sequence[str], Sequence[float]]]
-
-
-class Sink:
-    """Base class of the dashboards: every method is a no-op here."""
-
-    def on_meta(self, changes: dict) -> None:
-        """Run metadata: the whole of it first, then keys added or replaced during the run."""
-
-    def on_sample(self, step: int, time: float, values: Values) -> None:
-        """One sampled step (see the module docstring for ``values``)."""
-
-    def on_alert(self, alert: Alert) -> None:
-        """An alert, after the sample that raised it."""
-
-    def close(self) -> None:
-        """The run is over (or the viewer stops): flush and release what the sink holds."""

@@ -6,7 +6,7 @@ import logging
 import numbers
 from pathlib import Path
 
-from optiscope.monitor.monitor import OptimizerMonitor
+from optiscope.api import OptimizerMonitor
 from optiscope.monitor.runlog import RUNLOG
 
 __all__ = ["PREFIX", "make_monitor", "record_logs"]

@@ -14,13 +14,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.cpu import ADAM_STATS  # fills Stat columns 0..7
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
                                      densify, tl_dtype, write_back)
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 
 __all__ = ["adam_step"]
 
-ADAM_STATS = 8  # fills Stat columns 0..7: gradient, parameter, update and moment sums
 assert Stat.MOMENT2_SQ == ADAM_STATS - 1
 
 

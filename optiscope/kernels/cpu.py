@@ -34,7 +34,7 @@ from torch import Tensor
 
 from optiscope.kernels.launch import is_dense
 
-__all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "NSTATS", "sums_apply", "sq_sums_f32",
+__all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "ADAM_STATS", "sums_apply", "sq_sums_f32",
            "sq_sums_small_f32", "grad_sums_f32", "take_f32", "microadam_f32",
            "microadam_v_at", "MICROADAM_STATS"]
 
@@ -42,7 +42,11 @@ log = logging.getLogger("optiscope.kernels")
 # One library of the C kernels: Adam with statistics and the monitor's sums (cpu_adam.c), and
 # MicroAdam's step (cpu_microadam.c).
 SOURCES = (Path(__file__).with_name("cpu_adam.c"), Path(__file__).with_name("cpu_microadam.c"))
-NSTATS = 8
+# Columns the kernels fill, Stat's first ADAM_STATS (gradient, parameter, update and moment
+# sums) and MICROADAM_STATS (those and the quantization and top-k sums); the Triton kernels
+# (kernels/adam.py, kernels/microadam.py) use the same names.
+ADAM_STATS = 8
+MICROADAM_STATS = 12
 # -ffp-contract=off: no fused multiply-adds, so an element's result does not depend on how the
 # loop was vectorised; no -ffast-math: NaN and inf behave as in torch. -fno-math-errno lets sqrtf
 # vectorise (it changes no result): without it the step ran at 1/3 of torch's fused kernel.
@@ -358,8 +362,6 @@ def take_f32(x: Tensor, index: Tensor) -> Tensor:
         return out
     return torch.index_select(flat, 0, index).float()
 
-
-MICROADAM_STATS = 12
 
 
 def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_vals: Tensor,

@@ -34,15 +34,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.blocks import blocks
+from optiscope.kernels.cpu import MICROADAM_STATS
 from optiscope.kernels.launch import address_table, chunk_map, densify, tl_dtype, write_back
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
-from optiscope.optimizers.microadam import blocks
 
 __all__ = ["microadam_step", "max_programs", "RESIDENT_PER_SM"]
 
 NUM_WARPS = 8  # a 4096-entry block is 16 float32 registers per thread at 8 warps
-MICROADAM_STATS = 12  # fills Stat columns 0..11: gradient, parameter, update, moment,
-assert Stat.TOPK_TOTAL_SQ == MICROADAM_STATS - 1  # quantization and top-k sums
+assert Stat.TOPK_TOTAL_SQ == MICROADAM_STATS - 1  # columns 0..11: up to the top-k sums
 
 # Rows of the per-tensor metadata table (int64 [_N_FIELDS, T]).
 _NUMEL = tl.constexpr(0)

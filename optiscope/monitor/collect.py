@@ -17,8 +17,9 @@ from torch import Tensor
 
 from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
-from optiscope.kernels.stats import SUM_ROW, Stat
-from optiscope.monitor.layouts import MomentLayout, find_layout
+from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
+from optiscope.kernels.stats import SUM_ROW
+from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import NUM_COLS, Col
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
@@ -201,11 +202,12 @@ class Collector:
     """Computes one sampled step's per-tensor sums.
 
     Args:
-        optimizer: the watched optimizer; ``stat_columns`` and ``request_stats`` on it say which
-            sums its step produces itself.
+        optimizer: the watched optimizer.
         slots: the tracked tensors, in scope order.
-        declared: moment layouts the optimizer declares (``state_layouts``), tried before
-            torch.optim's.
+        caps: what the optimizer provides of the contract (`optiscope.contract.capabilities`,
+            read here when None): the sums its step produces itself (``stat_columns``), its
+            moment layouts (``state_layouts``, tried before torch.optim's), a second moment it
+            computes.
         sample_size: coordinates per tensor for copy-based statistics (None: automatic budget).
         topk_density, topk_block: the top-k probe (density ρ and block size B), or density None
             for no probe.
@@ -213,13 +215,14 @@ class Collector:
         seed: seeds the coordinate samples.
     """
 
-    def __init__(self, optimizer, slots: list[TensorSlot], *, declared: tuple[MomentLayout, ...],
+    def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
                  freeze_step: int | None, seed: int):
         self.optimizer = optimizer
         self.slots = slots
-        self.declared = declared
-        self.produced = frozenset(getattr(optimizer, "stat_columns", ()))
+        self.caps = capabilities(optimizer) if caps is None else caps
+        self.declared = self.caps.state_layouts
+        self.produced = self.caps.stat_columns
         self.sample_size = sample_size
         self.topk_density = topk_density
         self.topk_block = topk_block
@@ -341,8 +344,8 @@ class Collector:
     @torch.no_grad()
     def begin(self, kwargs: dict) -> None:
         """Before the optimizer step: what needs the gradient or θ before the update."""
-        if self.produced and hasattr(self.optimizer, "request_stats"):
-            self.optimizer.request_stats()
+        if self.produced and self.caps.request_stats is not None:
+            self.caps.request_stats()
         self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
         for i in self._active:
             self._prepare(self.slots[i])
@@ -379,7 +382,7 @@ class Collector:
         active = torch.tensor(self._active, device=device)
         columns: dict[Col, Tensor] = dict(self._pre)
 
-        stats = getattr(self.optimizer, "last_stats", None) if self.produced else None
+        stats = self.caps.last_stats() if self.produced else None
         if stats is not None:
             position = {id(s.param): i for i, s in enumerate(self.slots)}
             where = torch.tensor([position[id(p)] for p in stats.params], device=device)
@@ -446,8 +449,8 @@ class Collector:
                     self.dequantized.add(type(local(m)).__qualname__)
             if not layout.has_second(state):
                 continue
-            if layout.v_method is not None:  # computed by the optimizer (MicroAdam's window)
-                compute = getattr(self.optimizer, layout.v_method)
+            if layout.v_computed:  # computed by the optimizer (MicroAdam's window)
+                compute = self.caps.moment2_at
                 if want_m2:
                     rows[i, Col.MOMENT2_SQ] = torch.linalg.vector_norm(
                         compute(slot.param, None), dtype=rows.dtype).square().to(device)
@@ -469,10 +472,9 @@ class Collector:
                     else:  # a dequantized copy: summed now
                         rows[i, Col.MOMENT2_SQ] = torch_sq_norms([full])[0].to(device)
                 v = layout.second_at(local_state, slot.sample.index)
-            if layout.v_unfrozen_method is not None:
+            if layout.v_unfrozen:
                 # v itself is frozen: compare v_T with the v the optimizer would have had
-                v_now = getattr(self.optimizer, layout.v_unfrozen_method)(slot.param,
-                                                                          slot.sample.index)
+                v_now = self.caps.unfrozen_second_at(slot.param, slot.sample.index)
             else:
                 v_now = v
             taken.append((i, slot, v.to(device), v_now.to(device)))

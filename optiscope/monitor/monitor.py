@@ -1,4 +1,5 @@
-"""OptimizerMonitor: watch any torch optimizer through its step hooks.
+"""MonitorCore: watch any torch optimizer through its step hooks (`optiscope.OptimizerMonitor`,
+in optiscope/api.py, adds the default dashboards).
 
 The monitor never replaces ``optimizer.step``: it registers a pre-hook and a post-hook, so LR
 schedulers, GradScaler and checkpointing keep working with the original optimizer object. On a
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optiscope.dashboards.sink import Sink
+from optiscope._version import __version__
+from optiscope.contract import capabilities
 from optiscope.monitor import clipping
 from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
@@ -40,12 +42,13 @@ from optiscope.monitor.pending import _Pending, _to_host
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.sampling import sample_count
+from optiscope.monitor.sink import Sink
 
-__all__ = ["OptimizerMonitor"]
+__all__ = ["MonitorCore"]
 
 log = logging.getLogger("optiscope.monitor")
 
-class OptimizerMonitor(StepControl):
+class MonitorCore(StepControl):
     """Watches an optimizer and records the metrics of `TENSOR_METRICS` on sampled steps.
 
     Args:
@@ -111,16 +114,17 @@ class OptimizerMonitor(StepControl):
             spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler)
         check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
+        self.caps = capabilities(optimizer)  # what it provides of the contract, read once
         self.model = model
         self.every = every
         if freeze_probe is None:
-            freeze_probe = _declared_freeze_step(optimizer)
+            freeze_probe = self.caps.freeze_step
         self.freeze_probe = freeze_probe
         self.strict = strict
         self.slots = self._slots()
         self.topology = Topology([s.param for s in self.slots], process_group)
         self.collector = Collector(
-            optimizer, self.slots, declared=tuple(getattr(optimizer, "state_layouts", ())),
+            optimizer, self.slots, caps=self.caps,
             sample_size=sample_size, topk_density=topk_density, topk_block=topk_block,
             freeze_step=freeze_probe, seed=seed)
         self.rules = AlertRules(spike_factor, update_ratio_band)
@@ -157,15 +161,10 @@ class OptimizerMonitor(StepControl):
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self._report = report and writes
         self.sinks: list[Sink] = []
         if self.topology.writes:
-            dashboard = _console_sink(console)
-            if dashboard is not None:
-                self.sinks.append(dashboard)
-            if writes and tensorboard:
-                from optiscope.dashboards.tensorboard import TensorBoardSink
-                self.sinks.append(TensorBoardSink(log_dir))
+            self.sinks.extend(self._default_sinks(console, tensorboard and writes,
+                                                  report and writes))
             self.sinks.extend(sinks)
         self._emit("on_meta", dict(self.history.meta))
 
@@ -239,29 +238,18 @@ class OptimizerMonitor(StepControl):
                 raise
             log.error("%s", exc)  # one line: what was lost from the file, where, and where it is
         finally:
-            if self._report:
-                self._write_report()
+            self._after_close()
 
-    def _write_report(self) -> None:
-        """``report.html`` and ``trends.png`` in the run directory; a failure is logged (the run
-        log is complete by now: ``optiscope report`` can make them again)."""
-        from optiscope.dashboards.png import write_png
-        from optiscope.dashboards.report import write_report
-        name = self.log_dir.name or str(self.log_dir)
-        for what, fn, file in (("report", write_report, "report.html"),
-                               ("PNG", write_png, "trends.png")):
-            try:
-                fn([self.history], self.log_dir / file, names=[name])
-            except Exception as exc:
-                if self.strict:
-                    raise
-                # A full or read-only disk is said in one line; anything else is a bug: traceback.
-                (log.error if isinstance(exc, OSError) else log.exception)(
-                    "optiscope: writing the %s %s failed%s; run `optiscope report %s` to try "
-                    "again", what, self.log_dir / file,
-                    f" ({exc})" if isinstance(exc, OSError) else "", self.log_dir)
+    # The dashboards are chosen above this layer (optiscope/api.py): the core draws none.
+    def _default_sinks(self, console, tensorboard: bool, report: bool) -> list[Sink]:
+        """The sinks ``console=``, ``tensorboard=`` and ``report=`` ask for (``tensorboard`` and
+        ``report`` already False without a run directory on this rank): none here."""
+        return []
 
-    def __enter__(self) -> "OptimizerMonitor":
+    def _after_close(self) -> None:
+        """Called by `close` once the run log is closed (the HTML report is written there)."""
+
+    def __enter__(self) -> "MonitorCore":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -327,7 +315,7 @@ class OptimizerMonitor(StepControl):
             self._fused_skips = fused_skips if self._fused_skips is None else self._fused_skips + fused_skips
         if self._fused_skips is not None:
             current.skipped_device = _to_host(self._fused_skips)
-        declared = getattr(self.optimizer, "group_lrs", None)  # e.g. Adafactor's relative step
+        declared = self.caps.group_lrs  # e.g. Adafactor's relative step
         lrs = declared() if declared is not None else [g.get("lr") for g in self.optimizer.param_groups]
         current.lrs = [math.nan if lr is None else float(lr) for lr in lrs]
         current.state_bytes = self._state_bytes()
@@ -548,7 +536,7 @@ class OptimizerMonitor(StepControl):
                     total += nbytes
                     per_key[key] = per_key.get(key, 0) + nbytes
             per_tensor.append(total)
-        shared = getattr(self.optimizer, "shared_state_bytes", None)
+        shared = self.caps.shared_state_bytes
         device = local(self.slots[0].param).device if self.slots else torch.device("cpu")
         cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         return per_tensor, per_key, int(shared()) if shared else 0, cuda
@@ -566,18 +554,17 @@ class OptimizerMonitor(StepControl):
             triton_version = triton.__version__
         except Exception:
             triton_version = None
-        from optiscope import __version__
         return dict(
             optimizer=f"{type(opt).__module__}.{type(opt).__qualname__}",
             optimizer_name=type(opt).__name__,
-            backend=_backend(opt, self.slots),
+            backend=_backend(opt, self.caps.backend, self.slots),
             hyperparameters=groups,
             params=params,
             n_params=sum(p["numel"] for p in params),
             param_bytes=sum(s.param.numel() * s.param.element_size() for s in self.slots),
             every=self.every, sample_size=sample_size, topk_density=topk_density,
             topk_block=topk_block, freeze_probe=self.freeze_probe,
-            second_moment_frozen_at=_declared_freeze_step(opt),
+            second_moment_frozen_at=self.caps.freeze_step,
             produced_by_optimizer=sorted(c.name.lower() for c in self.collector.produced),
             world_size=self.topology.world, sharded=self.topology.sharded,
             versions=dict(optiscope=__version__, torch=torch.__version__, triton=triton_version,
@@ -586,9 +573,8 @@ class OptimizerMonitor(StepControl):
         )
 
 
-def _backend(optimizer, slots) -> str | None:
+def _backend(optimizer, backend: str | None, slots) -> str | None:
     """A bundled optimizer's backend and what runs under it, e.g. ``"auto: torch (C kernel)"``."""
-    backend = getattr(optimizer, "backend", None)
     if backend != "auto" or not slots:
         return backend
     from optiscope.kernels.backend import describe_backend
@@ -616,27 +602,3 @@ def _jsonable(v):
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     return repr(v)
-
-
-def _console_sink(console) -> Sink | None:
-    """The dashboard that ``console=`` asks for (see `OptimizerMonitor`)."""
-    if console is False or console is None:
-        return None
-    if isinstance(console, Sink):
-        return console
-    if console == "auto":
-        if not sys.stdout.isatty():
-            return None
-        console = True
-    from optiscope.dashboards.console import ConsoleDashboard
-    if console is True:
-        return ConsoleDashboard()
-    return ConsoleDashboard(console)
-
-
-def _declared_freeze_step(optimizer) -> int | None:
-    """The ``freeze_step`` of an optimizer that freezes its second moment and says so (a layout
-    with ``v_unfrozen_method``): the step ``moment2_drift_since_freeze`` compares with."""
-    if any(layout.v_unfrozen_method for layout in getattr(optimizer, "state_layouts", ())):
-        return getattr(optimizer, "freeze_step", None)
-    return None

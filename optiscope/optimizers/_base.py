@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optiscope.contract import Stat, StatsRows, StepStats
 from optiscope.kernels.backend import check_backend
 from optiscope.kernels.launch import is_sharded
-from optiscope.kernels.stats import NUM_STATS, Stat, StatsRows, StepStats
+from optiscope.kernels.stats import NUM_STATS
 
 __all__ = ["OptiscopeOptimizer", "StatsCollector", "check_range"]
 

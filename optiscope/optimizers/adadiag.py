@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
-from optiscope.kernels.stats import NUM_STATS, Stat, StatsRows, torch_grad_stats, torch_sq_norms
-from optiscope.monitor.layouts import MomentLayout
+from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 from optiscope.optimizers.adafactor import adafactor
 from optiscope.optimizers.adam import adam

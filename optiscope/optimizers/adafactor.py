@@ -14,11 +14,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import buckets, local
-from optiscope.kernels.stats import Stat, StatsRows, sq_sum, torch_grad_stats, torch_sq_norms
-from optiscope.monitor.layouts import MomentLayout
+from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
 __all__ = ["Adafactor", "adafactor"]

@@ -12,11 +12,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.cpu import NSTATS, BlockSums, adam_f32, kernel
+from optiscope.kernels.cpu import ADAM_STATS, BlockSums, adam_f32, kernel
 from optiscope.kernels.launch import buckets, densify, local, write_back
-from optiscope.kernels.stats import Stat, StatsRows
-from optiscope.monitor.layouts import MomentLayout
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -194,7 +193,7 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                   amsgrad=max_exp_avg_sqs is not None, maximize=maximize)
     vmax = max_exp_avg_sqs if max_exp_avg_sqs is not None else []
     if _cpu_kernel_applies(params, grads, exp_avgs, exp_avg_sqs, vmax):
-        blocks = BlockSums([p.numel() for p in params], NSTATS) if stats is not None else None
+        blocks = BlockSums([p.numel() for p in params], ADAM_STATS) if stats is not None else None
         for i, p in enumerate(params):
             adam_f32(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i] if vmax else None, lr=lr,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -10,19 +10,19 @@ step as error feedback quantized to 4 bits. With m = 10 and 1% density the whole
 
 from __future__ import annotations
 
-import functools
 import math
 from itertools import chain
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
+from optiscope.kernels.blocks import Blocks, blocks
 from optiscope.kernels.launch import buckets, local
-from optiscope.kernels.stats import Stat, StatsRows, torch_grad_stats
-from optiscope.monitor.layouts import MomentLayout
+from optiscope.kernels.stats import torch_grad_stats
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
 __all__ = ["MicroAdam", "microadam", "TOPK_BLOCK_SIZE", "QUANT_BLOCK_SIZE", "Blocks", "blocks",
@@ -136,7 +136,7 @@ class MicroAdam(OptiscopeOptimizer):
                                         "steps")
     state_layouts: ClassVar[tuple[MomentLayout, ...]] = (
         MomentLayout("microadam (v̂ re-estimated from the window of sparse gradients)",
-                     requires=("I", "V"), v_method="moment2_at"),)
+                     requires=("I", "V"), v_computed=True),)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, m: int = 10,
@@ -298,46 +298,6 @@ class MicroAdam(OptiscopeOptimizer):
                 self.state[p][key] = value.to(device=p.device, dtype=_STATE_DTYPES[key])
         steps = [int(s["step"].item()) for s in self.state.values() if "step" in s]
         self.global_step = int(state_dict.get("global_step", max(steps, default=0)))
-
-
-class Blocks(NamedTuple):
-    """The top-k blocks of one flattened tensor: ``n_full`` blocks of ``size`` entries keeping
-    ``k_full`` each, then a partial block of ``tail`` entries keeping ``k_tail`` (0 when none)."""
-
-    size: int
-    n_full: int
-    k_full: int
-    tail: int
-    k_tail: int
-
-    @property
-    def k(self) -> int:
-        """Entries kept per step: the length of a row of ``I`` and ``V``."""
-        return self.n_full * self.k_full + self.k_tail
-
-    @property
-    def count(self) -> int:
-        return self.n_full + (self.tail > 0)
-
-    def column_starts(self, device: torch.device) -> Tensor:
-        """int64 ``[k]``: the flat index where the block of each column of ``I`` starts."""
-        return _column_starts(self, device)
-
-
-@functools.lru_cache(maxsize=1024)
-def blocks(numel: int, size: int, k_init: float) -> Blocks:
-    """The top-k blocks of a tensor of ``numel`` entries (blocks of ``size``, density k_init)."""
-    n_full, tail = divmod(numel, size)
-    return Blocks(size, n_full, math.ceil(k_init * size), tail,
-                  math.ceil(k_init * tail) if tail else 0)
-
-
-@functools.lru_cache(maxsize=256)
-def _column_starts(layout: Blocks, device: torch.device) -> Tensor:
-    starts = torch.arange(layout.count, dtype=torch.int64) * layout.size
-    counts = torch.tensor([layout.k_full] * layout.n_full + ([layout.k_tail] if layout.tail else []),
-                          dtype=torch.int64)
-    return torch.repeat_interleave(starts, counts).to(device)
 
 
 def window_weights(step: int, m: int, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:

@@ -34,9 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.stats import Stat, StatsRows
-from optiscope.monitor.layouts import MomentLayout
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 from optiscope.optimizers.onebit_comm import (CompressionReport, _world, chunk_size,
                                               compressed_bytes, onebit_allreduce, pack_signs,
@@ -139,7 +138,7 @@ class OneBitAdam(OptiscopeOptimizer):
                                         "server_errors", "steps")
     state_layouts: ClassVar[tuple[MomentLayout, ...]] = (
         MomentLayout("adam (v frozen after freeze_step)", m="exp_avg", v="exp_avg_sq",
-                     v_unfrozen_method="unfrozen_second_at"),)
+                     v_unfrozen=True),)
     _FLOAT32_STATE: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "worker_error",
                                                  "server_error")
 
@@ -228,8 +227,8 @@ class OneBitAdam(OptiscopeOptimizer):
         per step (`CompressionReport.probe_bytes`); nothing when no coordinates are tracked.
         Every rank must track the same coordinates (the monitor, seeded alike, does). The
         tracked values are diagnostics: not in `state_dict`, and after a resume they start
-        again from the frozen v. The monitor calls this through the layout's
-        ``v_unfrozen_method``.
+        again from the frozen v. The monitor calls it because the layout says ``v_unfrozen``
+        (`optiscope.contract.MonitoredOptimizer`).
 
         Args:
             param: one of the optimizer's parameters.
