@@ -443,7 +443,7 @@ def _export(args) -> int:
     _load(args.run_dir)
     try:
         n = export_run(args.run_dir, args.output, args.format)
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # a missing extra; an output path that cannot be written
         raise _Failure(str(exc)) from exc
     print(f"{n} rows in {args.output}")
     return 0

@@ -139,9 +139,9 @@ def test_a_10000_step_run_draws_in_a_few_seconds_with_bounded_lines(tmp_path):
     assert elapsed < 8, f"{elapsed:.1f} s for a 10,000-step run"
     assert pixels(tmp_path / "long.png").std() > 20
 
-    fig = png._figure([history], ["long"], 110, buckets=500)
+    fig = png._figure([history], ["long"], 110, bins=500)
     longest = max(len(line.get_xdata()) for ax in fig.axes for line in ax.get_lines())
-    assert longest <= 2 * 500 + 10, f"a line keeps {longest} points for 500 buckets"
+    assert longest <= 2 * 500 + 10, f"a line keeps {longest} points for 500 bins"
     [ax] = [a for a in fig.axes if a.get_title().startswith("gradient norm")]
     spike = max(np.nanmax(line.get_ydata()) for line in ax.get_lines() if line.get_marker() != "x")
     assert spike == np.nanmax(history.series("grad_norm")[1]), "the spike was downsampled away"

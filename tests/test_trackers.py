@@ -214,7 +214,7 @@ def test_mlflow_holds_every_chosen_value_at_its_step(tracked):
     client = MlflowClient()
     run = client.get_run(sink.run_id)
     assert sink.owns_run and run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("optiscope-AdamW-")
+    assert run.info.run_name == log_dir.name  # named after the run directory
     want_keys = expected_keys(history)
     values = logged(log_dir)
     all_keys = set().union(*want_keys.values())
@@ -356,7 +356,7 @@ def test_wandb_config_name_and_alert_table(tracked, offline):
     log_dir, history, _, sink = tracked
     records = wandb_records(wandb_run_file(offline, sink.run.id))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert run.display_name.startswith("optiscope-AdamW-") and run.project == "optiscope-test"
+    assert run.display_name == log_dir.name and run.project == "optiscope-test"
     config = {}
     for r in records:
         if r.WhichOneof("record_type") == "config":

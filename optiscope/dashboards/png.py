@@ -37,7 +37,7 @@ from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.runs import as_run_list, labelled_histories
 from optiscope.formatting import format_bytes
 from optiscope.monitor.history import RunHistory
-from optiscope.monitor.metrics import TENSOR_METRICS
+from optiscope.monitor.metrics import MONITOR_SERIES
 
 __all__ = ["write_png"]
 
@@ -65,8 +65,7 @@ _PANELS = (
     _Panel("quant_error", r"quantization error $\|x - Q^{-1}(Q(x))\|\,/\,\|x\|$"),
 )
 # Series the monitor records itself; any other is a user scalar (``log_scalar``).
-_MONITOR_SERIES = {m.name for m in TENSOR_METRICS} | {
-    "state_bytes", "lr", "skipped_steps", "cuda_memory_allocated"}
+_MONITOR_SERIES = MONITOR_SERIES
 _MAX_USER_SCALARS = 4
 # The HTML report's run colours, so that a run has the same colour in both.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",

@@ -41,8 +41,12 @@ _originals: dict[tuple[object, str], object] = {}
 
 
 def active() -> bool:
-    """Whether the clipping functions are wrapped now."""
-    return bool(_originals)
+    """Whether the clipping functions are wrapped now (for a monitor still alive: those of
+    monitors dropped without `close` are restored here)."""
+    with _lock:
+        if _originals and not len(_monitors):
+            _restore()
+        return bool(_originals)
 
 
 def register(monitor) -> None:
@@ -58,9 +62,13 @@ def unregister(monitor) -> None:
     with _lock:
         _monitors.discard(monitor)
         if not len(_monitors) and _originals:
-            for (module, name), fn in _originals.items():
-                setattr(module, name, fn)
-            _originals.clear()
+            _restore()
+
+
+def _restore() -> None:
+    for (module, name), fn in _originals.items():
+        setattr(module, name, fn)
+    _originals.clear()
 
 
 def _listening(params: list) -> list:

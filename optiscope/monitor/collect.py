@@ -445,7 +445,7 @@ class Collector:
                 elif not _dequantized(m):
                     m1.append((i, values))
                 else:  # a dequantized copy: summed now, freed before the next one is made
-                    rows[i, Col.MOMENT1_SQ] = torch_sq_norms([values])[0].to(device)
+                    rows[i, Col.MOMENT1_SQ] = _sq_norms([values])[0].to(device)
                     self.dequantized.add(type(local(m)).__qualname__)
             if not layout.has_second(state):
                 continue
@@ -470,7 +470,7 @@ class Collector:
                     elif not _dequantized(state[layout.v]):
                         m2.append((i, full))  # summed with the others below
                     else:  # a dequantized copy: summed now
-                        rows[i, Col.MOMENT2_SQ] = torch_sq_norms([full])[0].to(device)
+                        rows[i, Col.MOMENT2_SQ] = _sq_norms([full])[0].to(device)
                 v = layout.second_at(local_state, slot.sample.index)
             if layout.v_unfrozen:
                 # v itself is frozen: compare v_T with the v the optimizer would have had

@@ -37,7 +37,7 @@ from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
 from optiscope.monitor.nonfinite import NonFiniteGradientError
-from optiscope.monitor.resume import unwrap_optimizer
+from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
 from optiscope.monitor.pending import _Pending, _to_host
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
@@ -474,7 +474,7 @@ class MonitorCore(StepControl):
     def _names(self) -> dict[int, str]:
         names: dict[int, str] = {}
         if self.model is not None:
-            for name, p in _unwrap(self.model).named_parameters():
+            for name, p in unwrap_model(self.model).named_parameters():
                 names.setdefault(id(p), name)
         return names
 
@@ -579,19 +579,6 @@ def _backend(optimizer, backend: str | None, slots) -> str | None:
         return backend
     from optiscope.kernels.backend import describe_backend
     return describe_backend(backend, local(slots[0].param).device, type(optimizer).__name__)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside torch.compile / DDP / DataParallel wrappers, whose parameter
-    names would otherwise start with ``_orig_mod.`` or ``module.``."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, wrappers):
-            model = model.module
-        else:
-            return model
 
 
 def _jsonable(v):

@@ -12,7 +12,7 @@ import torch
 
 from optiscope.monitor.history import RunHistory
 
-__all__ = ["drop_after", "unwrap_optimizer"]
+__all__ = ["drop_after", "unwrap_model", "unwrap_optimizer"]
 
 
 def drop_after(history: RunHistory, step: int) -> None:
@@ -44,3 +44,16 @@ def unwrap_optimizer(optimizer):
             break
         optimizer, seen = inner, seen + 1
     return optimizer
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside torch.compile / DDP / DataParallel wrappers, whose parameter
+    names would otherwise start with ``_orig_mod.`` or ``module.``."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model

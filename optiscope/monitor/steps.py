@@ -163,6 +163,9 @@ class StepControl:
         step = self.step if self._closure_depth else self.step + 1
         if not self.is_sampled(step) or (self._closure_depth and not self._begin_pending):
             return None  # unsampled, or a closure called again (LBFGS) after the statistics
+        watched = {id(s.param) for s in self.slots}
+        if not any(id(p) in watched for p in params):
+            return None  # another model's clip call
         try:
             if self._capture is None or self._capture.step != step:
                 self._capture = clipping.Capture(step)

@@ -14,7 +14,7 @@ from collections import deque
 
 from optiscope.dashboards.sink import Values
 from optiscope.monitor.history import Alert
-from optiscope.monitor.metrics import TENSOR_METRICS
+from optiscope.monitor.metrics import MONITOR_SERIES, TENSOR_METRICS
 
 __all__ = ["ConsoleState", "LAYER_COLUMNS", "TREND_ROWS", "PER_TENSOR"]
 
@@ -37,7 +37,7 @@ TREND_ROWS = (
 PER_TENSOR = {m.name for m in TENSOR_METRICS}
 _TREND_METRICS = {metric for metric, _, _ in TREND_ROWS}
 # Records that are neither per-tensor metrics nor user scalars.
-_MONITOR_SERIES = PER_TENSOR | {"state_bytes", "lr", "skipped_steps", "cuda_memory_allocated"}
+_MONITOR_SERIES = PER_TENSOR | MONITOR_SERIES
 _TREND_HISTORY = 240      # global samples kept for the trend sparklines (a wide terminal's worth)
 _RATE_WINDOW = 8          # samples over which steps/s is measured
 ALERTS_SHOWN = 3

@@ -13,7 +13,7 @@ import numpy as np
 
 from optiscope.monitor.analysis import freeze_verdict
 from optiscope.monitor.history import RunHistory
-from optiscope.monitor.metrics import TENSOR_METRICS
+from optiscope.monitor.metrics import MONITOR_SERIES, TENSOR_METRICS
 
 DESCRIPTION = {m.name: m.description for m in TENSOR_METRICS}
 
@@ -59,7 +59,7 @@ LAYER_METRICS = ("grad_norm", "grad_max", "weight_norm", "update_norm", "update_
                  "moment1_norm", "moment2_norm", "grad_diagonality", "nonfinite_grads")
 # Metrics shown only when something happened: a flat zero line says nothing.
 ONLY_IF_NONZERO = ("nonfinite_grads", "skipped_steps")
-MONITOR_METRICS = set(SHOW) | set(DESCRIPTION)
+MONITOR_METRICS = set(SHOW) | set(DESCRIPTION) | MONITOR_SERIES
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#7f7f7f", "#bcbd22")
 # fp32 AdamW keeps exp_avg and exp_avg_sq (4 bytes each per parameter) and one 4-byte step
