@@ -19,7 +19,7 @@ from optiscope.kernels.backend import check_backend
 from optiscope.kernels.launch import is_sharded
 from optiscope.kernels.stats import NUM_STATS
 
-__all__ = ["OptiscopeOptimizer", "StatsCollector", "check_range"]
+__all__ = ["OptiscopeOptimizer", "StatsCollector", "check_adam_hyperparameters", "check_range"]
 
 
 def check_range(owner: str, name: str, value: Any, low: float, high: float | None = None, *,
@@ -38,6 +38,23 @@ def check_range(owner: str, name: str, value: Any, low: float, high: float | Non
         ok, band = low <= value < high, f"in [{low}, {high})"
     if not ok:
         raise ValueError(f"{owner}: {name} must be {band}, got {value}")
+
+
+def check_adam_hyperparameters(owner: str, group: dict[str, Any], *, lr: bool = True,
+                               weight_decay: bool = True) -> None:
+    """Checks an Adam-style group in this order: lr >= 0, betas a pair with each in [0, 1),
+    eps >= 0, weight_decay >= 0. ``lr=False`` / ``weight_decay=False`` skip those two, for an
+    optimizer whose base class already checked them."""
+    if lr:
+        check_range(owner, "lr", group["lr"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
+    check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
+    check_range(owner, "eps", group["eps"], 0.0)
+    if weight_decay:
+        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
 
 
 def _stats_dtype(device: torch.device) -> torch.dtype:

@@ -28,7 +28,8 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
+                                         check_range)
 from optiscope.optimizers.adafactor import adafactor
 from optiscope.optimizers.adam import adam
 
@@ -214,14 +215,8 @@ class AdaDiag(_Rotating):
         super().__init__(params, defaults, backend=backend)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        owner = type(self).__name__
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
+        super()._validate_group(group)  # lr and weight_decay
+        check_adam_hyperparameters(type(self).__name__, group, lr=False, weight_decay=False)
 
     def _init_state(self, state: dict, p: Tensor, group: dict[str, Any]) -> None:
         fresh = not state

@@ -23,7 +23,8 @@ from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.blocks import Blocks, blocks
 from optiscope.kernels.launch import buckets, local
 from optiscope.kernels.stats import torch_grad_stats
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
+                                         check_range)
 
 __all__ = ["MicroAdam", "microadam", "TOPK_BLOCK_SIZE", "QUANT_BLOCK_SIZE", "Blocks", "blocks",
            "quantize", "dequantize", "select_topk", "window_sums", "window_weights",
@@ -150,14 +151,7 @@ class MicroAdam(OptiscopeOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_range(owner, "lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
-        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_hyperparameters(owner, group)
         m = group["m"]
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"{owner}: m (the window length) must be an int >= 1, got {m!r}")
