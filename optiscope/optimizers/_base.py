@@ -9,6 +9,7 @@ device buffer, which the step leaves in `last_stats`.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -136,6 +137,15 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{owner}: the tensors of parameter group {len(self.param_groups) - 1} "
                              f"are on different devices ({sorted(map(str, devices))}); put each "
                              "device's parameters in a group of their own")
+
+    def _saved_state(self, state_dict: dict[str, Any]):
+        """Yields ``(param, key, value)`` for each saved state entry, pairing the saved ids with
+        this optimizer's parameters in group order (as `load_state_dict` does)."""
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                yield p, key, value
 
     def param_label(self, group_index: int, param_index: int) -> str:
         """The parameter's name when the optimizer was given names, else ``group{i}.param{j}``."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -91,13 +90,9 @@ class _Rotating(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if (key != "step" and isinstance(value, Tensor)
-                        and value.dtype == torch.float32):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        for p, key, value in self._saved_state(state_dict):
+            if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
 
 class AdaDiag(_Rotating):

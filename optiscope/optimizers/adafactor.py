@@ -8,7 +8,6 @@ m×n weight is m + n floats instead of m·n; the step size is relative to the pa
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -207,12 +206,9 @@ class Adafactor(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        for p, key, value in self._saved_state(state_dict):
+            if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
 
 def adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor | None],

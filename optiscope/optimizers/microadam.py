@@ -11,7 +11,6 @@ step as error feedback quantized to 4 bits. With m = 10 and 1% density the whole
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -277,19 +276,16 @@ class MicroAdam(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key not in _STATE_DTYPES:
-                    continue
-                if key == "I" and value.is_floating_point():
-                    raise ValueError(
-                        f"{type(self).__name__}: the saved top-k indices 'I' are {value.dtype}, "
-                        "not int16: something cast the state dict, and block-relative indices "
-                        "above 256 do not survive a cast to bf16; save the optimizer's "
-                        "state_dict() without casting its tensors")
-                self.state[p][key] = value.to(device=p.device, dtype=_STATE_DTYPES[key])
+        for p, key, value in self._saved_state(state_dict):
+            if key not in _STATE_DTYPES:
+                continue
+            if key == "I" and value.is_floating_point():
+                raise ValueError(
+                    f"{type(self).__name__}: the saved top-k indices 'I' are {value.dtype}, "
+                    "not int16: something cast the state dict, and block-relative indices "
+                    "above 256 do not survive a cast to bf16; save the optimizer's "
+                    "state_dict() without casting its tensors")
+            self.state[p][key] = value.to(device=p.device, dtype=_STATE_DTYPES[key])
         steps = [int(s["step"].item()) for s in self.state.values() if "step" in s]
         self.global_step = int(state_dict.get("global_step", max(steps, default=0)))
 
