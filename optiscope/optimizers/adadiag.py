@@ -29,7 +29,7 @@ from optiscope.kernels.launch import local
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
-from optiscope.optimizers.adafactor import adafactor
+from optiscope.optimizers.adafactor import adafactor, check_adafactor_hyperparameters
 from optiscope.optimizers.adam import adam
 
 __all__ = ["AdaDiag", "AdafacDiag", "adadiag", "adafacdiag"]
@@ -312,14 +312,7 @@ class AdafacDiag(_Rotating):
         super()._validate_group(group)
         owner = type(self).__name__
         check_range(owner, "eps", group["eps"], 0.0)
-        clip = group["clip_threshold"]
-        check_range(owner, "clip_threshold", clip, -math.inf)  # a number, not NaN
-        if not clip > 0:
-            raise ValueError(f"{owner}: clip_threshold must be > 0 (the RMS updates are clipped "
-                             f"to), got {clip}; pass math.inf to turn clipping off")
-        check_range(owner, "decay_rate", group["decay_rate"], -1.0, 0.0)
-        if group["beta1"] is not None:
-            check_range(owner, "beta1", group["beta1"], 0.0, 1.0)
+        check_adafactor_hyperparameters(owner, group)
 
     def _init_state(self, state: dict, p: Tensor, group: dict[str, Any]) -> None:
         def zeros(shape):
