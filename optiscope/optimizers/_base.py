@@ -9,6 +9,7 @@ device buffer, which the step leaves in `last_stats`.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,7 @@ from optiscope.kernels.backend import check_backend
 from optiscope.kernels.launch import is_sharded
 from optiscope.kernels.stats import NUM_STATS
 
-__all__ = ["OptiscopeOptimizer", "StatsCollector", "check_range"]
+__all__ = ["OptiscopeOptimizer", "StatsCollector", "check_adam_hyperparameters", "check_range"]
 
 
 def check_range(owner: str, name: str, value: Any, low: float, high: float | None = None, *,
@@ -38,6 +39,23 @@ def check_range(owner: str, name: str, value: Any, low: float, high: float | Non
         ok, band = low <= value < high, f"in [{low}, {high})"
     if not ok:
         raise ValueError(f"{owner}: {name} must be {band}, got {value}")
+
+
+def check_adam_hyperparameters(owner: str, group: dict[str, Any], *, lr: bool = True,
+                               weight_decay: bool = True) -> None:
+    """Checks an Adam-style group in this order: lr >= 0, betas a pair with each in [0, 1),
+    eps >= 0, weight_decay >= 0. ``lr=False`` / ``weight_decay=False`` skip those two, for an
+    optimizer whose base class already checked them."""
+    if lr:
+        check_range(owner, "lr", group["lr"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
+    check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
+    check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
+    check_range(owner, "eps", group["eps"], 0.0)
+    if weight_decay:
+        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
 
 
 def _stats_dtype(device: torch.device) -> torch.dtype:
@@ -119,6 +137,15 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{owner}: the tensors of parameter group {len(self.param_groups) - 1} "
                              f"are on different devices ({sorted(map(str, devices))}); put each "
                              "device's parameters in a group of their own")
+
+    def _saved_state(self, state_dict: dict[str, Any]):
+        """Yields ``(param, key, value)`` for each saved state entry, pairing the saved ids with
+        this optimizer's parameters in group order (as `load_state_dict` does)."""
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                yield p, key, value
 
     def param_label(self, group_index: int, param_index: int) -> str:
         """The parameter's name when the optimizer was given names, else ``group{i}.param{j}``."""

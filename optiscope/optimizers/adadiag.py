@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -28,8 +27,9 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
-from optiscope.optimizers.adafactor import adafactor
+from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
+                                         check_range)
+from optiscope.optimizers.adafactor import adafactor, check_adafactor_hyperparameters
 from optiscope.optimizers.adam import adam
 
 __all__ = ["AdaDiag", "AdafacDiag", "adadiag", "adafacdiag"]
@@ -90,13 +90,9 @@ class _Rotating(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if (key != "step" and isinstance(value, Tensor)
-                        and value.dtype == torch.float32):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        for p, key, value in self._saved_state(state_dict):
+            if key != "step" and isinstance(value, Tensor) and value.dtype == torch.float32:
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
 
 class AdaDiag(_Rotating):
@@ -214,14 +210,8 @@ class AdaDiag(_Rotating):
         super().__init__(params, defaults, backend=backend)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        owner = type(self).__name__
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
+        super()._validate_group(group)  # lr and weight_decay
+        check_adam_hyperparameters(type(self).__name__, group, lr=False, weight_decay=False)
 
     def _init_state(self, state: dict, p: Tensor, group: dict[str, Any]) -> None:
         fresh = not state
@@ -322,14 +312,7 @@ class AdafacDiag(_Rotating):
         super()._validate_group(group)
         owner = type(self).__name__
         check_range(owner, "eps", group["eps"], 0.0)
-        clip = group["clip_threshold"]
-        check_range(owner, "clip_threshold", clip, -math.inf)  # a number, not NaN
-        if not clip > 0:
-            raise ValueError(f"{owner}: clip_threshold must be > 0 (the RMS updates are clipped "
-                             f"to), got {clip}; pass math.inf to turn clipping off")
-        check_range(owner, "decay_rate", group["decay_rate"], -1.0, 0.0)
-        if group["beta1"] is not None:
-            check_range(owner, "beta1", group["beta1"], 0.0, 1.0)
+        check_adafactor_hyperparameters(owner, group)
 
     def _init_state(self, state: dict, p: Tensor, group: dict[str, Any]) -> None:
         def zeros(shape):

@@ -8,7 +8,6 @@ m×n weight is m + n floats instead of m·n; the step size is relative to the pa
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -141,14 +140,7 @@ class Adafactor(OptiscopeOptimizer):
             raise ValueError(f"{owner}: eps must be a pair (eps1, eps2), got {eps!r}")
         check_range(owner, "eps[0]", eps[0], 0.0)
         check_range(owner, "eps[1]", eps[1], 0.0)
-        clip = group["clip_threshold"]
-        check_range(owner, "clip_threshold", clip, -math.inf)  # a number, not NaN
-        if not clip > 0:
-            raise ValueError(f"{owner}: clip_threshold must be > 0 (the RMS updates are clipped "
-                             f"to), got {clip}; pass math.inf to turn clipping off")
-        check_range(owner, "decay_rate", group["decay_rate"], -1.0, 0.0)
-        if group["beta1"] is not None:
-            check_range(owner, "beta1", group["beta1"], 0.0, 1.0)
+        check_adafactor_hyperparameters(owner, group)
         check_range(owner, "weight_decay", group["weight_decay"], 0.0)
 
     def _state_tensors(self, state: dict, group: dict[str, Any]) -> dict[str, Any]:
@@ -207,12 +199,22 @@ class Adafactor(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        for p, key, value in self._saved_state(state_dict):
+            if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+
+def check_adafactor_hyperparameters(owner: str, group: dict[str, Any]) -> None:
+    """Checks the group's clip_threshold (> 0), decay_rate (in [-1, 0)) and beta1 (None or in
+    [0, 1)), in that order; shared by Adafactor and AdafacDiag."""
+    clip = group["clip_threshold"]
+    check_range(owner, "clip_threshold", clip, -math.inf)  # a number, not NaN
+    if not clip > 0:
+        raise ValueError(f"{owner}: clip_threshold must be > 0 (the RMS updates are clipped "
+                         f"to), got {clip}; pass math.inf to turn clipping off")
+    check_range(owner, "decay_rate", group["decay_rate"], -1.0, 0.0)
+    if group["beta1"] is not None:
+        check_range(owner, "beta1", group["beta1"], 0.0, 1.0)
 
 
 def adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor | None],

@@ -16,7 +16,7 @@ from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.cpu import ADAM_STATS, BlockSums, adam_f32, kernel
 from optiscope.kernels.launch import buckets, densify, local, write_back
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 
 __all__ = ["Adam", "AdamW", "adam"]
 
@@ -72,14 +72,7 @@ class Adam(OptiscopeOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_range(owner, "lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
-        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_hyperparameters(owner, group)
 
     def _init_state(self, state: dict, p: Tensor, group: dict[str, Any]) -> None:
         if not state:

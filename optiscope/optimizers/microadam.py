@@ -11,7 +11,6 @@ step as error feedback quantized to 4 bits. With m = 10 and 1% density the whole
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +22,8 @@ from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.blocks import Blocks, blocks
 from optiscope.kernels.launch import buckets, local
 from optiscope.kernels.stats import torch_grad_stats
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
+                                         check_range)
 
 __all__ = ["MicroAdam", "microadam", "TOPK_BLOCK_SIZE", "QUANT_BLOCK_SIZE", "Blocks", "blocks",
            "quantize", "dequantize", "select_topk", "window_sums", "window_weights",
@@ -150,14 +150,7 @@ class MicroAdam(OptiscopeOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_range(owner, "lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
-        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_hyperparameters(owner, group)
         m = group["m"]
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"{owner}: m (the window length) must be an int >= 1, got {m!r}")
@@ -283,19 +276,16 @@ class MicroAdam(OptiscopeOptimizer):
             state_dict: as returned by `state_dict`.
         """
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key not in _STATE_DTYPES:
-                    continue
-                if key == "I" and value.is_floating_point():
-                    raise ValueError(
-                        f"{type(self).__name__}: the saved top-k indices 'I' are {value.dtype}, "
-                        "not int16: something cast the state dict, and block-relative indices "
-                        "above 256 do not survive a cast to bf16; save the optimizer's "
-                        "state_dict() without casting its tensors")
-                self.state[p][key] = value.to(device=p.device, dtype=_STATE_DTYPES[key])
+        for p, key, value in self._saved_state(state_dict):
+            if key not in _STATE_DTYPES:
+                continue
+            if key == "I" and value.is_floating_point():
+                raise ValueError(
+                    f"{type(self).__name__}: the saved top-k indices 'I' are {value.dtype}, "
+                    "not int16: something cast the state dict, and block-relative indices "
+                    "above 256 do not survive a cast to bf16; save the optimizer's "
+                    "state_dict() without casting its tensors")
+            self.state[p][key] = value.to(device=p.device, dtype=_STATE_DTYPES[key])
         steps = [int(s["step"].item()) for s in self.state.values() if "step" in s]
         self.global_step = int(state_dict.get("global_step", max(steps, default=0)))
 

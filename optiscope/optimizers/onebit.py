@@ -36,7 +36,7 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 from optiscope.optimizers.onebit_comm import (CompressionReport, _world, chunk_size,
                                               compressed_bytes, onebit_allreduce, pack_signs,
                                               ring_allreduce_bytes, unpack_signs)
@@ -164,14 +164,7 @@ class OneBitAdam(OptiscopeOptimizer):
     # ----------------------------------------------------------------------------- arguments
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        check_range(owner, "lr", group["lr"], 0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}")
-        check_range(owner, "betas[0]", betas[0], 0.0, 1.0)
-        check_range(owner, "betas[1]", betas[1], 0.0, 1.0)
-        check_range(owner, "eps", group["eps"], 0.0)
-        check_range(owner, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_hyperparameters(owner, group)
         freeze = group["freeze_step"]
         if isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 1:
             raise ValueError(f"{owner}: freeze_step must be an int >= 1 (the number of Adam "
