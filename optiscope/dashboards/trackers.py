@@ -6,7 +6,7 @@
   ``update_ratio``) when the tensor matches one of ``scopes`` (glob patterns, default none) or is
   among the ``top`` tensors by that sample's ``grad_norm`` (default 20; non-finite first). Every
   metric of AdamW is 11 values per tensor per sample, 11,000 for a 1,000-tensor model; the
-  default sends 57 (17 run-wide, 2 × 20 per tensor): the run-wide series, and the two
+  default sends 58 (18 run-wide, 2 × 20 per tensor): the run-wide series, and the two
   per-tensor series people read first for the tensors that dominate the gradient (all of them
   for a model of 20 tensors or fewer).
 * **Off the training thread.** The monitor's calls only queue records; one daemon thread
