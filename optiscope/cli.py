@@ -55,7 +55,7 @@ examples:
 
 _DEMO_EPILOG = """\
 examples:
-  optiscope demo                           AdamW, {steps} steps, runs/demo-adamw (a few minutes
+  optiscope demo                           AdamW, {steps} steps, runs/demo-adamw (about 2½ minutes
                                            on a 2-core CPU)
   optiscope demo --optimizer adafactor --steps 2000 --out runs/adafactor
   optiscope demo --steps 50 > demo.log     off a terminal: one line per sample instead of the
