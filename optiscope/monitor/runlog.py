@@ -406,6 +406,12 @@ def read_records(path: str | os.PathLike, *, warn: bool = True):
     Reads line by line (a long run's log can be hundreds of MB). The last line is incomplete when
     the writer crashed in the middle of it, or is writing it right now.
     """
+    for _, record in _numbered_records(path, warn):
+        yield record
+
+
+def _numbered_records(path, warn: bool):
+    """(line number, record) of each line that parses; see `read_records`."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             last = not line.endswith(b"\n")
@@ -419,9 +425,9 @@ def read_records(path: str | os.PathLike, *, warn: bool = True):
                             "while writing it, or is writing it now" if last else
                             f"line {number} is not valid JSON")
                     warnings.warn(f"optiscope: {path}: {what}; skipped", RuntimeWarning,
-                                  stacklevel=2)
+                                  stacklevel=3)
                 continue
-            yield record
+            yield number, record
 
 
 class _HistoryBuilder:
@@ -501,28 +507,14 @@ def live_records(path: str | os.PathLike, *, warn: bool = True):
         low = points[j][1] if low is None else min(low, points[j][1])
         floor[j] = low
     j = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            while j < len(lines) and lines[j] < number:
-                j += 1
-            if not line.strip():
-                continue
+    for number, record in _numbered_records(path, warn):
+        while j < len(lines) and lines[j] < number:
+            j += 1
+        if (j < len(lines) and isinstance(record, dict)
+                and record.get("type") in ("sample", "alert")):
             try:
-                record = json.loads(line)
-            except ValueError:
-                if warn:
-                    last = not line.endswith(b"\n")
-                    what = (f"the last line (line {number}) is incomplete: the run was interrupted "
-                            "while writing it, or is writing it now" if last else
-                            f"line {number} is not valid JSON")
-                    warnings.warn(f"optiscope: {path}: {what}; skipped", RuntimeWarning,
-                                  stacklevel=2)
-                continue
-            if (j < len(lines) and isinstance(record, dict)
-                    and record.get("type") in ("sample", "alert")):
-                try:
-                    if int(record["step"]) > floor[j]:
-                        continue
-                except (KeyError, TypeError, ValueError):
-                    pass  # load_run says what is wrong with it
-            yield record
+                if int(record["step"]) > floor[j]:
+                    continue
+            except (KeyError, TypeError, ValueError):
+                pass  # load_run says what is wrong with it
+        yield record
