@@ -45,6 +45,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 from tensorboard.plugins.text import metadata as text_metadata
 
+from optiscope.dashboards.trackers import plain_values
 from optiscope.dashboards.eventfile import EventFile
 from optiscope.dashboards.sink import RecordDecoder, Sink, Values
 from optiscope.monitor.history import Alert
@@ -350,16 +351,8 @@ def _hparams(meta: dict) -> dict[str, bool | float | int | str]:
                param_bytes=meta.get("param_bytes"), every=meta.get("every"),
                world_size=meta.get("world_size"), freeze_probe=meta.get("freeze_probe"),
                topk_density=meta.get("topk_density"))
-    hparams = {}
-    for key, value in out.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = str(tuple(value))
-        elif not isinstance(value, (bool, int, float, str)):
-            value = str(value)
-        hparams[_clean(str(key))] = _clean(value) if isinstance(value, str) else value
-    return hparams
+    return {_clean(key): _clean(value) if isinstance(value, str) else value
+            for key, value in plain_values(out).items()}
 
 
 def _hparams_plugin_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:

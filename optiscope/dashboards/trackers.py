@@ -39,7 +39,7 @@ import numpy as np
 from optiscope.dashboards.sink import Sink, Values
 from optiscope.monitor.history import Alert
 
-__all__ = ["TrackerSink", "KeyBudget", "DEFAULT_METRICS", "DEFAULT_TOP", "flat_meta",
+__all__ = ["TrackerSink", "KeyBudget", "DEFAULT_METRICS", "DEFAULT_TOP", "flat_meta", "plain_values",
            "alert_line", "run_name"]
 
 log = logging.getLogger("optiscope.dashboards")
@@ -166,8 +166,14 @@ def flat_meta(meta: dict) -> dict[str, bool | int | float | str]:
         out["param_groups"] = len(groups)
     if "params" in meta:
         out["n_tensors"] = len(meta["params"] or [])
+    return plain_values(out)
+
+
+def plain_values(values: dict) -> dict[str, bool | int | float | str]:
+    """``values`` as a tracker's parameters take them: None left out, sequences as the text of a
+    tuple (``"(0.9, 0.999)"``), anything else that is not a plain scalar as its ``str``."""
     flat = {}
-    for key, value in out.items():
+    for key, value in values.items():
         if value is None:
             continue
         if isinstance(value, (list, tuple)):
