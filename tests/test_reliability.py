@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from optiscope import OptimizerMonitor, load_run
+from optiscope import OptimizerMonitor, atomicfile, load_run
 from optiscope.monitor import runlog
 from optiscope.monitor.metrics import MONITOR_SERIES
 from optiscope.monitor.runlog import META, RUNLOG, RunLogError, read_records
@@ -207,22 +207,25 @@ def test_numpy_integers_are_integers(tmp_path):
 
 # ------------------------------------------------------------------------ 6: a full disk
 class FullDisk:
-    """A disk that fills up when told: the run log's ``os.write`` and ``Path.write_text`` (how
-    ``meta.json`` is written) fail with ENOSPC, after creating the file as a real disk does."""
+    """A disk that fills up when told: the run log's ``os.write`` and the writes into the files
+    `atomic_file` opens (how ``meta.json`` is written) fail with ENOSPC, after the file was
+    created, as on a real disk."""
 
     def __init__(self, monkeypatch, log: Path):
-        self.real_write, self.real_text = os.write, Path.write_text
+        self.real_write, real_fdopen = os.write, os.fdopen
         self.log, self.full = log, False
         monkeypatch.setattr(runlog.os, "write", self._write)
         disk = self
 
-        def write_text(path, *args, **kwargs):  # a plain function: bound to the Path
+        def fdopen(fd, *args, **kwargs):
+            f = real_fdopen(fd, *args, **kwargs)
             if disk.full:
-                open(path, "w").close()
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            return disk.real_text(path, *args, **kwargs)
+                def write(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                f.write = write
+            return f
 
-        monkeypatch.setattr(Path, "write_text", write_text)
+        monkeypatch.setattr(atomicfile.os, "fdopen", fdopen)
 
     def _write(self, fd, data):
         st, ref = os.fstat(fd), self.log.stat()
@@ -375,6 +378,26 @@ def test_a_second_live_writer_is_refused_and_the_lock_goes_with_the_first(tmp_pa
     with OptimizerMonitor(opt2, model=model2, log_dir=tmp_path, resume=True, **QUIET) as second:
         run(model2, opt2, second, 1, first=3)
     assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2, 3]
+
+
+def test_a_monitor_that_fails_after_opening_its_log_releases_the_lock(tmp_path, monkeypatch):
+    """The lock stayed held (and the hooks registered) when __init__ failed after the run log
+    was opened: constructing the monitor again on the same directory was refused."""
+    model, opt = tiny()
+    from optiscope.monitor import monitor as core
+
+    def broken(mon):
+        raise RuntimeError("clipping hooks failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(core.clipping, "register", broken)
+        with pytest.raises(RuntimeError, match="clipping hooks failed"):
+            OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not (tmp_path / runlog.LOCK).exists()
+    with OptimizerMonitor(opt, model=model, log_dir=tmp_path, resume=True, **QUIET) as mon:
+        run(model, opt, mon, 2)
+    assert strict_load(tmp_path).series("grad_norm")[0].tolist() == [1, 2]
 
 
 def test_the_lock_of_a_killed_writer_does_not_block_resume(tmp_path):

@@ -207,11 +207,7 @@ class RunLogWriter:
         try:  # replaced, not rewritten in place: a crash never leaves half a meta.json
             with atomic_file(path) as f:
                 f.write(json.dumps(self._meta, indent=1, default=str) + "\n")
-        except OSError as exc:
-            try:  # a full disk left an empty or partial file behind
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+        except OSError as exc:  # atomic_file removed its temporary file; the old one stays
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
 
