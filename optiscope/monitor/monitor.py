@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optiscope._version import __version__
 from optiscope.contract import capabilities
 from optiscope.monitor import clipping
 from optiscope.monitor.alerts import AlertRules
-from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
+from optiscope.monitor.checks import (check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
 from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
@@ -41,7 +38,7 @@ from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
 from optiscope.monitor.pending import _Pending, _to_host
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
-from optiscope.monitor.sampling import sample_count
+from optiscope.monitor.runmeta import run_meta
 from optiscope.monitor.sink import Sink
 
 __all__ = ["MonitorCore"]
@@ -143,7 +140,7 @@ class MonitorCore(StepControl):
 
         writes = log_dir is not None and self.topology.writes
         self.writer, failure = NullWriter(), None
-        self.history = RunHistory(meta=self._meta(sample_size, topk_density, topk_block))
+        self.history = RunHistory(meta=run_meta(self, sample_size, topk_density, topk_block))
         if log_dir is not None:  # a tracker names a run it starts after its directory
             self.history.meta["log_dir"] = str(Path(log_dir).resolve())
         if writes:  # with resume, the logged run's history, once it is known to be this run
@@ -154,7 +151,23 @@ class MonitorCore(StepControl):
         if resume:  # every rank continues rank 0's count (-1: rank 0 could not resume)
             self.step = self.topology.broadcast(-1 if failure else self.history.last_step())
         if failure is not None or self.step < 0:
+            self.writer.close()
             raise failure or RuntimeError("optiscope: rank 0 could not resume the run log")
+        try:
+            self._start(start_step, console, tensorboard, report, sinks, writes, log_dir, scaler)
+        except BaseException:
+            # Nothing will call close(): release the run log (and its lock) so that the user
+            # can fix the argument and construct the monitor again on the same directory.
+            for hook in getattr(self, "_hooks", ()):
+                hook.remove()
+            self.writer.close()
+            raise
+
+    def _start(self, start_step, console, tensorboard, report, sinks, writes, log_dir,
+               scaler) -> None:
+        """The rest of __init__, once the run log is open: the first step, the dashboards and
+        the optimizer's hooks."""
+        optimizer = self.optimizer
         self._completed = self.step  # steps whose optimizer.step returned: `steps_taken`
         if start_step is not None:
             self._restart_at(start_step)
@@ -540,52 +553,3 @@ class MonitorCore(StepControl):
         device = local(self.slots[0].param).device if self.slots else torch.device("cpu")
         cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         return per_tensor, per_key, int(shared()) if shared else 0, cuda
-
-    def _meta(self, sample_size, topk_density, topk_block) -> dict:
-        opt = self.optimizer
-        groups = [{k: _jsonable(v) for k, v in g.items() if k not in ("params", "param_names")}
-                  for g in opt.param_groups]
-        params = [dict(name=s.scope, shape=list(s.param.shape), dtype=str(s.param.dtype).replace("torch.", ""),
-                       numel=s.param.numel(), device=str(s.param.device),
-                       sampled=sample_count(local(s.param).numel(), sample_size))
-                  for s in self.slots]
-        try:
-            import triton
-            triton_version = triton.__version__
-        except Exception:
-            triton_version = None
-        return dict(
-            optimizer=f"{type(opt).__module__}.{type(opt).__qualname__}",
-            optimizer_name=type(opt).__name__,
-            backend=_backend(opt, self.caps.backend, self.slots),
-            hyperparameters=groups,
-            params=params,
-            n_params=sum(p["numel"] for p in params),
-            param_bytes=sum(s.param.numel() * s.param.element_size() for s in self.slots),
-            every=self.every, sample_size=sample_size, topk_density=topk_density,
-            topk_block=topk_block, freeze_probe=self.freeze_probe,
-            second_moment_frozen_at=self.caps.freeze_step,
-            produced_by_optimizer=sorted(c.name.lower() for c in self.collector.produced),
-            world_size=self.topology.world, sharded=self.topology.sharded,
-            versions=dict(optiscope=__version__, torch=torch.__version__, triton=triton_version,
-                          python=platform.python_version()),
-            host=platform.node(), command=" ".join(sys.argv), start_time=time.time(),
-        )
-
-
-def _backend(optimizer, backend: str | None, slots) -> str | None:
-    """A bundled optimizer's backend and what runs under it, e.g. ``"auto: torch (C kernel)"``."""
-    if backend != "auto" or not slots:
-        return backend
-    from optiscope.kernels.backend import describe_backend
-    return describe_backend(backend, local(slots[0].param).device, type(optimizer).__name__)
-
-
-def _jsonable(v):
-    if isinstance(v, Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, (tuple, list)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (bool, int, float, str)) or v is None:
-        return v
-    return repr(v)
