@@ -413,7 +413,7 @@ def bad_input_cases(tmp: Path) -> list[dict]:
 
 
 def corrupt_library(tmp: Path) -> tuple[str, bool, str]:
-    """A cached ``cpu_adam-*.so`` cut to 10 bytes: the first bundled step must not die."""
+    """A cached ``optiscope_cpu-*.so`` cut to 10 bytes: the first bundled step must not die."""
     from optiscope.kernels import cpu
     lib = cpu.kernel()
     if lib is None:

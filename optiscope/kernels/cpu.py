@@ -1,7 +1,7 @@
 """optiscope's CPU kernels: Adam with the monitor's statistics in one pass over float32 tensors,
 MicroAdam's step in one pass per top-k block, and the monitor's sums.
 
-The C sources (``cpu_adam.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
+The C sources (``cpu_kernels.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
 with the system's C compiler (``$CC``, else ``cc``/``gcc``) into one library in a cache directory
 (``$OPTISCOPE_CACHE_DIR``, else ``~/.cache/optiscope``), keyed by the sources, the compiler
 command and version, the flags and the platform, and loaded with ctypes: once per machine; a
@@ -39,9 +39,9 @@ __all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "libr
            "microadam_v_at", "MICROADAM_STATS"]
 
 log = logging.getLogger("optiscope.kernels")
-# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_adam.c), and
+# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_kernels.c), and
 # MicroAdam's step (cpu_microadam.c).
-SOURCES = (Path(__file__).with_name("cpu_adam.c"), Path(__file__).with_name("cpu_microadam.c"))
+SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_microadam.c"))
 # Columns the kernels fill, Stat's first ADAM_STATS (gradient, parameter, update and moment
 # sums) and MICROADAM_STATS (those and the quantization and top-k sums); the Triton kernels
 # (kernels/adam.py, kernels/microadam.py) use the same names.
@@ -110,7 +110,7 @@ def library_path(command: list[str], version: str) -> Path:
                            " ".join(platform.libc_ver()), _cpu_signature()])
     key = hashlib.sha256(hashlib.sha256(source).digest() + identity.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("OPTISCOPE_CACHE_DIR") or Path.home() / ".cache" / "optiscope")
-    return cache / f"cpu_adam-{key}.so"
+    return cache / f"optiscope_cpu-{key}.so"
 
 
 def _build(command: list[str], library: Path) -> str | None:
