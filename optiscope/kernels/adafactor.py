@@ -1,9 +1,10 @@
-"""Triton kernels for Adafactor: four launches per bucket of tensors, statistics in the same passes.
+"""Triton kernels for Adafactor: four launches per launch group, statistics in the same passes.
 
 The maths is in `optiscope.optimizers.adafactor.Adafactor`. Two quantities couple every element of
 a tensor and force the passes apart: the column means of G = g² + eps1 (a factored update needs
 all rows of its matrix before any element can be preconditioned) and RMS(U) (the clip needs the
-whole unclipped update before any element is written). Hence, for all tensors of a bucket at once:
+whole unclipped update before any element is written). Hence, for all tensors of a launch group
+at once:
 
 1. ``_row_col_sums_kernel`` (factored tensors; one program per tile of `ROW_TILE` whole rows of
    one matrix): reads g; finishes the row EMA of its rows in place, since it owns them; writes the
@@ -459,7 +460,7 @@ def adafactor_step(
     p_dtype, g_dtype = tl_dtype(params[0].dtype), tl_dtype(grads[0].dtype)
     f32 = dict(dtype=torch.float32, device=device)
 
-    # Passes 1 and 2: only when the bucket holds factored tensors.
+    # Passes 1 and 2: only when the launch group holds factored tensors.
     rowmean = torch.empty(max(layout.n_batches, 1), **f32)
     n_tiles, n_cblocks = layout.tile_tensor.numel(), layout.cblock_tensor.numel()
     colpart = torch.empty(max(layout.colpart_numel, 1), **f32)
