@@ -73,3 +73,20 @@ def train_steps(monitor, model: nn.Module, opt, steps: int, *, nan_at: int | Non
             model.q.weight.grad[0, 0] = float("nan")
         opt.step()
         monitor.log_scalar("loss", loss)
+
+
+def hooked_run(opt, model: nn.Module, steps: int, pre, post):
+    """Trains ``model`` for ``steps`` batches under a strict monitor that samples every second
+    step and every coordinate, with ``pre`` and ``post`` as the optimizer's step hooks (they
+    record what the monitor is checked against); returns the closed monitor's history."""
+    from optiscope import OptimizerMonitor
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, strict=True)
+    for x, y in batches(steps):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    mon.close()
+    return mon.history
