@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from optiscope.bench.machine import describe_device, git_commit, load_average, utc_now, versions
+from optiscope.bench.machine import describe_device, load_average
+from optiscope.bench.results import script_command, write_script_results
 from optiscope.bench.timing import Clock
 from optiscope.optimizers import AdaDiag, AdamW
 
@@ -90,16 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     totals["adamw_step_ms"] = sum(r["count"] * r["adamw_step_ms"] for r in rows)
     print(json.dumps(totals, indent=1))
     device_info = describe_device(device)
-    doc = dict(schema=SCHEMA, created=utc_now(), device=device_info, versions=versions(),
-               git=git_commit(), repeats=args.repeats, statistic="min",
-               load_average=load_average(),
-               model="GPT-2 small matrices" + (" with wte" if args.embedding else
-                                               " (12 blocks and wpe; wte left out)"),
-               rows=rows, totals=totals)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"adadiag-{device_info['slug']}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_script_results(
+        args.output, f"adadiag-{device_info['slug']}.json", schema=SCHEMA,
+        command=script_command("benchmarks.adadiag", argv), device=device_info,
+        repeats=args.repeats, statistic="min", load_average=load_average(),
+        model="GPT-2 small matrices" + (" with wte" if args.embedding else
+                                        " (12 blocks and wpe; wte left out)"),
+        rows=rows, totals=totals)
     return 0
 
 

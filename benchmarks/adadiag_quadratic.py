@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from optiscope.bench.results import write_script_results
+from optiscope.bench.results import script_command, write_script_results
 from optiscope.kernels.stats import Stat
 from optiscope.optimizers import AdaDiag, AdamW
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"best": best, "grad_diagonality": diagonality}))
     write_script_results(
         args.output, "adadiag-quadratic.json", schema=SCHEMA,
-        command="python -m benchmarks.adadiag_quadratic " + " ".join(argv or sys.argv[1:]),
+        command=script_command("benchmarks.adadiag_quadratic", argv),
         problem="8 x 64 weight, Hessian I ⊗ U diag(logspace(0, -3, 8)) Uᵀ, seed 0; "
                 "threshold 1e-4 of the initial loss, at most 400 steps",
         grid=list(GRID), steps=steps, best=best, grad_diagonality=diagonality)

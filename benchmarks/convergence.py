@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from optiscope import load_run
-from optiscope.bench.base import BenchError
-from optiscope.bench.machine import describe_device, git_commit, load_average, utc_now, versions
-from optiscope.bench.results import replace_section
+from optiscope.bench.machine import describe_device, load_average
+from optiscope.bench.results import script_command, script_section, write_script_results
 from optiscope.demo import DemoConfig, stdlib_text, train
 
 SCHEMA = "optiscope-bench-convergence/1"
@@ -125,20 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: (r["optimizer"] != "adamw", r["optimizer"], r["lr"]))
     table = render(rows, config)
     print(table)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(
-        schema=SCHEMA, device=device, date_utc=utc_now(), git=git_commit(), versions=versions(),
-        load_average=dict(start=start_load, end=load_average()), config=vars(config),
-        command=" ".join(["python -m benchmarks.convergence", *(argv if argv is not None
-                                                                 else sys.argv[1:])]),
-        rows=rows), indent=1) + "\n")
-    if args.readme:
-        try:
-            replace_section(args.readme, START, END, table)
-        except BenchError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-    return 0
+    write_script_results(args.output, path.name, schema=SCHEMA,
+                         command=script_command("benchmarks.convergence", argv), device=device,
+                         load_average=dict(start=start_load, end=load_average()),
+                         config=vars(config), rows=rows)
+    return script_section(args.readme, START, END, table)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,11 @@ built on the ``meta`` device (`optiscope.bench.memory`), prints the table, write
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from optiscope.bench.base import BenchError
-from optiscope.bench.machine import git_commit, utc_now, versions
 from optiscope.bench.memory import MEMORY_MODELS, MEMORY_OPTIMIZERS, memory_table
-from optiscope.bench.results import replace_section
+from optiscope.bench.results import script_command, script_section, write_script_results
 
 SCHEMA = "optiscope-bench-memory/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,17 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = memory_table(list(MEMORY_MODELS.values()), list(MEMORY_OPTIMIZERS().values()))
     table = render(rows)
     print(table)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "memory.json").write_text(json.dumps(dict(
-        schema=SCHEMA, date_utc=utc_now(), git=git_commit(),
-        versions=versions(), command="python -m benchmarks.memory", rows=rows), indent=1) + "\n")
-    if args.readme:
-        try:
-            replace_section(args.readme, START, END, table)
-        except BenchError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-    return 0
+    write_script_results(args.output, "memory.json", schema=SCHEMA,
+                         command=script_command("benchmarks.memory", argv), rows=rows)
+    return script_section(args.readme, START, END, table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from optiscope import OptimizerMonitor
 from optiscope.bench.machine import describe_device
-from optiscope.bench.results import write_script_results
+from optiscope.bench.results import script_command, write_script_results
 from optiscope.demo import CharGPT, _Batches, _loss, stdlib_text
 from optiscope.optimizers import MicroAdam
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]))
     write_script_results(
         args.output, "microadam-buckets.json", schema=SCHEMA,
-        command="python -m benchmarks.microadam_buckets " + " ".join(argv or sys.argv[1:]),
+        command=script_command("benchmarks.microadam_buckets", argv),
         device=describe_device(torch.device("cpu")),
         model="the demo's CharGPT (dim 128, 3 blocks, context 64), batch 16, seed 0",
         optimizer="MicroAdam(lr=1e-3, weight_decay=0.1, m=10, k_init=0.01)", rows=rows)

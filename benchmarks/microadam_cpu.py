@@ -20,7 +20,7 @@ import torch
 
 from optiscope.bench.cases import gpt2_shapes
 from optiscope.bench.machine import describe_device
-from optiscope.bench.results import write_script_results
+from optiscope.bench.results import script_command, write_script_results
 from optiscope.kernels import cpu
 from optiscope.optimizers import MicroAdam
 from optiscope.optimizers import microadam as module
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps({k: round(v, 2) for k, v in results[name].items()}))
     write_script_results(
         args.output, "microadam-cpu.json", schema=SCHEMA,
-        command="python -m benchmarks.microadam_cpu " + " ".join(argv or sys.argv[1:]),
+        command=script_command("benchmarks.microadam_cpu", argv),
         device=describe_device(torch.device("cpu")),
         optimizer="MicroAdam(lr=1e-3) defaults: m=10, k_init=0.01, blocks of 4096",
         unit="ms per step, median of the rounds", workloads=results)

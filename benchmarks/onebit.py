@@ -31,7 +31,6 @@ after the freeze; printed only.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pickle
@@ -47,8 +46,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from optiscope.bench.machine import describe_device, git_commit, utc_now, versions
-from optiscope.demo import CharGPT, DemoConfig, _Batches, _loss, stdlib_text
+from optiscope.bench.machine import describe_device
+from optiscope.bench.results import script_command, write_script_results
+from optiscope.demo import (CharGPT, DemoConfig, _Batches, _loss, schedule, stdlib_text,
+                            train_step)
 
 SCHEMA = "optiscope-bench-onebit/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -78,23 +79,14 @@ def _rank(rank: int, world: int, root: str, name: str, config: dict, freeze_step
             model.register_comm_hook(opt, onebit_ddp_hook)
         else:
             opt = AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-        warmup = max(1, cfg.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(  # the demo's schedule
-            opt, lambda s: min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))))
+        sched = schedule(opt, cfg.steps)
         sent = ring = probe = None
         with OptimizerMonitor(opt, model=model, every=cfg.every, log_dir=Path(root) / name,
                               console=False) as mon:
             for step in range(1, cfg.steps + 1):
                 if step == cfg.steps:
                     mon.sample_next()
-                tokens, targets = data.next()
-                loss = _loss(model, tokens, targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
+                loss = train_step(model, opt, sched, data)
                 mon.log_scalar("loss", loss)
                 report = getattr(opt, "last_compression", None)
                 if report is not None:
@@ -263,12 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         result = probe_cost(args.world, args.steps if args.steps != DemoConfig.steps else 60)
         for key, value in result.items():
             print(f"{key:>26}: {value}")
-        record = dict(schema=SCHEMA.replace("onebit", "onebit-probe"), date=utc_now(),
-                      commit=git_commit(), versions=versions(), device=device, result=result)
-        args.output.mkdir(parents=True, exist_ok=True)
-        path = args.output / f"onebit-probe-{device['slug']}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {path}")
+        write_script_results(args.output, f"onebit-probe-{device['slug']}.json",
+                             schema=SCHEMA.replace("onebit", "onebit-probe"),
+                             command=script_command("benchmarks.onebit", argv), device=device,
+                             result=result)
         return 0
     if not 0 < args.freeze < 1:
         parser.error(f"--freeze must be in (0, 1), got {args.freeze}")
@@ -279,12 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in result.items():
         print(f"{key:>26}: {value}")
     device = describe_device(torch.device("cpu"))
-    record = dict(schema=SCHEMA, date=utc_now(), commit=git_commit(), versions=versions(),
-                  device=device, result=result)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"onebit-{device['slug']}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_script_results(args.output, f"onebit-{device['slug']}.json", schema=SCHEMA,
+                         command=script_command("benchmarks.onebit", argv), device=device,
+                         result=result)
     return 0
 
 

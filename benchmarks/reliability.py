@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from torch import nn
 
 from optiscope import OptimizerMonitor, load_run
 from optiscope.bench.machine import load_average
-from optiscope.bench.results import write_script_results
+from optiscope.bench.results import script_command, write_script_results
 from optiscope.monitor import runlog
 from optiscope.monitor.metrics import TENSOR_METRICS
 
@@ -105,19 +104,26 @@ def wait_started(proc: subprocess.Popen) -> None:
 
 
 # ------------------------------------------------------------------------------------ cases
+def signalled(run: Path, rng: random.Random, sig: int) -> tuple:
+    """A writer child of ``run`` sent ``sig`` 0.05 to 1.5 s into its training: its stdout, its
+    stderr, the run loaded after it, the warnings loading gave and the sampled steps."""
+    proc = child(run, 100_000)
+    wait_started(proc)
+    time.sleep(rng.uniform(0.05, 1.5))
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    history, warned = quiet_load(run)
+    steps = history.series("grad_norm")[0] if "grad_norm" in history.metrics() else []
+    return stdout, stderr, history, warned, steps
+
+
 def crash_cases(tmp: Path, rng: random.Random, repeats: int) -> list[dict]:
     out = []
     for i in range(repeats):
         run = tmp / f"crash{i}"
-        proc = child(run, 100_000)
-        wait_started(proc)
-        time.sleep(rng.uniform(0.05, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        stdout, _ = proc.communicate()
+        stdout, _, _, warned, steps = signalled(run, rng, signal.SIGKILL)
         taken = max([int(line.split()[1]) for line in stdout.split("\n")
                      if line.startswith("step")] or [0])
-        history, warned = quiet_load(run)
-        steps = history.series("grad_norm")[0] if "grad_norm" in history.metrics() else []
         lost = taken - len(steps)
         resumed = child(run, 3, resume=True)
         rout, rerr = resumed.communicate(timeout=120)
@@ -136,13 +142,7 @@ def interrupt_cases(tmp: Path, rng: random.Random, repeats: int) -> list[dict]:
     out = []
     for i in range(repeats):
         run = tmp / f"sigint{i}"
-        proc = child(run, 100_000)
-        wait_started(proc)
-        time.sleep(rng.uniform(0.05, 1.5))
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
-        history, warned = quiet_load(run)
-        steps = history.series("grad_norm")[0] if "grad_norm" in history.metrics() else []
+        _, stderr, history, warned, steps = signalled(run, rng, signal.SIGINT)
         taken = history.meta.get("steps_taken")
         held = ("KeyboardInterrupt" in stderr and taken is not None and consecutive(steps)
                 and len(steps) == taken and not warned)
@@ -413,7 +413,7 @@ def bad_input_cases(tmp: Path) -> list[dict]:
 
 
 def corrupt_library(tmp: Path) -> tuple[str, bool, str]:
-    """A cached ``cpu_adam-*.so`` cut to 10 bytes: the first bundled step must not die."""
+    """A cached ``optiscope_cpu-*.so`` cut to 10 bytes: the first bundled step must not die."""
     from optiscope.kernels import cpu
     lib = cpu.kernel()
     if lib is None:
@@ -565,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     held = sum(r["held"] for r in results)
     print(f"\n{held} of {len(results)} cases held ({seconds:.0f} s)")
     write_script_results(args.output, "reliability.json", schema=SCHEMA,
-                         command="python -m benchmarks.reliability "
-                                 + " ".join(argv if argv is not None else sys.argv[1:]),
+                         command=script_command("benchmarks.reliability", argv),
                          held=held, cases=len(results), seconds=round(seconds, 1),
                          cpus=os.cpu_count(),
                          load_average={"start": load_before, "end": load_average()},

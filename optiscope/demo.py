@@ -215,6 +215,29 @@ def _loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The demo's learning-rate schedule over ``steps``: linear warm-up over the first 5 %, then
+    cosine decay to 10 % of the base rate."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup)
+        * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, data: "_Batches") -> torch.Tensor:
+    """One demo training step on the next batch of ``data``: the loss (returned), its gradient
+    clipped to norm 1, the optimizer's step and the schedule's (``sched`` None: no schedule)."""
+    tokens, targets = data.next()
+    loss = _loss(model, tokens, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss
+
+
 @dataclass
 class DemoResult:
     """What one run reached."""
@@ -254,12 +277,8 @@ def train(optimizer: str, run_dir: str | Path, config: DemoConfig | None = None,
     model = CharGPT(dim=config.dim, layers=config.layers, heads=config.heads,
                     context=config.context)
     opt = make_optimizer(optimizer, model.parameters(), config.lr)
-    sched = None
-    if all(g.get("lr") is not None for g in opt.param_groups):  # else a relative step size
-        warmup = max(1, config.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to 10%
-            opt, lambda s: min(1.0, (s + 1) / warmup)
-            * (0.1 + 0.45 * (1 + math.cos(math.pi * s / config.steps))))
+    sched = (schedule(opt, config.steps)  # else a relative step size
+             if all(g.get("lr") is not None for g in opt.param_groups) else None)
     freeze = max(2, config.steps // 4) if config.steps >= 8 else None
     start = time.perf_counter()
     mon = OptimizerMonitor(opt, model=model, every=config.every, log_dir=run_dir,
@@ -272,14 +291,7 @@ def train(optimizer: str, run_dir: str | Path, config: DemoConfig | None = None,
         for step in range(1, config.steps + 1):
             if step == config.steps:
                 mon.sample_next()  # the final step's metrics, and the evaluation after it
-            tokens, targets = data.next()
-            loss = _loss(model, tokens, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if sched is not None:
-                sched.step()
+            loss = train_step(model, opt, sched, data)
             mon.log_scalar("loss", loss)
         model.eval()
         with torch.no_grad():

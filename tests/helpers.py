@@ -1,6 +1,9 @@
-"""Assertion helpers that say how many entries differ and where, not only "not close"."""
+"""Assertion helpers that say how many entries differ and where, not only "not close"; float64
+oracles that several test files share."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -38,3 +41,15 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=1e-6),
 }
+
+
+def topk_mass(g: Tensor, density: float, block: int) -> tuple[float, float]:
+    """(kept, total) squared mass of the monitor's blockwise top-k of the whole tensor ``g``, in
+    float64: per block of ``block`` entries the ⌈density·size⌉ largest g² are kept."""
+    flat = g.double().reshape(-1).square()
+    kept = total = 0.0
+    for start in range(0, flat.numel(), block):
+        chunk = flat[start:start + block]
+        kept += float(chunk.sort(descending=True).values[:math.ceil(density * chunk.numel())].sum())
+        total += float(chunk.sum())
+    return kept, total

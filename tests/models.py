@@ -59,3 +59,34 @@ def decay_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return [dict(params=decay, lr=lr, weight_decay=weight_decay),
             dict(params=no_decay, lr=lr * 3, weight_decay=0.0)]
+
+
+def train_steps(monitor, model: nn.Module, opt, steps: int, *, nan_at: int | None = None) -> None:
+    """Trains ``model`` (a `TinyTransformer`) on ``batches(steps)`` under ``monitor``, logging
+    each step's loss as the scalar ``loss``; at step ``nan_at`` (1-based) one entry of
+    ``q.weight``'s gradient is NaN."""
+    for step, (x, y) in enumerate(batches(steps), start=1):
+        loss = loss_fn(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        if step == nan_at:
+            model.q.weight.grad[0, 0] = float("nan")
+        opt.step()
+        monitor.log_scalar("loss", loss)
+
+
+def hooked_run(opt, model: nn.Module, steps: int, pre, post):
+    """Trains ``model`` for ``steps`` batches under a strict monitor that samples every second
+    step and every coordinate, with ``pre`` and ``post`` as the optimizer's step hooks (they
+    record what the monitor is checked against); returns the closed monitor's history."""
+    from optiscope import OptimizerMonitor
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, strict=True)
+    for x, y in batches(steps):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    mon.close()
+    return mon.history

@@ -14,7 +14,7 @@ import torch
 
 from conftest import requires_triton
 from helpers import TOLERANCES, assert_close, assert_equal
-from models import TinyTransformer, batches, loss_fn
+from models import TinyTransformer, batches, hooked_run, loss_fn
 from optiscope import OptimizerMonitor
 from optiscope.kernels.stats import Stat
 from optiscope.optimizers import AdaDiag, AdafacDiag, AdamW
@@ -482,15 +482,7 @@ def test_monitor_metrics_and_diagonality_match_brute_force(two_sided):
                                                 for k, v in o.state[p].items()}
                                  for p in model.parameters()})
 
-    opt.register_step_pre_hook(pre)
-    opt.register_step_post_hook(post)
-    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, strict=True)
-    for x, y in batches(4):
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    mon.close()
-    h = mon.history
+    h = hooked_run(opt, model, 4, pre, post)
     for step in (1, 3):  # step 3 is a refresh (gap 2); step 1 too
         rec = seen[step]
         shares = []

@@ -653,7 +653,7 @@ def test_parameters_without_gradient_are_skipped(backend):
 
 
 def test_tensors_at_different_steps_match_across_backends():
-    # Tensors that missed a step lag behind: the Triton backend launches one bucket per step.
+    # Tensors that missed a step lag behind: the Triton backend launches one group per step.
     has_grad = [(True, False, True), (True, True, True), (False, True, True)]
     runs = {}
     for backend in BACKENDS:

@@ -226,7 +226,7 @@ def test_a_failed_compile_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
     from optiscope.kernels import cpu
 
     monkeypatch.setenv("CC", "sh -c 'echo broken >&2; exit 1' --")
-    library = tmp_path / "cache" / "cpu_adam-x.so"
+    library = tmp_path / "cache" / "optiscope_cpu-x.so"
     why = cpu._build(cpu.compiler_command(), library)
     assert "failed: broken" in why
     assert list(library.parent.iterdir()) == []
@@ -260,7 +260,7 @@ def test_cuda_without_triton_is_said_once(monkeypatch, caplog):
 
 @pytest.mark.slow
 def test_a_corrupt_cache_entry_in_a_fresh_process_is_rebuilt(tmp_path):
-    """The reported case: `cpu_adam-*.so: file too short` in the cache, a bundled optimizer's
+    """The reported case: `optiscope_cpu-*.so: file too short` in the cache, a bundled optimizer's
     first step in a new process (a real compile)."""
     from optiscope.kernels import cpu
 

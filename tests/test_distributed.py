@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from helpers import topk_mass
 from spawn import spawn_ranks
 
 pytestmark = pytest.mark.distributed
@@ -159,17 +160,6 @@ class _Recorder:
         return self
 
 
-def _topk_mass(g: torch.Tensor, density: float, block: int) -> tuple[float, float]:
-    """(kept, total) squared mass of the monitor's blockwise top-k of the whole tensor ``g``."""
-    flat = g.reshape(-1).square()
-    kept = total = 0.0
-    for start in range(0, flat.numel(), block):
-        chunk = flat[start:start + block]
-        kept += float(chunk.sort(descending=True).values[:math.ceil(density * chunk.numel())].sum())
-        total += float(chunk.sum())
-    return kept, total
-
-
 def _norm(x: torch.Tensor) -> float:
     return float(x.norm())
 
@@ -222,7 +212,7 @@ def _brute_force(rec: _Recorder, sampled: list[int], *, topk: tuple[float, int] 
                 sums["dd"] += float((v[name] - vp).square().sum())
                 sums["dp"] += float(vp.square().sum())
             if topk is not None:
-                kept, total = _topk_mass(g, *topk)
+                kept, total = topk_mass(g, *topk)
                 put("topk_coverage", name, step, kept / total)
                 sums["kept"] += kept
                 sums["tot"] += total

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_equal
-from models import TinyTransformer, batches, loss_fn
+from helpers import assert_equal, topk_mass
+from models import TinyTransformer, batches, hooked_run, loss_fn
 from optiscope import OptimizerMonitor
 from optiscope.optimizers import Adafactor, Adam, AdamW
 
@@ -55,17 +55,6 @@ class Trace:
 
 def _norm(x):
     return float(x.double().norm())
-
-
-def _topk_coverage(g, density, block):
-    flat = g.double().reshape(-1).square()
-    kept = total = 0.0
-    for start in range(0, flat.numel(), block):
-        chunk = flat[start:start + block]
-        k = math.ceil(density * chunk.numel())
-        kept += float(chunk.sort(descending=True).values[:k].sum())
-        total += float(chunk.sum())
-    return kept, total
 
 
 def _adafactor_v(state):
@@ -145,7 +134,7 @@ def test_every_metric_matches_brute_force(name):
             _close(at("update_norm"), _norm(d), f"{n} update_norm")
             if _norm(p0[n]) > 0:
                 _close(at("update_ratio"), _norm(d) / _norm(p0[n]), f"{n} update_ratio")
-            kept, mass = _topk_coverage(g[n], density, block)
+            kept, mass = topk_mass(g[n], density, block)
             _close(at("topk_coverage"), kept / mass, f"{n} topk_coverage")
             if first:
                 _close(at("moment1_norm"), _norm(trace.m[step][n]), f"{n} moment1_norm")
@@ -231,15 +220,7 @@ def test_microadam_metrics_match_brute_force_from_its_state(backend):
         seen[o.global_step]["moments"] = {names[id(p)]: _microadam_moments(o, p)
                                           for p in model.parameters()}
 
-    opt.register_step_pre_hook(pre)
-    opt.register_step_post_hook(post)
-    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, strict=True)
-    for x, y in batches(5):
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
-    mon.close()
-    h = mon.history
+    h = hooked_run(opt, model, 5, pre, post)
     sampled = (1, 3, 5)
     assert [int(s) for s in h.series("quant_error")[0]] == list(sampled)
     for step in sampled:

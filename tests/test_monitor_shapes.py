@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from helpers import topk_mass
 from optiscope import OptimizerMonitor
 from optiscope.optimizers import AdaDiag, Adam, AdamW
 
@@ -41,16 +42,6 @@ def _norm(x) -> float:
     return float(x.double().norm())
 
 
-def _topk(g, density, block) -> tuple[float, float]:
-    flat = g.double().reshape(-1).square()
-    kept = total = 0.0
-    for start in range(0, flat.numel(), block):
-        chunk = flat[start:start + block]
-        kept += float(chunk.sort(descending=True).values[:math.ceil(density * chunk.numel())].sum())
-        total += float(chunk.sum())
-    return kept, total
-
-
 def _at(history, metric, scope, step):
     steps, values = history.series(metric, scope)
     assert step in list(steps), f"{metric}/{scope}: step {step} not recorded (steps {list(steps)})"
@@ -71,7 +62,7 @@ def _check(history, trace: Trace, *, rtol: float, density=0.01, block=4096):
                 close(_at(history, "grad_norm", n, step), _norm(g), f"step {step} {n} grad_norm")
                 close(_at(history, "weight_norm", n, step), _norm(t["p1"][n]), f"{n} weight_norm")
                 close(_at(history, "update_norm", n, step), _norm(d), f"{n} update_norm")
-                kept, mass = _topk(g, density, block)
+                kept, mass = topk_mass(g, density, block)
                 if mass > 0:
                     close(_at(history, "topk_coverage", n, step), kept / mass, f"{n} coverage")
                 if n in t["v"]:

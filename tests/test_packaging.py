@@ -51,7 +51,7 @@ def test_the_sdist_carries_its_tests_helpers_docs_and_licence(built):
     tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py")}
     assert tests <= names, f"missing from the sdist: {sorted(tests - names)}"
     for needed in ("LICENSE", "README.md", "docs/dashboard.svg", "tests/conftest.py",
-                   "optiscope/kernels/cpu_adam.c", "optiscope/kernels/cpu_microadam.c"):
+                   "optiscope/kernels/cpu_kernels.c", "optiscope/kernels/cpu_microadam.c"):
         assert needed in names, needed
     assert not any("__pycache__" in n for n in names)
 
@@ -63,7 +63,7 @@ def test_the_wheel_carries_the_licence_and_declares_it(built):
         names = whl.namelist()
         metadata = next(whl.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert "optiscope/kernels/cpu_adam.c" in names
+    assert "optiscope/kernels/cpu_kernels.c" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: triton")]

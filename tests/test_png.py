@@ -3,7 +3,6 @@ without touching the caller's matplotlib (backend, figures, rcParams)."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import TinyTransformer, batches, loss_fn
+from models import TinyTransformer, train_steps
 from optiscope import OptimizerMonitor, load_run
 from optiscope.dashboards import png
 from optiscope.dashboards.png import write_png
@@ -35,14 +34,7 @@ def train(log_dir: Path, make_opt, *, nan_at: int | None = None) -> Path:
     opt = make_opt(model.parameters())
     with OptimizerMonitor(opt, model=model, log_dir=log_dir, freeze_probe=4, console=False,
                           tensorboard=False, report=False, strict=True) as mon:
-        for step, (x, y) in enumerate(batches(STEPS), start=1):
-            loss = loss_fn(model, x, y)
-            opt.zero_grad()
-            loss.backward()
-            if step == nan_at:
-                model.q.weight.grad[0, 0] = math.nan
-            opt.step()
-            mon.log_scalar("loss", loss)
+        train_steps(mon, model, opt, STEPS, nan_at=nan_at)
     return log_dir
 
 

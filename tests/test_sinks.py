@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 
 import pytest
 import torch
 from rich.console import Console
 
-from models import TinyTransformer, batches, loss_fn
+from models import TinyTransformer, train_steps
 from optiscope import OptimizerMonitor
 from optiscope.dashboards import RecordDecoder, Sink
 from optiscope.monitor.runlog import RUNLOG, read_records
@@ -39,17 +38,6 @@ class Recorder(Sink):
         self.calls.append(("close",))
 
 
-def _train(mon, model, opt, steps, nan_at=None):
-    for step, (x, y) in enumerate(batches(steps), start=1):
-        loss = loss_fn(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        if step == nan_at:
-            model.q.weight.grad[0, 0] = math.nan
-        opt.step()
-        mon.log_scalar("loss", loss)
-
-
 def test_every_record_reaches_the_sink_and_a_replay_matches_it(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer()
@@ -57,7 +45,7 @@ def test_every_record_reaches_the_sink_and_a_replay_matches_it(tmp_path):
     live = Recorder()
     mon = OptimizerMonitor(opt, model=model, every=2, log_dir=tmp_path, sinks=[live],
                            tensorboard=False, report=False, strict=True)
-    _train(mon, model, opt, 9, nan_at=5)
+    train_steps(mon, model, opt, 9, nan_at=5)
     mon.close()
 
     kinds = [c[0] for c in live.calls]
@@ -89,7 +77,7 @@ def test_values_match_within_the_run_logs_precision(tmp_path):
     live = Recorder()
     with OptimizerMonitor(opt, model=model, log_dir=tmp_path, sinks=[live], tensorboard=False,
                           report=False, strict=True) as mon:
-        _train(mon, model, opt, 3)
+        train_steps(mon, model, opt, 3)
     replayed = Recorder()
     RecordDecoder(replayed).feed(read_records(tmp_path / RUNLOG))
     a = [c for c in live.calls if c[0] == "sample"]
@@ -121,7 +109,7 @@ def test_a_failing_sink_is_dropped_and_training_goes_on(caplog):
     broken, fine = Broken(), Recorder()
     mon = OptimizerMonitor(opt, model=model, sinks=[broken, fine])
     with caplog.at_level(logging.ERROR, logger="optiscope.monitor"):
-        _train(mon, model, opt, 4)
+        train_steps(mon, model, opt, 4)
         mon.close()
     assert broken.samples == 1 and broken.closed == 1, "called once, then switched off"
     assert [c[1] for c in fine.calls if c[0] == "sample"] == [1, 2, 3, 4]
@@ -131,7 +119,7 @@ def test_a_failing_sink_is_dropped_and_training_goes_on(caplog):
     strict = OptimizerMonitor(torch.optim.SGD(model.parameters(), lr=0.1), sinks=[Broken()],
                               strict=True)
     with pytest.raises(RuntimeError, match="dashboard bug"):
-        _train(strict, model, strict.optimizer, 1)
+        train_steps(strict, model, strict.optimizer, 1)
         strict.close()  # the sample is decoded (and handed to the sinks) at the latest here
 
 
@@ -140,11 +128,11 @@ def test_sample_next_records_the_step_and_the_scalars_after_it():
     model = TinyTransformer()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = OptimizerMonitor(opt, model=model, every=4)
-    _train(mon, model, opt, 6)
+    train_steps(mon, model, opt, 6)
     mon.sample_next()
-    _train(mon, model, opt, 1)
+    train_steps(mon, model, opt, 1)
     mon.log_scalar("val_loss", 1.5)
-    _train(mon, model, opt, 2)
+    train_steps(mon, model, opt, 2)
     mon.close()
     assert list(mon.history.series("grad_norm")[0]) == [1, 5, 7, 9]
     steps, values = mon.history.series("val_loss")
@@ -184,12 +172,12 @@ def test_close_writes_the_report_and_png_into_the_run_directory(tmp_path):
     model = TinyTransformer()
     opt = AdamW(model.parameters(), lr=1e-2, backend="torch")
     with OptimizerMonitor(opt, model=model, log_dir=tmp_path / "run", console=False) as mon:
-        _train(mon, model, opt, 4)
+        train_steps(mon, model, opt, 4)
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"report.html", "trends.png", "runlog.jsonl", "meta.json"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
 
     with OptimizerMonitor(opt, model=model, log_dir=tmp_path / "bare", tensorboard=False,
                           report=False) as mon:
-        _train(mon, model, opt, 2)
+        train_steps(mon, model, opt, 2)
     assert {p.name for p in (tmp_path / "bare").iterdir()} == {"runlog.jsonl", "meta.json"}

@@ -26,7 +26,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from models import TinyTransformer, batches, loss_fn
+from models import TinyTransformer, train_steps
 from optiscope import OptimizerMonitor
 from optiscope.dashboards.eventfile import crc32c, masked_crc32c
 from optiscope.dashboards.tensorboard import TensorBoardSink, export_tensorboard
@@ -86,14 +86,7 @@ def run(tmp_path_factory):
     mon = OptimizerMonitor(opt, model=model, every=EVERY, log_dir=log_dir, freeze_probe=5,
                            console=False, report=False, strict=True)
     mon.log_scalar("loss", 3.2)  # step 0, before the first step
-    for step, (x, y) in enumerate(batches(STEPS), start=1):
-        loss = loss_fn(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        if step == NAN_AT:
-            model.q.weight.grad[0, 0] = math.nan
-        opt.step()
-        mon.log_scalar("loss", loss)
+    train_steps(mon, model, opt, STEPS, nan_at=NAN_AT)
     mon.close()
     return log_dir, mon.history, read_events(log_dir)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import TinyTransformer, batches, loss_fn
+from models import TinyTransformer, train_steps
 from optiscope import OptimizerMonitor
 from optiscope.dashboards.trackers import TrackerSink, is_tensor_scope
 from optiscope.monitor.runlog import load_run
@@ -117,14 +117,7 @@ def train(log_dir: Path, sinks, steps=STEPS, nan_at=NAN_AT):
     opt = AdamW(model.parameters(), lr=1e-2, backend="torch")
     with OptimizerMonitor(opt, model=model, log_dir=log_dir, console=False, tensorboard=False,
                           report=False, strict=True, sinks=sinks) as mon:
-        for step, (x, y) in enumerate(batches(steps), start=1):
-            loss = loss_fn(model, x, y)
-            loss.backward()
-            if step == nan_at:
-                model.q.weight.grad[0, 0] = math.nan
-            opt.step()
-            opt.zero_grad()
-            mon.log_scalar("loss", loss)
+        train_steps(mon, model, opt, steps, nan_at=nan_at)
     return mon
 
 

@@ -84,11 +84,17 @@ def test_corrupt_line_is_skipped_and_counted(tmp_path, run_lines):
     assert follower.corrupt == 1
 
 
-def test_truncated_file_starts_over(tmp_path, run_lines):
+def _follower_after(tmp_path, run_lines, n: int) -> tuple[Path, RunLogFollower]:
+    """The run log holding the first ``n`` lines, and a follower that has read them."""
     log = tmp_path / RUNLOG
     follower = RunLogFollower(tmp_path)
-    append(log, b"".join(run_lines[:4]))
-    assert len(follower.poll().records) == 4
+    append(log, b"".join(run_lines[:n]))
+    assert len(follower.poll().records) == n
+    return log, follower
+
+
+def test_truncated_file_starts_over(tmp_path, run_lines):
+    log, follower = _follower_after(tmp_path, run_lines, 4)
     with open(log, "wb") as f:  # same inode, cut and rewritten
         f.write(run_lines[0])
     update = follower.poll()
@@ -97,10 +103,7 @@ def test_truncated_file_starts_over(tmp_path, run_lines):
 
 
 def test_replaced_file_starts_over(tmp_path, run_lines):
-    log = tmp_path / RUNLOG
-    follower = RunLogFollower(tmp_path)
-    append(log, b"".join(run_lines[:3]))
-    assert len(follower.poll().records) == 3
+    log, follower = _follower_after(tmp_path, run_lines, 3)
     new = tmp_path / "new.jsonl"
     new.write_bytes(b"".join(run_lines[:5]))  # longer than what was read: only the inode tells
     os.replace(new, log)

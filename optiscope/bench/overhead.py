@@ -329,8 +329,8 @@ def _run_workload(workload: Workload, impls: list[WatchedOptimizer], settings: S
         for v in list(variants):  # the first sample (setup, compilation), its decoding, ...
             if v in variants and v.monitor is not None:
                 guarded(v, lambda: warm_up(v))
-        # A round of untimed blocks (in a trial on GPT-2 small, 2 cores, the first rounds after
-        # the warm-up steps were up to 1.5x slower for every variant alike) sizes the others.
+        # A round of untimed blocks (the first rounds after the warm-up steps run slower for
+        # every variant alike) sizes the others.
         order = list(variants)
         per_round = one_round(order, record=False)
         for v in variants:

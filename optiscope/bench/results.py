@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from optiscope.bench.base import BenchError
 
 __all__ = ["SCHEMA", "README_START", "README_END", "write_results", "write_script_results",
-           "load_results", "update_readme", "readme_text", "replace_section"]
+           "load_results", "update_readme", "readme_text", "replace_section",
+           "script_command", "script_section"]
 
 SCHEMA = "optiscope-bench/1"
 README_START = "<!-- bench:start -->"
@@ -65,6 +67,26 @@ def write_script_results(output: Path, name: str, *, schema: str, command: str,
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def script_command(module: str, argv: list[str] | None) -> str:
+    """The command line of a benchmark script run as ``python -m module`` with ``argv`` (None:
+    this process's own arguments), for its results file."""
+    return " ".join(["python -m " + module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def script_section(readme: Path | None, start: str, end: str, body: str) -> int:
+    """A benchmark script's ``--readme``: replaces the section between ``start`` and ``end`` of
+    ``readme`` with ``body`` (nothing without a readme). Returns the script's exit status: 0, or 1
+    after printing why the file could not be written."""
+    if readme is None:
+        return 0
+    try:
+        replace_section(readme, start, end, body)
+    except BenchError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 def load_results(output: Path) -> list[tuple[Path, dict]]:

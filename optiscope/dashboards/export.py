@@ -79,34 +79,17 @@ def _write_csv(history: RunHistory, out: Path) -> int:
 
 
 def _write_parquet(history: RunHistory, out: Path) -> int:
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    steps, metric_ids, scope_ids, values = [], [], [], []
-    metric_names: list[str] = []
-    scope_names: dict[str, int] = {}
-    for metric in history.metrics():
-        m = len(metric_names)
-        metric_names.append(metric)
-        for scope in history.scopes(metric):
-            s = scope_names.setdefault(scope, len(scope_names))
-            st, va = history.series(metric, scope)
-            steps.append(st)
-            values.append(va)
-            metric_ids.append(np.full(len(st), m, dtype=np.int32))
-            scope_ids.append(np.full(len(st), s, dtype=np.int32))
-
-    def cat(parts, dtype):
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
+    t = history.long_table()
     table = pa.table({
-        "step": pa.array(cat(steps, np.int64), type=pa.int64()),
-        "metric": pa.DictionaryArray.from_arrays(pa.array(cat(metric_ids, np.int32)),
-                                                 pa.array(metric_names, type=pa.string())),
-        "scope": pa.DictionaryArray.from_arrays(pa.array(cat(scope_ids, np.int32)),
-                                                pa.array(list(scope_names), type=pa.string())),
-        "value": pa.array(cat(values, np.float64), type=pa.float64()),
+        "step": pa.array(t.steps, type=pa.int64()),
+        "metric": pa.DictionaryArray.from_arrays(pa.array(t.metric_codes),
+                                                 pa.array(t.metrics, type=pa.string())),
+        "scope": pa.DictionaryArray.from_arrays(pa.array(t.scope_codes),
+                                                pa.array(t.scopes, type=pa.string())),
+        "value": pa.array(t.values, type=pa.float64()),
     })
     pq.write_table(table, out)
     return table.num_rows

@@ -301,8 +301,8 @@ class Page:
             toc = f'<nav class="toc"><strong>Contents</strong><ul>{items}</ul></nav>'
         template = pio.templates["plotly_white"].to_plotly_json()
         template["layout"]["font"] = {"size": 13, "color": "#1f2933"}
-        # Automatic margins draw every figure twice (measure, then lay out again): 2x the time of
-        # a 100-tensor heatmap. The report sets its margins from its labels instead.
+        # Automatic margins draw every figure twice (measure, then lay out again), which doubles
+        # the drawing time of a large heatmap. The report sets its margins from its labels instead.
         for axis in ("xaxis", "yaxis"):
             template["layout"][axis]["automargin"] = False
         return "\n".join([

@@ -21,10 +21,9 @@ In MLflow:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
-from optiscope.dashboards.trackers import (DEFAULT_METRICS, DEFAULT_TOP, TrackerSink,
-                                           alert_line, flat_meta, log, run_name)
+from optiscope.dashboards.trackers import (TrackerSink, alert_line, check_strings, flat_meta, log,
+                                           require, run_name)
 from optiscope.monitor.history import Alert
 
 __all__ = ["MLflowSink", "mlflow_key"]
@@ -56,16 +55,8 @@ class MLflowSink(TrackerSink):
         run_name: the name of a new run (default None: the run directory's name when the
             metadata has it, else ``optiscope-<optimizer>-<start time>``).
         tracking_uri: where MLflow stores runs (default None: ``mlflow.get_tracking_uri()``).
-        metrics: glob patterns of the metrics sent per tensor (default ``grad_norm``,
-            ``update_ratio``; ``"*"``: all).
-        scopes: glob patterns of tensor names always sent (default none; ``"*"``: all tensors).
-        top: besides, the tensors with the largest grad norm in each sample (default 20).
         prefix: put before every metric, parameter and tag key (default none).
-        max_queue: samples waiting for the background thread at most; the oldest is dropped
-            beyond it (default 256).
-        close_timeout: seconds `close` waits for the queue to drain (default 120).
-        block: wait for room in the queue instead of dropping (default False; True to replay a
-            run log, where nothing is training).
+        metrics, scopes, top, max_queue, close_timeout, block: as for `TrackerSink`.
 
     Raises:
         ImportError: MLflow is not installed (``pip install 'optiscope[mlflow]'``).
@@ -75,20 +66,11 @@ class MLflowSink(TrackerSink):
 
     def __init__(self, *, run_id: str | None = None, experiment: str | None = None,
                  run_name: str | None = None, tracking_uri: str | None = None,
-                 metrics: str | Iterable[str] = DEFAULT_METRICS, scopes: str | Iterable[str] = (),
-                 top: int = DEFAULT_TOP, prefix: str = "", max_queue: int = 256,
-                 close_timeout: float = 120.0, block: bool = False):
-        try:
-            import mlflow  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("optiscope: MLflowSink needs MLflow, which is not installed: "
-                              "pip install 'optiscope[mlflow]'") from exc
-        super().__init__(metrics=metrics, scopes=scopes, top=top, prefix=prefix,
-                         max_queue=max_queue, close_timeout=close_timeout, block=block)
-        for name, value in (("run_id", run_id), ("experiment", experiment),
-                            ("run_name", run_name), ("tracking_uri", tracking_uri)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"MLflowSink: {name} must be a string, got {value!r}")
+                 prefix: str = "", **options):
+        require("mlflow", "MLflowSink", "MLflow", "mlflow")
+        super().__init__(prefix=prefix, **options)
+        check_strings("MLflowSink", run_id=run_id, experiment=experiment, run_name=run_name,
+                      tracking_uri=tracking_uri)
         self.run_id = run_id
         self.experiment = experiment
         self.run_name = run_name

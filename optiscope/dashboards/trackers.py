@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 import math
 import os
@@ -205,20 +206,48 @@ def run_name(meta: dict) -> str:
     return f"optiscope-{meta.get('optimizer_name') or 'run'}-{stamp}"
 
 
+def require(module: str, sink: str, package: str, extra: str):
+    """Imports the tracker's ``module`` for ``sink``, or raises an ImportError that says how to
+    install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"optiscope: {sink} needs {package}, which is not installed: "
+                          f"pip install 'optiscope[{extra}]'") from exc
+
+
+def check_strings(sink: str, **values) -> None:
+    """Raises a TypeError naming the first of ``values`` that is neither a string nor None."""
+    for name, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{sink}: {name} must be a string, got {value!r}")
+
+
+def check_flags(sink: str, **values) -> None:
+    """Raises a TypeError naming the first of ``values`` that is not True or False."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{sink}: {name} must be True or False, got {value!r}")
+
+
 class TrackerSink(Sink):
     """A sink that sends a run to an experiment tracker from a background thread.
 
     Subclasses implement the tracker's side; the hooks below run on the background thread except
     `_find_active`, which runs on the training thread (trackers keep their active run there).
 
-    Args:
-        metrics, scopes, top: the key budget (`KeyBudget`).
-        prefix: put before every key (e.g. ``"gen/"`` for a second optimizer in the same run).
-        max_queue: samples queued for the background thread at most; beyond it the oldest is
-            dropped, or with ``block`` the caller waits.
-        block: wait for room in the queue instead of dropping (for replaying a run log, where
-            nothing is training; default False).
-        close_timeout: seconds `close` waits for the queue to drain.
+    Args (the subclasses take the same ones):
+        metrics: glob patterns of the metrics sent per tensor (default ``grad_norm``,
+            ``update_ratio``; ``"*"``: all).
+        scopes: glob patterns of tensor names always sent (default none; ``"*"``: all tensors).
+        top: besides, the tensors with the largest grad norm in each sample (default 20).
+        prefix: put before every key (e.g. ``"gen/"`` for a second optimizer in the same run;
+            default none).
+        max_queue: samples waiting for the background thread at most; beyond it the oldest is
+            dropped, or with ``block`` the caller waits (default 256).
+        close_timeout: seconds `close` waits for the queue to drain (default 120).
+        block: wait for room in the queue instead of dropping (default False; True to replay a
+            run log, where nothing is training).
     """
 
     tracker = "tracker"  # the name in messages
@@ -231,7 +260,7 @@ class TrackerSink(Sink):
             self.budget = KeyBudget(metrics, scopes, top)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{cls}: {exc}") from None
-        if not isinstance(prefix, str):
+        if not isinstance(prefix, str):  # None is no prefix to put before keys
             raise TypeError(f"{cls}: prefix must be a string, got {prefix!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"{cls}: max_queue must be an int >= 1 (samples), got {max_queue!r}")
@@ -239,8 +268,7 @@ class TrackerSink(Sink):
                 or not close_timeout >= 0:
             raise ValueError(f"{cls}: close_timeout must be a number of seconds >= 0, got "
                              f"{close_timeout!r}")
-        if not isinstance(block, bool):
-            raise TypeError(f"{cls}: block must be True or False, got {block!r}")
+        check_flags(cls, block=block)
         self.prefix = prefix
         self.block = block
         self.max_queue = max_queue

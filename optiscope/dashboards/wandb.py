@@ -22,10 +22,8 @@ In W&B:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from optiscope.dashboards.trackers import (DEFAULT_METRICS, DEFAULT_TOP, TrackerSink,
-                                           alert_line, flat_meta, run_name)
+from optiscope.dashboards.trackers import (TrackerSink, alert_line, check_flags, check_strings,
+                                           flat_meta, require, run_name)
 from optiscope.monitor.history import Alert
 
 __all__ = ["WandbSink", "STEP_KEY"]
@@ -47,16 +45,8 @@ class WandbSink(TrackerSink):
         init_kwargs: more arguments for ``wandb.init`` of a new run (``entity``, ``tags``,
             ``dir``, ``mode``...).
         alert: also call ``wandb.alert`` for each alert (default False).
-        metrics: glob patterns of the metrics sent per tensor (default ``grad_norm``,
-            ``update_ratio``; ``"*"``: all).
-        scopes: glob patterns of tensor names always sent (default none; ``"*"``: all tensors).
-        top: besides, the tensors with the largest grad norm in each sample (default 20).
         prefix: put before every history key (default none).
-        max_queue: samples waiting for the background thread at most; the oldest is dropped
-            beyond it (default 256).
-        close_timeout: seconds `close` waits for the queue to drain (default 120).
-        block: wait for room in the queue instead of dropping (default False; True to replay a
-            run log, where nothing is training).
+        metrics, scopes, top, max_queue, close_timeout, block: as for `TrackerSink`.
 
     Raises:
         ImportError: wandb is not installed (``pip install 'optiscope[wandb]'``).
@@ -65,25 +55,15 @@ class WandbSink(TrackerSink):
     tracker = "WandbSink"
 
     def __init__(self, *, run=None, project: str | None = None, name: str | None = None,
-                 init_kwargs: dict | None = None, alert: bool = False,
-                 metrics: str | Iterable[str] = DEFAULT_METRICS, scopes: str | Iterable[str] = (),
-                 top: int = DEFAULT_TOP, prefix: str = "", max_queue: int = 256,
-                 close_timeout: float = 120.0, block: bool = False):
-        try:
-            import wandb  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("optiscope: WandbSink needs wandb, which is not installed: "
-                              "pip install 'optiscope[wandb]'") from exc
-        super().__init__(metrics=metrics, scopes=scopes, top=top, prefix=prefix,
-                         max_queue=max_queue, close_timeout=close_timeout, block=block)
-        for what, value in (("project", project), ("name", name)):
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"WandbSink: {what} must be a string, got {value!r}")
+                 init_kwargs: dict | None = None, alert: bool = False, prefix: str = "",
+                 **options):
+        require("wandb", "WandbSink", "wandb", "wandb")
+        super().__init__(prefix=prefix, **options)
+        check_strings("WandbSink", project=project, name=name)
         if init_kwargs is not None and not isinstance(init_kwargs, dict):
             raise TypeError(f"WandbSink: init_kwargs must be a dict of wandb.init arguments, got "
                             f"{init_kwargs!r}")
-        if not isinstance(alert, bool):
-            raise TypeError(f"WandbSink: alert must be True or False, got {alert!r}")
+        check_flags("WandbSink", alert=alert)
         self.run = run
         self.project = project
         self.name = name

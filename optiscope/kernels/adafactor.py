@@ -1,9 +1,10 @@
-"""Triton kernels for Adafactor: four launches per bucket of tensors, statistics in the same passes.
+"""Triton kernels for Adafactor: four launches per launch group, statistics in the same passes.
 
 The maths is in `optiscope.optimizers.adafactor.Adafactor`. Two quantities couple every element of
 a tensor and force the passes apart: the column means of G = g² + eps1 (a factored update needs
 all rows of its matrix before any element can be preconditioned) and RMS(U) (the clip needs the
-whole unclipped update before any element is written). Hence, for all tensors of a bucket at once:
+whole unclipped update before any element is written). Hence, for all tensors of a launch group
+at once:
 
 1. ``_row_col_sums_kernel`` (factored tensors; one program per tile of `ROW_TILE` whole rows of
    one matrix): reads g; finishes the row EMA of its rows in place, since it owns them; writes the
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
                                      densify, tl_dtype, write_back)
 from optiscope.kernels.stats import Stat, StatsRows
@@ -77,21 +79,32 @@ _P1_SQ, _D_SQ, _M_SQ = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
+def _matrix_program(meta_ptr, n_tensors, program_tensor_ptr, FIRST: tl.constexpr,
+                    PER_MATRIX: tl.constexpr):
+    """Passes 1 and 2: this program's id, its tensor t, the shape R × C and row tiles of the
+    tensor's matrices, the matrix b it works on and its index among that matrix's programs
+    (metadata rows ``FIRST``: the tensor's first program, ``PER_MATRIX``: programs per matrix)."""
+    pid = tl.program_id(0)
+    t = tl.load(program_tensor_ptr + pid)
+    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
+    C = tl.load(meta_ptr + _COLS * n_tensors + t)
+    tiles = tl.load(meta_ptr + _TILES * n_tensors + t)
+    per_matrix = tl.load(meta_ptr + PER_MATRIX * n_tensors + t)
+    local = pid - tl.load(meta_ptr + FIRST * n_tensors + t)
+    b = local // per_matrix
+    return pid, t, R, C, tiles, b, local - b * per_matrix
+
+
+@triton.jit
 def _row_col_sums_kernel(
     addr_ptr, meta_ptr, n_tensors, tile_tensor_ptr, colpart_ptr, tilesum_ptr,
     beta2t, one_minus_beta2t, eps1,
     G_DTYPE: tl.constexpr, ROW_TILE: tl.constexpr, COL_TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tensor_ptr + pid)
-    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
-    C = tl.load(meta_ptr + _COLS * n_tensors + t)
-    tiles = tl.load(meta_ptr + _TILES * n_tensors + t)
-    local = pid - tl.load(meta_ptr + _FIRST_TILE * n_tensors + t)
-    b = local // tiles
-    k = local - b * tiles
-    g_ptr = tl.load(addr_ptr + _G * n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    row_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.float32))
+    pid, t, R, C, tiles, b, k = _matrix_program(meta_ptr, n_tensors, tile_tensor_ptr,
+                                                _FIRST_TILE, _TILES)
+    g_ptr = role_ptr(addr_ptr, n_tensors, t, _G, G_DTYPE)
+    row_ptr = role_ptr(addr_ptr, n_tensors, t, _V, tl.float32)
     colpart = colpart_ptr + tl.load(meta_ptr + _COLPART * n_tensors + t) + (b * tiles + k) * C
 
     rows = k * ROW_TILE + tl.arange(0, ROW_TILE)
@@ -120,16 +133,9 @@ def _col_finalize_kernel(
     beta2t, one_minus_beta2t,
     COL_BLOCK: tl.constexpr, TILE_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(cblock_tensor_ptr + pid)
-    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
-    C = tl.load(meta_ptr + _COLS * n_tensors + t)
-    tiles = tl.load(meta_ptr + _TILES * n_tensors + t)
-    cblocks = tl.load(meta_ptr + _CBLOCKS * n_tensors + t)
-    local = pid - tl.load(meta_ptr + _FIRST_CBLOCK * n_tensors + t)
-    b = local // cblocks
-    j = local - b * cblocks
-    col_ptr = tl.load(addr_ptr + _COL * n_tensors + t).to(tl.pointer_type(tl.float32))
+    pid, t, R, C, tiles, b, j = _matrix_program(meta_ptr, n_tensors, cblock_tensor_ptr,
+                                                _FIRST_CBLOCK, _CBLOCKS)
+    col_ptr = role_ptr(addr_ptr, n_tensors, t, _COL, tl.float32)
     part = colpart_ptr + tl.load(meta_ptr + _COLPART * n_tensors + t) + b * tiles * C
 
     cols = j * COL_BLOCK + tl.arange(0, COL_BLOCK)
@@ -182,29 +188,29 @@ def _preconditioned(g, base, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C, 
         u = (tl.rsqrt(ratio) * tl.rsqrt(col)) * g
         v = ratio * col
     else:
-        v = _load(v_ptr, offs, mask, MASKED, 1.0)
+        v = load(v_ptr, offs, mask, MASKED, 1.0)
         if UPDATE_V:
             v = beta2t * v + one_minus_beta2t * (g * g + eps1)
-            _store(v_ptr, offs, v, mask, MASKED)
+            store(v_ptr, offs, v, mask, MASKED)
         u = tl.rsqrt(v) * g
     return u, v
 
 
 @triton.jit
-def _load(ptr, offs, mask, MASKED: tl.constexpr, other):
-    if MASKED:
-        x = tl.load(ptr + offs, mask=mask, other=other)
-    else:
-        x = tl.load(ptr + offs)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, x, mask=mask)
-    else:
-        tl.store(ptr + offs, x)
+def _chunk_tensor(addr_ptr, meta_ptr, n_tensors, chunk_tensor_ptr, chunk_first_ptr,
+                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr):
+    """Passes 3 and 4: this program's chunk, its tensor's metadata and the pointers both read."""
+    pid, t, start = program_chunk(chunk_tensor_ptr, chunk_first_ptr, CHUNK)
+    numel = tl.load(meta_ptr + _NUMEL * n_tensors + t)
+    factored = tl.load(meta_ptr + _FACTORED * n_tensors + t) != 0
+    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
+    C = tl.load(meta_ptr + _COLS * n_tensors + t)
+    batch = tl.load(meta_ptr + _BATCH * n_tensors + t)
+    p_ptr = role_ptr(addr_ptr, n_tensors, t, _P, P_DTYPE)
+    g_ptr = role_ptr(addr_ptr, n_tensors, t, _G, G_DTYPE)
+    v_ptr = role_ptr(addr_ptr, n_tensors, t, _V, tl.float32)
+    col_ptr = role_ptr(addr_ptr, n_tensors, t, _COL, tl.float32)
+    return pid, t, start, numel, factored, R, C, batch, p_ptr, g_ptr, v_ptr, col_ptr
 
 
 @triton.jit
@@ -224,19 +230,16 @@ def _rms_chunk(p_ptr, g_ptr, v_ptr, col_ptr, rowmean_ptr, start, numel, factored
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = _load(g_ptr, offs, mask, MASKED, 0.0)
+        g = load(g_ptr, offs, mask, MASKED, 0.0)
         u, v = _preconditioned(g, start + i, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C,
                                batch, beta2t, one_minus_beta2t, eps1, True, BLOCK, MASKED)
         # where, not multiplication by the mask: with eps1 = 0 a masked lane holds 0·∞.
         u_sq += tl.where(mask, u * u, 0.0)
         if READ_PARAM:
-            p = _load(p_ptr, offs, mask, MASKED, 0.0)
+            p = load(p_ptr, offs, mask, MASKED, 0.0)
             p_sq += p * p
         if WITH_STATS:
-            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
-            g_sq += tl.sum(g * g, axis=0)
-            g_max = tl.maximum(g_max, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
-            g_bad += tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0)
+            g_sq, g_max, g_bad = grad_sums(g, mask, g_sq, g_max, g_bad, MASKED)
             v_sq += tl.sum(tl.where(mask, v * v, 0.0), axis=0)
     return u_sq, p_sq, g_sq, g_max, g_bad, v_sq
 
@@ -249,18 +252,8 @@ def _update_rms_kernel(
     WITH_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     NCOLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    numel = tl.load(meta_ptr + _NUMEL * n_tensors + t)
-    factored = tl.load(meta_ptr + _FACTORED * n_tensors + t) != 0
-    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
-    C = tl.load(meta_ptr + _COLS * n_tensors + t)
-    batch = tl.load(meta_ptr + _BATCH * n_tensors + t)
-    start = (pid - tl.load(chunk_first_ptr + t)).to(tl.int64) * CHUNK
-    p_ptr = tl.load(addr_ptr + _P * n_tensors + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(addr_ptr + _G * n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    v_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.float32))
-    col_ptr = tl.load(addr_ptr + _COL * n_tensors + t).to(tl.pointer_type(tl.float32))
+    pid, t, start, numel, factored, R, C, batch, p_ptr, g_ptr, v_ptr, col_ptr = _chunk_tensor(
+        addr_ptr, meta_ptr, n_tensors, chunk_tensor_ptr, chunk_first_ptr, P_DTYPE, G_DTYPE, CHUNK)
     if ALIGNED:  # the launcher checked every address % 16 == 0: whole chunks load 16 bytes
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
@@ -302,21 +295,21 @@ def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel,
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = _load(g_ptr, offs, mask, MASKED, 0.0)
+        g = load(g_ptr, offs, mask, MASKED, 0.0)
         u, v = _preconditioned(g, start + i, mask, factored, v_ptr, col_ptr, rowmean_ptr, R, C,
                                batch, 0.0, 0.0, 0.0, False, BLOCK, MASKED)
         u = (u / clip) * lr_t
         if HAS_BETA1:
-            m = _load(m_ptr, offs, mask, MASKED, 0.0)
+            m = load(m_ptr, offs, mask, MASKED, 0.0)
             m = beta1 * m + one_minus_beta1 * u
-            _store(m_ptr, offs, m, mask, MASKED)
+            store(m_ptr, offs, m, mask, MASKED)
             u = m
-        p0 = _load(p_ptr, offs, mask, MASKED, 0.0)
+        p0 = load(p_ptr, offs, mask, MASKED, 0.0)
         p = p0
         if HAS_WD:
             p = p - (weight_decay * lr_t) * p
         p_out = (p - u).to(P_DTYPE)
-        _store(p_ptr, offs, p_out, mask, MASKED)
+        store(p_ptr, offs, p_out, mask, MASKED)
         if WITH_STATS:
             # Statistics of what was stored: θ after rounding to its dtype.
             p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
@@ -337,19 +330,9 @@ def _apply_kernel(
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, SUMS_NCOLS: tl.constexpr,
     NCOLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
-    numel = tl.load(meta_ptr + _NUMEL * n_tensors + t)
-    factored = tl.load(meta_ptr + _FACTORED * n_tensors + t) != 0
-    R = tl.load(meta_ptr + _ROWS * n_tensors + t)
-    C = tl.load(meta_ptr + _COLS * n_tensors + t)
-    batch = tl.load(meta_ptr + _BATCH * n_tensors + t)
-    start = (pid - tl.load(chunk_first_ptr + t)).to(tl.int64) * CHUNK
-    p_ptr = tl.load(addr_ptr + _P * n_tensors + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(addr_ptr + _G * n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    v_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.float32))
-    col_ptr = tl.load(addr_ptr + _COL * n_tensors + t).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(addr_ptr + _M * n_tensors + t).to(tl.pointer_type(tl.float32))
+    pid, t, start, numel, factored, R, C, batch, p_ptr, g_ptr, v_ptr, col_ptr = _chunk_tensor(
+        addr_ptr, meta_ptr, n_tensors, chunk_tensor_ptr, chunk_first_ptr, P_DTYPE, G_DTYPE, CHUNK)
+    m_ptr = role_ptr(addr_ptr, n_tensors, t, _M, tl.float32)
 
     # η_t and the clip, from the per-tensor sums of pass 3 (two loads per program).
     sqrt_numel = tl.sqrt(numel.to(tl.float32))
@@ -477,7 +460,7 @@ def adafactor_step(
     p_dtype, g_dtype = tl_dtype(params[0].dtype), tl_dtype(grads[0].dtype)
     f32 = dict(dtype=torch.float32, device=device)
 
-    # Passes 1 and 2: only when the bucket holds factored tensors.
+    # Passes 1 and 2: only when the launch group holds factored tensors.
     rowmean = torch.empty(max(layout.n_batches, 1), **f32)
     n_tiles, n_cblocks = layout.tile_tensor.numel(), layout.cblock_tensor.numel()
     colpart = torch.empty(max(layout.colpart_numel, 1), **f32)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
 from optiscope.kernels.cpu import ADAM_STATS  # fills Stat columns 0..7
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
                                      densify, tl_dtype, write_back)
@@ -22,23 +23,6 @@ from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 __all__ = ["adam_step"]
 
 assert Stat.MOMENT2_SQ == ADAM_STATS - 1
-
-
-@triton.jit
-def _load(ptr, offs, mask, MASKED: tl.constexpr):
-    if MASKED:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptr + offs)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, offs, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, x, mask=mask)
-    else:
-        tl.store(ptr + offs, x)
 
 
 @triton.jit
@@ -66,18 +50,12 @@ def _adam_chunk(
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = _load(g_ptr, offs, mask, MASKED)
-        p0 = _load(p_ptr, offs, mask, MASKED)
-        m = _load(m_ptr, offs, mask, MASKED)
-        v = _load(v_ptr, offs, mask, MASKED)
+        g = load(g_ptr, offs, mask, MASKED, 0.0)
+        p0 = load(p_ptr, offs, mask, MASKED, 0.0)
+        m = load(m_ptr, offs, mask, MASKED, 0.0)
+        v = load(v_ptr, offs, mask, MASKED, 0.0)
         if WITH_STATS:
-            finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
-            g_sq += tl.sum(g * g, axis=0)
-            g_max = tl.maximum(g_max, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
-            if MASKED:
-                g_bad += tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0)
-            else:
-                g_bad += tl.sum(tl.where(finite, 0.0, 1.0), axis=0)
+            g_sq, g_max, g_bad = grad_sums(g, mask, g_sq, g_max, g_bad, MASKED)
             p0_sq += tl.sum(p0 * p0, axis=0)
         if MAXIMIZE:
             g = -g
@@ -90,8 +68,8 @@ def _adam_chunk(
         m = beta1 * m + (1.0 - beta1) * g
         v = beta2 * v + (1.0 - beta2) * (g * g)
         if AMSGRAD:
-            vmax = tl.maximum(_load(vmax_ptr, offs, mask, MASKED), v)
-            _store(vmax_ptr, offs, vmax.to(S_DTYPE), mask, MASKED)
+            vmax = tl.maximum(load(vmax_ptr, offs, mask, MASKED, 0.0), v)
+            store(vmax_ptr, offs, vmax.to(S_DTYPE), mask, MASKED)
             denom = tl.sqrt(vmax) / bc2_sqrt + eps
         else:
             denom = tl.sqrt(v) / bc2_sqrt + eps
@@ -99,9 +77,9 @@ def _adam_chunk(
         p_out = p.to(P_DTYPE)
         m_out = m.to(S_DTYPE)
         v_out = v.to(S_DTYPE)
-        _store(p_ptr, offs, p_out, mask, MASKED)
-        _store(m_ptr, offs, m_out, mask, MASKED)
-        _store(v_ptr, offs, v_out, mask, MASKED)
+        store(p_ptr, offs, p_out, mask, MASKED)
+        store(m_ptr, offs, m_out, mask, MASKED)
+        store(v_ptr, offs, v_out, mask, MASKED)
         if WITH_STATS:
             # Statistics of what was stored, so they describe the tensors the user sees; masked
             # lanes compute 0/0 when eps = 0, hence the where.
@@ -127,15 +105,13 @@ def _adam_kernel(
     WITH_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     NCOLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor_ptr + pid)
+    pid, t, start = program_chunk(chunk_tensor_ptr, chunk_first_ptr, CHUNK)
     numel = tl.load(numel_ptr + t)
-    start = (pid - tl.load(chunk_first_ptr + t)).to(tl.int64) * CHUNK
-    p_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(addr_ptr + n_tensors + t).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(addr_ptr + 2 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(addr_ptr + 3 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
-    vmax_ptr = tl.load(addr_ptr + 4 * n_tensors + t).to(tl.pointer_type(S_DTYPE))
+    p_ptr = role_ptr(addr_ptr, n_tensors, t, 0, P_DTYPE)
+    g_ptr = role_ptr(addr_ptr, n_tensors, t, 1, G_DTYPE)
+    m_ptr = role_ptr(addr_ptr, n_tensors, t, 2, S_DTYPE)
+    v_ptr = role_ptr(addr_ptr, n_tensors, t, 3, S_DTYPE)
+    vmax_ptr = role_ptr(addr_ptr, n_tensors, t, 4, S_DTYPE)
     if ALIGNED:
         # The launcher checked every address % 16 == 0: whole chunks load 16 bytes at a time.
         p_ptr = tl.multiple_of(p_ptr, 16)

@@ -1,14 +1,15 @@
 """optiscope's CPU kernels: Adam with the monitor's statistics in one pass over float32 tensors,
 MicroAdam's step in one pass per top-k block, and the monitor's sums.
 
-The C sources (``cpu_adam.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
+The C sources (``cpu_kernels.c``, ``cpu_microadam.c``, no torch headers) are compiled on first use
 with the system's C compiler (``$CC``, else ``cc``/``gcc``) into one library in a cache directory
 (``$OPTISCOPE_CACHE_DIR``, else ``~/.cache/optiscope``), keyed by the sources, the compiler
 command and version, the flags and the platform, and loaded with ctypes: once per machine; a
 cached library that does not load is rebuilt once. Without a compiler (said once, at WARNING), or
 with ``OPTISCOPE_CPU_KERNEL=0``, the torch backends run torch ops instead: Adam torch's fused kernel
-with the statistics taken by torch reductions (about 2x the step's time when statistics are asked
-for; the C kernel: about 1.2x), MicroAdam its torch-ops step (10-20x slower than the C one).
+with the statistics taken by torch reductions (several more passes over the tensors when
+statistics are asked for; the C kernel takes them in the update's pass), MicroAdam its torch-ops
+step (many passes where the C kernel makes one).
 
 The same library sums tensors for the monitor when an optimizer produces no statistics of its
 own (`sq_sums_f32`, `grad_sums_f32`): one pass for a gradient's three statistics, where torch
@@ -39,9 +40,9 @@ __all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "libr
            "microadam_v_at", "MICROADAM_STATS"]
 
 log = logging.getLogger("optiscope.kernels")
-# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_adam.c), and
+# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_kernels.c), and
 # MicroAdam's step (cpu_microadam.c).
-SOURCES = (Path(__file__).with_name("cpu_adam.c"), Path(__file__).with_name("cpu_microadam.c"))
+SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_microadam.c"))
 # Columns the kernels fill, Stat's first ADAM_STATS (gradient, parameter, update and moment
 # sums) and MICROADAM_STATS (those and the quantization and top-k sums); the Triton kernels
 # (kernels/adam.py, kernels/microadam.py) use the same names.
@@ -49,7 +50,7 @@ ADAM_STATS = 8
 MICROADAM_STATS = 12
 # -ffp-contract=off: no fused multiply-adds, so an element's result does not depend on how the
 # loop was vectorised; no -ffast-math: NaN and inf behave as in torch. -fno-math-errno lets sqrtf
-# vectorise (it changes no result): without it the step ran at 1/3 of torch's fused kernel.
+# vectorise (it changes no result): without it the loop stays scalar.
 # -fno-trapping-math lets the branch-free comparisons of the statistics vectorise (no result
 # changes: nothing reads the floating-point exception flags).
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
@@ -110,7 +111,7 @@ def library_path(command: list[str], version: str) -> Path:
                            " ".join(platform.libc_ver()), _cpu_signature()])
     key = hashlib.sha256(hashlib.sha256(source).digest() + identity.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("OPTISCOPE_CACHE_DIR") or Path.home() / ".cache" / "optiscope")
-    return cache / f"cpu_adam-{key}.so"
+    return cache / f"optiscope_cpu-{key}.so"
 
 
 def _build(command: list[str], library: Path) -> str | None:
@@ -242,8 +243,8 @@ def _require_plain(function: str, name: str, t, dtype: torch.dtype = torch.float
 
 class BlockSums:
     """Per-block partial sums of several tensors in one float64 buffer, reduced per tensor at
-    once: one reduction for a step's tensors, where one per tensor cost GPT-2 small's 148
-    tensors 4 ms.
+    once: one reduction for a step's tensors instead of one per tensor, whose fixed costs add up
+    over a model's hundreds of tensors.
 
     Args:
         numels: the tensors' sizes; each gets ``ceil(n / block)`` rows (one row of zeros for an
@@ -352,8 +353,8 @@ def grad_sums_f32(grads: list[Tensor]) -> Tensor:
 
 def take_f32(x: Tensor, index: Tensor) -> Tensor:
     """``x.reshape(-1)[index]`` as a float32 copy: in C for a contiguous float32 CPU tensor and
-    int32 indices (7.2 -> 5.5 ms for GPT-2 small's coordinate samples), by index_select else (on
-    CPU 100x faster than advanced indexing: 65,536 of 3.8e7 entries in 0.1 ms against 12)."""
+    int32 indices (one cache miss per sample, no index conversion), by index_select else (on CPU
+    far faster than advanced indexing)."""
     flat = x.detach().reshape(-1)
     if is_plain(index, torch.int32) and sums_apply([flat]):
         out = torch.empty(index.numel(), dtype=torch.float32)

@@ -8,7 +8,7 @@
  * and in float32 (double only where it takes double: the square root), compiled without
  * -ffast-math and with -ffp-contract=off, so the result is the same bits; the tests check it.
  *
- * Per block (reference section 1.4; a = accumulator, e = error feedback, window I, V of m rows):
+ * Per block (docs/optimizers.md; a = accumulator, e = error feedback, window I, V of m rows):
  *   1. a = g + Q^-1(e)              4-bit codes, per bucket lo + code * (hi - lo) / 15
  *   2. the k largest |a| (ties: the lower index), by a radix select on the bits of |a|
  *   3. row `slot` of I, V = their block-relative indices (int16) and a's values (bf16)
@@ -267,7 +267,7 @@ int optiscope_microadam_f32(
 /* v_hat = c2 * S2 at sorted flat coordinates `index[0..count)`, for the monitor's drift: per
  * block that holds one of them, S2 over the block as the step sums it (row by row, so the same
  * bits), then the coordinates gathered. The torch-ops form built two dense float32 tensors of
- * the whole parameter per call: 490 ms per sampled step on GPT-2 small; this touches only the
+ * the whole parameter per call; this touches only the
  * window's entries of the sampled blocks. `index` is int64. Returns 0, or -1 when the scratch
  * could not be allocated. */
 int optiscope_microadam_v_at(const int16_t *indices, const uint16_t *values, int64_t bsize,

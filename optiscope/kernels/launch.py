@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table", "tl_dtype",
-           "densify", "write_back", "is_dense", "aligned", "buckets", "local", "is_sharded"]
+           "densify", "write_back", "is_dense", "aligned", "launch_groups", "local", "is_sharded"]
 
 # Elements one program handles per inner iteration, and per chunk (CHUNK // BLOCK iterations).
 # 4 iterations of 1024 keep a program's loads in flight while the grid stays large enough for
@@ -168,11 +168,11 @@ def write_back(pairs: list[tuple[Tensor, Tensor]]) -> None:
         original.copy_(copy)
 
 
-def buckets(keys: list) -> dict:
+def launch_groups(keys: list) -> dict:
     """Indices grouped by key, in first-seen order: ``["a", "b", "a"] -> {"a": [0, 2], "b": [1]}``.
 
     A launch needs one element type per role and one set of scalars, so tensors are launched in
-    buckets of equal (device, dtypes, step).
+    launch groups of equal (device, dtypes, step).
     """
     out: dict = {}
     for i, key in enumerate(keys):

@@ -87,6 +87,20 @@ def _materialise(parameters) -> list:
     return list(parameters)
 
 
+def _observed(fn, parameters, leading: tuple, args: tuple, kwargs: dict, coef):
+    """Calls torch's clip function ``fn(params, *leading, *args, **kwargs)`` and tells each
+    listening monitor the clip coefficient, ``coef(fn's result)``, computed only when one
+    listens."""
+    params = _materialise(parameters)
+    listeners = _listening(params) if _monitors else []
+    out = fn(params, *leading, *args, **kwargs)
+    if listeners:
+        c = coef(out)
+        for monitor, token in listeners:
+            monitor._clip_end(token, c)
+    return out
+
+
 def _install() -> None:
     utils = torch.nn.utils
     clip_grad = torch.nn.utils.clip_grad
@@ -96,34 +110,18 @@ def _install() -> None:
 
     @functools.wraps(norm_fn)
     def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
-        params = _materialise(parameters)
-        listeners = _listening(params) if _monitors else []
-        total = norm_fn(params, max_norm, *args, **kwargs)
-        if listeners:
-            coef = _norm_coef(max_norm, total)
-            for monitor, token in listeners:
-                monitor._clip_end(token, coef)
-        return total
+        return _observed(norm_fn, parameters, (max_norm,), args, kwargs,
+                         lambda total: _norm_coef(max_norm, total))
 
     @functools.wraps(with_norm_fn)
     def clip_grads_with_norm_(parameters, max_norm, total_norm, *args, **kwargs):
-        params = _materialise(parameters)
-        listeners = _listening(params) if _monitors else []
-        out = with_norm_fn(params, max_norm, total_norm, *args, **kwargs)
-        if listeners:
-            coef = _norm_coef(max_norm, total_norm)
-            for monitor, token in listeners:
-                monitor._clip_end(token, coef)
-        return out
+        return _observed(with_norm_fn, parameters, (max_norm, total_norm), args, kwargs,
+                         lambda _: _norm_coef(max_norm, total_norm))
 
     @functools.wraps(value_fn)
     def clip_grad_value_(parameters, clip_value, *args, **kwargs):
-        params = _materialise(parameters)
-        listeners = _listening(params) if _monitors else []
-        out = value_fn(params, clip_value, *args, **kwargs)
-        for monitor, token in listeners:
-            monitor._clip_end(token, None)  # the monitor compares ‖g‖ after with before
-        return out
+        # no coefficient: the monitor compares ‖g‖ after with before
+        return _observed(value_fn, parameters, (clip_value,), args, kwargs, lambda _: None)
 
     for module, name, fn in ((utils, "clip_grad_norm_", clip_grad_norm_),
                              (clip_grad, "clip_grad_norm_", clip_grad_norm_),

@@ -8,10 +8,29 @@ GB as Python objects.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Alert", "RunHistory"]
+__all__ = ["Alert", "RunHistory", "LongTable"]
+
+
+class LongTable(NamedTuple):
+    """A run's values as columns, one row per value (`RunHistory.long_table`).
+
+    Attributes:
+        steps: int64 steps.
+        metric_codes: int32 indices into ``metrics``, the metric names.
+        scope_codes: int32 indices into ``scopes``, the scope names.
+        values: float64 values.
+    """
+
+    steps: np.ndarray
+    metric_codes: np.ndarray
+    metrics: list[str]
+    scope_codes: np.ndarray
+    scopes: list[str]
+    values: np.ndarray
 
 
 @dataclass
@@ -152,10 +171,20 @@ class RunHistory:
         except ImportError as exc:
             raise ImportError("optiscope: RunHistory.to_pandas needs pandas, which is not "
                               "installed: pip install 'optiscope[pandas]'") from exc
+        t = self.long_table()
+        return pd.DataFrame({
+            "step": t.steps,
+            "metric": pd.Categorical.from_codes(t.metric_codes, categories=t.metrics),
+            "scope": pd.Categorical.from_codes(t.scope_codes, categories=t.scopes),
+            "value": t.values,
+        })
+
+    def long_table(self) -> LongTable:
+        """Every recorded value as one row of four columns, metric by metric, scope by scope,
+        then by step: what `to_pandas` and ``optiscope export`` write."""
         steps, values, metric_codes, scope_codes = [], [], [], []
-        metrics = list(self._series)
         scopes: dict[str, int] = {}
-        for m, name in enumerate(metrics):
+        for m, name in enumerate(self._series):
             for scope in self._series[name].scopes:
                 st, va = self.series(name, scope)
                 s = scopes.setdefault(scope, len(scopes))
@@ -167,9 +196,5 @@ class RunHistory:
         def cat(parts, dtype):
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
-        return pd.DataFrame({
-            "step": cat(steps, np.int64),
-            "metric": pd.Categorical.from_codes(cat(metric_codes, np.int32), categories=metrics),
-            "scope": pd.Categorical.from_codes(cat(scope_codes, np.int32), categories=list(scopes)),
-            "value": cat(values, np.float64),
-        })
+        return LongTable(cat(steps, np.int64), cat(metric_codes, np.int32), list(self._series),
+                         cat(scope_codes, np.int32), list(scopes), cat(values, np.float64))

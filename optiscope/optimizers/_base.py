@@ -20,7 +20,7 @@ from optiscope.kernels.backend import check_backend
 from optiscope.kernels.launch import is_sharded
 from optiscope.kernels.stats import NUM_STATS
 
-__all__ = ["OptiscopeOptimizer", "StatsCollector", "check_adam_hyperparameters", "check_range"]
+__all__ = ["OptiscopeOptimizer", "StepStatsBuffer", "check_adam_hyperparameters", "check_range"]
 
 
 def check_range(owner: str, name: str, value: Any, low: float, high: float | None = None, *,
@@ -65,7 +65,7 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-class StatsCollector:
+class StepStatsBuffer:
     """The statistics buffer of one step: one row per parameter tensor that has a gradient."""
 
     def __init__(self, params: list[Tensor], produced: frozenset[Stat]):
@@ -212,12 +212,12 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
                     tensors[role].append(value)
             if tensors["params"]:
                 work.append((group, tensors))
-        collector = self._stats_collector([p for _, t in work for p in t["params"]])
+        buffer = self._stats_buffer([p for _, t in work for p in t["params"]])
         for group, tensors in work:
             self._step_group(group, tensors,
-                             collector.rows_for(tensors["params"]) if collector else None)
-        if collector is not None:
-            self.last_stats = collector.finish(int(work[0][1]["steps"][0].item()))
+                             buffer.rows_for(tensors["params"]) if buffer else None)
+        if buffer is not None:
+            self.last_stats = buffer.finish(int(work[0][1]["steps"][0].item()))
         return loss
 
     # ----------------------------------------------------------------------------- statistics
@@ -228,9 +228,9 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         """
         self._stats_requested = True
 
-    def _stats_collector(self, params: list[Tensor]) -> StatsCollector | None:
+    def _stats_buffer(self, params: list[Tensor]) -> StepStatsBuffer | None:
         """A statistics buffer for this step if one was requested (and clears the request)."""
         requested, self._stats_requested = self._stats_requested, False
         if not requested or not params:
             return None
-        return StatsCollector(params, self.stat_columns)
+        return StepStatsBuffer(params, self.stat_columns)

@@ -16,7 +16,7 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.launch import buckets, local
+from optiscope.kernels.launch import launch_groups, local
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
@@ -86,7 +86,7 @@ class Adafactor(OptiscopeOptimizer):
         warmup_init: with ``relative_step``, cap = 1e-6·t (a linear warmup) instead of 1e-2
             (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
-            ``"torch"`` (default ``"auto"``). The Triton backend runs four launches per bucket of
+            ``"torch"`` (default ``"auto"``). The Triton backend runs four launches per launch group of
             tensors with equal dtypes and step, and computes the monitor's statistics in them.
 
     With ``relative_step=True`` the group's ``lr`` is None, so LR schedulers, which scale ``lr``,
@@ -279,10 +279,9 @@ def _apply(theta: Tensor, update: Tensor, exp_avg: Tensor | None, scale: Tensor,
 
 # 2^18 entries (1 MiB of float32): θ's chunk, its copy and the update's chunk stay in L2 while
 # they are summed. A multiple of 64, so torch's vector/tail split of each elementwise operation,
-# and with it every element's result, is that of the whole tensor. On 2 cores of a Xeon
-# (`optiscope bench --cases 'optiscope-adafactor-torch*'`), the step with statistics against the
-# step without: GPT-2 small 1339 -> 510 ms against 400, one tensor of 10^7 82 -> 39 ms against
-# 29 (before: a clone of θ and three more passes over it).
+# and with it every element's result, is that of the whole tensor. The sums ride on the update's
+# passes instead of a clone of θ and three more passes over it (`optiscope bench --cases
+# 'optiscope-adafactor-torch*'` measures the step with statistics against the step without).
 _CHUNK = 1 << 18
 
 
@@ -319,7 +318,7 @@ def _adafactor_triton(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, 
 
     torch._foreach_add_(state_steps, 1)
     keys = [(p.dtype, g.dtype, s.item()) for p, g, s in zip(params, grads, state_steps)]
-    for (_, _, step), idx in buckets(keys).items():
+    for (_, _, step), idx in launch_groups(keys).items():
         adafactor_step(
             [params[i] for i in idx], [grads[i] for i in idx], [row_vars[i] for i in idx],
             [col_vars[i] for i in idx], [exp_avg_sqs[i] for i in idx],
@@ -361,10 +360,8 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
                 moment2_sq.append((row.square().sum(-1) * col.square().sum(-1)
                                    / row_mean.squeeze(-1).square()).sum())
         else:
-            # v ← β̂ v + (1 − β̂)(g² + ε₁), g² taken inside addcmul_: no g² temporary. With the
-            # update scaled inside θ's addcmul_ below, the 1-D step of 10^7 entries went from
-            # 35.5 to 22-23 ms on 2 cores (torch.optim.Adafactor: 32.6 ms), GPT-2 small from 216
-            # to 131-137 ms (torch's: 348 ms), interleaved, median of 9.
+            # v ← β̂ v + (1 − β̂)(g² + ε₁), g² taken inside addcmul_: no g² temporary (and the
+            # update is scaled inside θ's addcmul_ below: no temporary there either).
             exp_avg_sq = exp_avg_sqs[i]
             exp_avg_sq.mul_(beta2t).addcmul_(g, g, value=1.0 - beta2t).add_((1.0 - beta2t) * eps1)
             update = exp_avg_sq.rsqrt().mul_(g)

@@ -15,7 +15,7 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.cpu import ADAM_STATS, BlockSums, adam_f32, kernel
-from optiscope.kernels.launch import buckets, densify, local, write_back
+from optiscope.kernels.launch import launch_groups, densify, local, write_back
 from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -50,7 +50,7 @@ class Adam(OptiscopeOptimizer):
         maximize: maximize the objective (default False).
         decoupled_weight_decay: AdamW's decay (default False; `AdamW` sets it).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
-            ``"torch"`` (default ``"auto"``). The Triton backend launches once per bucket of
+            ``"torch"`` (default ``"auto"``). The Triton backend launches once per launch group of
             tensors; the torch backend runs, for float32 CPU tensors, optiscope's one-pass C
             kernel (`optiscope.kernels.cpu`, compiled on first use) and elsewhere torch's own
             fused Adam kernel. Both Triton and the C kernel compute the monitor's statistics in
@@ -152,7 +152,7 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
     torch._foreach_add_(state_steps, 1)
     keys = [(p.dtype, g.dtype, m.dtype, int(s.item()))
             for p, g, m, s in zip(params, grads, exp_avgs, state_steps)]
-    for (_, _, _, step), idx in buckets(keys).items():
+    for (_, _, _, step), idx in launch_groups(keys).items():
         adam_step([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                   [exp_avg_sqs[i] for i in idx],
                   [max_exp_avg_sqs[i] for i in idx] if max_exp_avg_sqs is not None else None,
@@ -164,8 +164,8 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
 def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
                 beta2, eps, weight_decay, decoupled_weight_decay, maximize, stats):
     # One pass per tensor: optiscope's C kernel for float32 CPU tensors (statistics in the same
-    # pass), torch's fused kernel otherwise; on a 2-core CPU either is 2-5x faster than the
-    # for-loop torch.optim.AdamW (benchmarks/results/cpu-intel-xeon.json).
+    # pass), torch's fused kernel otherwise; either is faster than the for-loop
+    # torch.optim.AdamW (benchmarks/results/cpu-intel-xeon.json has the figures).
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
@@ -226,8 +226,8 @@ def _cpu_kernel_applies(*tensor_lists) -> bool:
 
 _CHUNK_STATS = (Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE, Stat.PARAM_SQ_BEFORE,
                 Stat.PARAM_SQ_AFTER, Stat.UPDATE_SQ, Stat.MOMENT1_SQ, Stat.MOMENT2_SQ)
-# 2^18 elements: of 2^15..2^22, the fastest on a 2-core EPYC (10^7 parameters: 11.0 ms against
-# 18.6 ms at 2^15, whose per-op overheads dominate, and 22.2 ms at 2^22, out of cache). Chunk
+# 2^18 elements: small enough that a chunk's tensors stay in cache while they are summed, large
+# enough that per-op overheads do not dominate (of 2^15..2^22 the fastest measured). Chunk
 # starts stay multiples of 64, so the kernel's vector/tail split, and with it the per-element
 # arithmetic, is the same as for the whole tensor.
 _STATS_CHUNK = 1 << 18
@@ -236,7 +236,7 @@ _STATS_CHUNK = 1 << 18
 def _adam_chunk_stats(fused, p, g, m, v, vmax, step, kwargs) -> Tensor:
     """One tensor's fused step, chunk by chunk, with its statistics (`_CHUNK_STATS` order).
 
-    Per chunk: Σ of squares as BLAS dot products (3x faster than torch's CPU norm and more
+    Per chunk: Σ of squares as BLAS dot products (faster than torch's CPU norm and more
     accurate: float32 sums of 2^18 entries), added over chunks in float64.
     """
     flat = [_flat(t) for t in (p, g, m, v, vmax) if t is not None]
@@ -247,8 +247,8 @@ def _adam_chunk_stats(fused, p, g, m, v, vmax, step, kwargs) -> Tensor:
     for start in range(0, p.numel(), _STATS_CHUNK):
         pc, gc, mc, vc, *xc = (t[start:start + _STATS_CHUNK] for t in flat)
         b = before[: pc.numel()]
-        b.copy_(pc)  # into one buffer: a fresh 1 MB clone per chunk cost 10x the copy
-        g_min, g_max = torch.aminmax(gc)  # 12x faster than the infinity norm on CPU
+        b.copy_(pc)  # into one buffer: a fresh clone per chunk costs an allocation each time
+        g_min, g_max = torch.aminmax(gc)  # one vectorised pass; the infinity norm is far slower
         pre = [_sq(gc), _sq(b)]
         fused([pc], [gc], [mc], [vc], xc, [step], **kwargs)
         b.sub_(pc)  # θ⁻ − θ⁺, in place, in float32

@@ -20,7 +20,7 @@ from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.blocks import Blocks, blocks
-from optiscope.kernels.launch import buckets, local
+from optiscope.kernels.launch import launch_groups, local
 from optiscope.kernels.stats import torch_grad_stats
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
@@ -124,7 +124,7 @@ class MicroAdam(OptiscopeOptimizer):
         topk_block_size: entries per top-k block: a power of two from 2 to 32768, so that
             block-relative indices fit int16 (default `TOPK_BLOCK_SIZE`, 4096).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
-            ``"torch"`` (default ``"auto"``). The Triton backend runs one launch per bucket of
+            ``"torch"`` (default ``"auto"``). The Triton backend runs one launch per launch group of
             tensors with equal dtypes and computes the statistics in it.
 
     ``m``, ``k_init`` and the block sizes fix the shape of a tensor's state at its first step;
@@ -368,7 +368,7 @@ def _microadam_triton(params, grads, errors, min_vals, max_vals, indices, values
 
     c1, c2 = bias_factors(step, beta1, beta2)
     w1, w2 = window_weights(step, indices[0].shape[0], beta1, beta2)
-    for _, idx in buckets([(p.dtype, g.dtype) for p, g in zip(params, grads)]).items():
+    for _, idx in launch_groups([(p.dtype, g.dtype) for p, g in zip(params, grads)]).items():
         microadam_step(
             [params[i] for i in idx], [grads[i] for i in idx], [errors[i] for i in idx],
             [min_vals[i] for i in idx], [max_vals[i] for i in idx], [indices[i] for i in idx],

@@ -1,10 +1,10 @@
 /* Adam / AdamW step for float32 CPU tensors, with the monitor's statistics in the same pass.
  *
  * torch's fused CPU Adam reads and writes each tensor once; computing the statistics with
- * separate torch reductions read them up to nine more times and cost 1.9x the step even
- * chunked in cache. Here each element is loaded once, updated, and added to per-block sums.
+ * separate torch reductions read them up to nine more times, even chunked in cache. Here each
+ * element is loaded once, updated, and added to per-block sums.
  *
- * Arithmetic per element is float32 in torch.optim's order (reference section 5.3):
+ * Arithmetic per element is float32 in the order of torch.optim's single-tensor Adam:
  *   g <- -g if maximize;  theta <- theta (1 - lr wd) (AdamW)  or  g <- g + wd theta (Adam)
  *   m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  vmax <- max(vmax, v) if amsgrad
  *   theta <- theta - step_size m / (sqrt(v) / bc2_sqrt + eps)
@@ -97,9 +97,8 @@ static __attribute__((noinline)) void block_update_plain(
 /* The update with the statistics, in one loop: each element's sums are taken from the registers
  * the update already holds, into OpenMP SIMD reduction lanes, over pieces of PIECE elements
  * (32 per lane of an 8-wide vector: the float sums stay as accurate as the statistics' tests
- * ask, 1e-5 relative against float64), added in double. GPT-2 small (124M parameters, 2 cores
- * of a Xeon): 90 ms against 77 ms without statistics; the earlier form (sums before and after
- * the update in 512-element pieces, with a copy of theta) took 130 ms there.
+ * ask, 1e-5 relative against float64), added in double: no second pass over the elements and no
+ * copy of theta, which an earlier form (sums before and after the update) needed.
  * The gradient's sums are of g as given (before maximize and L2 decay); max |g| skips a NaN and
  * is inf after an inf, which the caller reports as inf whenever the non-finite count is not 0. */
 #define PIECE 256
@@ -148,7 +147,7 @@ static inline __attribute__((always_inline)) void stats_loop(
 }
 
 /* One copy of the statistics loop per flag combination, the flags as constants: with them as
- * arguments gcc 12 left the loop scalar (250 ms for GPT-2 small instead of 90). */
+ * arguments gcc 12 left the loop scalar. */
 #define STATS_VARIANT(D, A, M)                                                                   \
     static __attribute__((noinline)) void block_update_##D##A##M(                                \
         float *restrict p, const float *restrict g, float *restrict m, float *restrict v,        \
@@ -228,10 +227,9 @@ static __attribute__((noinline)) void sq_block(const float *restrict x, int64_t 
 }
 
 /* 32 independent accumulators per sum: an OpenMP SIMD reduction of the same
- * loop kept one vector accumulator for the max, whose NaN-aware compare-and-blend chain bound
- * it at 6 GB/s (88 ms for GPT-2 small's 124M gradients on 2 cores; Σx² alone: 18 ms). With 32
- * lanes it runs at 28 ms; with 16, gcc 12 did not vectorise it (230 ms), and blending the max
- * with "finite ? |g| : 0" in the loop cost 118 ms. So the loop's max skips NaN but not inf, and
+ * loop kept one vector accumulator for the max, whose NaN-aware compare-and-blend chain made the
+ * loop latency-bound. With 16 lanes gcc 12 did not vectorise it, and blending the max with
+ * "finite ? |g| : 0" in the loop was slower still. So the loop's max skips NaN but not inf, and
  * a block with a non-finite entry takes its finite maximum in a second, scalar pass. */
 #define GRAD_LANES 32
 static __attribute__((noinline)) void grad_block(const float *restrict g, int64_t n,
@@ -289,9 +287,8 @@ void optiscope_grad_sums_f32(const float *g, int64_t n, double *out, int nthread
 }
 
 /* x[index[i]] for sorted int32 indices: the monitor's coordinate samples. Each entry is a cache
- * miss of its own (the samples are ~512 entries apart); torch's index_select took 7.2 ms for
- * GPT-2 small's 235k sampled coordinates, 148 calls of this loop 5.5 (one call over all of them
- * in a standalone test: 3). */
+ * miss of its own (the samples are ~512 entries apart); this loop does no more than those misses,
+ * where torch's index_select adds its own per-call work. */
 void optiscope_gather_f32(const float *x, const int32_t *index, int64_t n, float *out,
                           int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 4096)
@@ -300,10 +297,10 @@ void optiscope_gather_f32(const float *x, const int32_t *index, int64_t n, float
 
 /* Σx² of each of `count` arrays, as accurate as optiscope_sq_sums_f32 (float lanes per BLOCK,
  * added in double in order), in one call: for a few arrays in cache, where the per-call cost of
- * a torch reduction (5 us) exceeds the work. A BLAS dot of 2^18 equal entries was off by 1.8e-5
+ * a torch reduction exceeds the work. A BLAS dot of 2^18 equal entries was off by 1.8e-5
  * relative, these by 2e-8. Split over the threads as torch splits an elementwise operation
- * (contiguous halves), so each core reads what it has just written: one thread read a 1 MiB
- * chunk in 72 us. `scratch`: room for the largest array's ceil(n / BLOCK) doubles. */
+ * (contiguous halves), so each core reads what it has just written and finds it in its cache.
+ * `scratch`: room for the largest array's ceil(n / BLOCK) doubles. */
 void optiscope_sq_sums_many(const float *const *xs, const int64_t *ns, int64_t count,
                             double *out, double *scratch, int nthreads) {
     for (int64_t k = 0; k < count; k++) {
