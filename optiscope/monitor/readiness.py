@@ -21,8 +21,8 @@ from optiscope.formatting import format_number
 from optiscope.monitor.analysis import FreezeVerdict, freeze_verdict
 from optiscope.monitor.history import RunHistory
 
-__all__ = ["Verdict", "Evidence", "readiness", "READINESS_SERIES", "YES", "NO", "UNCLEAR",
-           "NO_DATA", "INT8_MAX_ERROR", "INT4_MAX_ERROR", "TOPK_MIN_COVERAGE", "FREEZE_TOL",
+__all__ = ["Verdict", "Evidence", "readiness", "READINESS_SERIES", "PER_TENSOR_SERIES", "YES",
+           "NO", "UNCLEAR", "NO_DATA", "INT8_MAX_ERROR", "INT4_MAX_ERROR", "TOPK_MIN_COVERAGE", "FREEZE_TOL",
            "FREEZE_MIN_TAIL", "UNDERFLOW_MAX_SHARE", "Z", "MIN_SAMPLES", "FORMATS"]
 
 YES, NO, UNCLEAR, NO_DATA = "yes", "no", "unclear", "no data"
@@ -55,6 +55,9 @@ READINESS_SERIES = frozenset(
      "moment1_quant_error", "moment2_quant_error", "topk_coverage", "moment2_drift",
      "moment2_norm", "moment2_drift_since_freeze"}
     | {f"grad_{fmt}_{kind}" for fmt in FORMATS for kind in ("underflow", "overflow")})
+# Series whose per-tensor values (at the window's last sample) can change an answer: the spread
+# of top-k coverage between tensors sets its standard error. A live view keeps these per tensor.
+PER_TENSOR_SERIES = frozenset({"topk_coverage"})
 _RANK = {YES: 0, UNCLEAR: 1, NO: 2}
 
 
@@ -356,7 +359,7 @@ def _freeze(history: RunHistory, sample: _Sample, freeze: FreezeVerdict | None) 
     if freeze is None:
         freeze = freeze_verdict(history, FREEZE_TOL, min_tail=FREEZE_MIN_TAIL)
     verdict = Verdict(
-        "freeze", "freeze v (1-bit Adam)", "From which step could 1-bit Adam freeze v?", UNCLEAR,
+        "freeze", "freeze v (1-bit)", "From which step could 1-bit Adam freeze v?", UNCLEAR,
         f"the earliest sampled step T after which ‖v_t − v_T‖/‖v_T‖ stays within {freeze.tol:g} "
         f"with at least {FREEZE_MIN_TAIL:.0%} of the run after T, shown by the summed drift "
         f"(an upper bound) or measured by the freeze probe", detail=freeze.message)
@@ -399,7 +402,7 @@ def _format(history: RunHistory, sample: _Sample, fmt: str) -> Verdict:
     label = _FORMAT_LABEL[fmt]
     under, over = f"grad_{fmt}_underflow", f"grad_{fmt}_overflow"
     verdict = Verdict(
-        f"format_{fmt}", f"gradients in {label}", f"Would {label} hold this run's gradients?",
+        f"format_{fmt}", f"{label} gradients", f"Would {label} hold this run's gradients?",
         UNCLEAR, f"yes when, over the last half of the run, the p90 share of gradient entries a "
                  f"cast to {label} flushes to zero is below {_percent(UNDERFLOW_MAX_SHARE)} by "
                  f"more than {Z:g} standard errors and no entry overflows; no when the share is "

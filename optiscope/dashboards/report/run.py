@@ -1,5 +1,6 @@
 """The report's view of one run: what each metric is called and how it is drawn, the run's derived
-facts (tensors in model order, state bytes, the freeze verdict), and small text formats.
+facts (tensors in model order, state bytes, the freeze verdict, the compression-readiness
+verdicts), and small text formats.
 
 Every section (`sections`, `compare`) and figure helper (`figures`) reads a run through
 `ReportRun`.
@@ -14,6 +15,7 @@ import numpy as np
 from optiscope.monitor.analysis import freeze_verdict
 from optiscope.monitor.history import RunHistory
 from optiscope.monitor.metrics import MONITOR_SERIES, TENSOR_METRICS
+from optiscope.monitor.readiness import FREEZE_MIN_TAIL, readiness
 
 DESCRIPTION = {m.name: m.description for m in TENSOR_METRICS}
 
@@ -67,7 +69,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 ADAMW_BYTES_PER_PARAM = 8
 ADAMW_STEP_BYTES = 4
 # The share of a run that must follow a freeze step for the report to call it one.
-MIN_TAIL = 0.2
+MIN_TAIL = FREEZE_MIN_TAIL
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class ReportRun:
         self.color = PALETTE[index % len(PALETTE)]
         self.metrics = history.metrics()
         self.verdict = freeze_verdict(history, freeze_tol, min_tail=MIN_TAIL)
+        self.readiness = readiness(history, freeze=self.verdict)
         params = self.meta.get("params") or []
         self.numel = {p["name"]: int(p["numel"]) for p in params if "name" in p and "numel" in p}
         self.n_params = int(self.meta.get("n_params") or sum(self.numel.values()))

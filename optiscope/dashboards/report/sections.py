@@ -1,5 +1,6 @@
-"""The sections of one run in the report: summary, trends, per-layer heatmaps, second-moment drift
-and the freeze verdict, quantization error, top-k coverage, memory, alerts."""
+"""The sections of one run in the report: summary, compression readiness, trends, per-layer
+heatmaps, second-moment drift and the freeze verdict, quantization error, top-k coverage, memory,
+alerts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from optiscope.dashboards.report.figures import (band, f4, grid, heatmap, i4, la
 from optiscope.dashboards.report.run import (LAYER_METRICS, MIN_TAIL, MONITOR_METRICS, PALETTE,
                                              SHOW, TREND_METRICS, Options, ReportRun,
                                              hyperparameter, bytes_per_param, worth_showing)
+from optiscope.dashboards.report.verdicts import readiness_section
 from optiscope.formatting import format_bytes, format_number
 
 MAX_ALERT_ROWS = 200
@@ -26,7 +28,9 @@ MAX_ALERT_ROWS = 200
 def run_sections(page: Page, run: ReportRun, options: Options, *, several: bool) -> list:
     """Appends every section of one run; returns its table-of-contents entries."""
     p = run.prefix
-    sections = [("summary", "Summary", _summary), ("trends", "Trends", _trends),
+    sections = [("summary", "Summary", _summary),
+                ("readiness", "Compression readiness", readiness_section),
+                ("trends", "Trends", _trends),
                 ("layers", "Per-layer heatmaps", _layers),
                 ("drift", "Second moment: drift and freezing", _drift),
                 ("quantization", "Quantization error", _quantization),
