@@ -14,7 +14,6 @@ compiles its step otherwise, 30-60 s per optimizer on 2 CPU cores; the state is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 
 from optiscope.bench.machine import describe_device  # noqa: E402
 from optiscope.bench.results import write_script_results  # noqa: E402
+from optiscope.cmdline import OneLineParser, positive_int  # noqa: E402
 
 SCHEMA = "optiscope-bench-readiness-reference/1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,21 +67,21 @@ def run(name: str, steps: int, n: int = 256, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.readiness_reference",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser = OneLineParser(prog="python -m benchmarks.readiness_reference",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=60, metavar="N",
+                        help="training steps, the first unmeasured (default 60)")
+    parser.add_argument("--output", type=Path, default=RESULTS, metavar="DIR",
+                        help="where readiness-reference.json goes (default benchmarks/results)")
     args = parser.parse_args(argv)
-    rows = []
-    for name in ("AdamW8bit", "AdamW4bit"):
-        rows.append(run(name, args.steps))
-        print(json.dumps(rows[-1]))
-    write_script_results(
-        args.output, "readiness-reference.json", schema=SCHEMA,
-        command="python -m benchmarks.readiness_reference " + " ".join(argv or sys.argv[1:]),
-        device=describe_device(torch.device("cpu")),
-        model="a 256×256 linear layer on a random regression, batch 64, seed 0",
-        optimizer="lr 1e-3, betas (0.9, 0.999), no weight decay", rows=rows)
+    setup = dict(model="a 256×256 linear layer on a random regression, batch 64, seed 0",
+                 optimizer="lr 1e-3, betas (0.9, 0.999), no weight decay",
+                 device=describe_device(torch.device("cpu")))
+    setup["rows"] = [run(name, args.steps) for name in ("AdamW8bit", "AdamW4bit")]
+    print(json.dumps(setup["rows"], indent=1))
+    command = "python -m benchmarks.readiness_reference " + " ".join(argv or sys.argv[1:])
+    write_script_results(args.output, "readiness-reference.json", schema=SCHEMA,
+                         command=command.strip(), **setup)
     return 0
 
 
