@@ -254,3 +254,10 @@ def test_format_shares_carry_a_binomial_standard_error():
     for value, answer in ((p - 2.5 * se, YES), (p - 1.5 * se, UNCLEAR), (p + 2.5 * se, NO)):
         history = _history({"grad_fp16_underflow": value, "grad_fp16_overflow": 0.0}, meta)
         assert _verdict(history, "format_fp16").answer == answer, value
+
+
+def test_non_finite_values_are_left_out_and_counted():
+    history = _history({"probe_int8_m": lambda s: math.nan if s == STEPS else INT8_MAX_ERROR / 2})
+    verdict = _verdict(history, "int8_state")
+    assert verdict.answer == YES
+    assert verdict.evidence[0].statistic == "p90 over 20 samples (1 non-finite left out)"

@@ -166,6 +166,12 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(finite, q)) if len(finite) else math.nan
 
 
+def _over(values: np.ndarray) -> str:
+    """"over N samples", and how many non-finite ones the percentiles left out."""
+    bad = int((~np.isfinite(values)).sum())
+    return f"over {len(values)} samples" + (f" ({bad} non-finite left out)" if bad else "")
+
+
 def _percent(x: float) -> str:
     return "NaN" if not math.isfinite(x) else f"{100 * x:.3g} %"
 
@@ -257,7 +263,7 @@ def _state(history: RunHistory, sample: _Sample, bits: str) -> Verdict:
                 continue
             steps, values = found[name]
             p90 = _pct(values, 90)
-            verdict.evidence.append(Evidence(name, f"p90 over {len(steps)} samples", p90))
+            verdict.evidence.append(Evidence(name, f"p90 {_over(values)}", p90))
             worst = _worst_tensor(history, name, int(steps[0]))
             if worst is not None:
                 verdict.evidence.append(worst)
@@ -321,7 +327,7 @@ def _topk(history: RunHistory, sample: _Sample) -> Verdict:
     steps, values = found
     median = _pct(values, 50)
     verdict.steps = _span(steps)
-    verdict.evidence = [Evidence("topk_coverage", f"median over {len(steps)} samples", median),
+    verdict.evidence = [Evidence("topk_coverage", f"median {_over(values)}", median),
                         Evidence("topk_coverage", "p10", _pct(values, 10))]
     if own:
         se, verdict.confidence = 0.0, (f"MicroAdam's own accumulator (the error-corrected "
@@ -415,7 +421,7 @@ def _format(history: RunHistory, sample: _Sample, fmt: str) -> Verdict:
     steps, shares = found_under
     p90 = _pct(shares, 90)
     verdict.steps = _span(steps)
-    verdict.evidence.append(Evidence(under, f"p90 over {len(steps)} samples", p90))
+    verdict.evidence.append(Evidence(under, f"p90 {_over(shares)}", p90))
     n = sample.coords if sample.known else 0
     exact = sample.known and n >= sample.numel
     se = 0.0 if exact or not n else math.sqrt(max(p90, 1 / n) * max(1 - p90, 0.0) / n)
