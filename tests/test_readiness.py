@@ -261,3 +261,30 @@ def test_non_finite_values_are_left_out_and_counted():
     verdict = _verdict(history, "int8_state")
     assert verdict.answer == YES
     assert verdict.evidence[0].statistic == "p90 over 20 samples (1 non-finite left out)"
+
+
+def test_probe_blocks_of_large_and_small_tensors():
+    # a: 2^20 entries, 2,048 sampled: one probed top-k block of 4096 = 16 blocks of 256. b: 5,000
+    # entries, one whole top-k block, so probed whole: its 19 whole 256-blocks (4,864 entries).
+    meta = dict(params=[dict(name="a", numel=2**20, sampled=2048),
+                        dict(name="b", numel=5000, sampled=16)], topk_block=BLOCK,
+                topk_density=0.01)
+    units = (4096 + 19 * 256) // 256
+    se = 1 / math.sqrt(units)
+    edge = INT8_MAX_ERROR / (1 + Z * se)
+    for value, answer in ((edge * 0.99, YES), (edge * 1.01, UNCLEAR)):
+        history = _history({"probe_int8_m": value, "probe_int8_v": value}, meta)
+        verdict = _verdict(history, "int8_state")
+        assert verdict.answer == answer
+    assert f"{4096 + 4864:,} entries" in verdict.confidence and f"1/√{units}" in verdict.confidence
+    # 4-bit blocks are 128 entries: twice as many units.
+    history = _history({"probe_int4_m": 0.01, "probe_int4_v_rank1": 0.01}, meta)
+    assert f"1/√{2 * units}" in _verdict(history, "int4_state").confidence
+
+
+def test_an_own_requantization_error_counts_sampled_entries():
+    meta = _meta(numel=10**6, sampled=2500, optimizer_name="AdamW8bit")
+    edge = INT8_MAX_ERROR / (1 + Z / math.sqrt(2500))
+    for value, answer in ((edge * 0.99, YES), (edge * 1.01, UNCLEAR)):
+        history = _history({"moment1_quant_error": value, "moment2_quant_error": value}, meta)
+        assert _verdict(history, "int8_state").answer == answer

@@ -41,6 +41,7 @@ WINDOW = 0.5               # judged on the last half of the span each series cov
 # Block sizes of the quantization schemes the probes imitate (bitsandbytes and torchao: 8-bit
 # blocks of 256, 4-bit blocks of 128).
 _QUANT_BLOCK = {"int8": 256, "int4": 128}
+_PROBE_BLOCK = 256  # the probes read whole blocks of this many entries
 FORMATS = ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
 _FORMAT_LABEL = {"bf16": "bf16", "fp16": "fp16", "fp8e4m3": "fp8 e4m3", "fp8e5m2": "fp8 e5m2"}
 # bf16 has fp32's 8-bit exponent: a finite fp32 gradient cannot overflow it (the monitor may not
@@ -128,21 +129,32 @@ class _Sample:
         self.numel = sum(int(p["numel"]) for p in params)
         self.coords = sum(int(p.get("sampled", p["numel"])) for p in params)
         self.known = bool(params)
-        self.block = int(meta.get("topk_block") or 0)
+        self.block = int(meta.get("topk_block") or 0) if meta.get("topk_density") else 0
         # The top-k probe's blocks (monitor/collect.py: ceil(sampled / B) random whole blocks of a
         # tensor with more whole blocks than that, else the whole tensor).
         self.blocks = self.block_entries = 0
+        # The quantization probes' entries (monitor/compression.py): whole 256-entry blocks, those
+        # inside the top-k probe's blocks, else ceil(sampled / 256) drawn blocks; a tensor with no
+        # more blocks than that is probed on all of its whole 256-entry blocks.
+        self.probe_entries = self.probe_all = 0
         for p in params:
             numel, sampled = int(p["numel"]), int(p.get("sampled", p["numel"]))
-            if not self.block:
-                continue
-            full, wanted = numel // self.block, math.ceil(sampled / self.block)
-            if full > wanted:
-                self.blocks += wanted
-                self.block_entries += wanted * self.block
+            whole = numel // _PROBE_BLOCK * _PROBE_BLOCK
+            self.probe_all += whole
+            if self.block:
+                full, wanted = numel // self.block, math.ceil(sampled / self.block)
+                if full > wanted:
+                    self.blocks += wanted
+                    self.block_entries += wanted * self.block
+                else:
+                    self.blocks += max(1, math.ceil(numel / self.block))
+                    self.block_entries += numel
+            if self.block and self.block % _PROBE_BLOCK == 0:
+                taken = wanted * self.block if full > wanted else whole
             else:
-                self.blocks += max(1, math.ceil(numel / self.block))
-                self.block_entries += numel
+                wanted = math.ceil(sampled / _PROBE_BLOCK) * _PROBE_BLOCK
+                taken = whole if whole <= wanted else wanted
+            self.probe_entries += taken
 
     def share(self, entries: int) -> str:
         return f"{entries / self.numel:.2%}" if self.numel else "an unknown share"
@@ -288,23 +300,26 @@ def _state(history: RunHistory, sample: _Sample, bits: str) -> Verdict:
 
 
 def _state_confidence(sample: _Sample, bits: str, source: str) -> tuple[float, str]:
-    """(relative standard error, statement) of a blockwise quantization error estimate."""
+    """(relative standard error, statement) of a quantization error estimate."""
     if not sample.known:
         return 0.0, "The run's meta has no parameter list: the sample size is unknown."
-    if source == "own":
-        entries = sample.coords
-        where = "the coordinate sample"
-    else:
-        entries = sample.block_entries or sample.coords
-        where = "the top-k probe's blocks" if sample.block_entries else "the coordinate sample"
-    units = max(1, entries // _QUANT_BLOCK[bits])
-    if entries >= sample.numel:
-        return 0.0, f"Measured on every entry ({sample.numel:,}): exact for the steps sampled."
+    if source == "own":  # scattered coordinates: each entry its own unit
+        entries, every = sample.coords, sample.numel
+        units, where = entries, f"the coordinate sample, {entries:,} independent entries"
+    else:  # whole blocks: a block's entries share its scale, so the block is the unit
+        entries, every = sample.probe_entries, sample.probe_all
+        units = max(1, entries // _QUANT_BLOCK[bits])
+        where = ("whole blocks inside the top-k probe's blocks"
+                 if sample.block and sample.block % _PROBE_BLOCK == 0 else "drawn whole blocks")
+        where += f", {units:,} quantization blocks of {_QUANT_BLOCK[bits]}"
+    if entries >= every:
+        return 0.0, (f"Measured on every entry it applies to ({every:,}): exact for the steps "
+                     f"sampled.")
     se = 1 / math.sqrt(units)
     return se, (f"Measured on {entries:,} entries ({sample.share(entries)} of {sample.numel:,}) "
-                f"in {where}, about {units:,} quantization blocks of {_QUANT_BLOCK[bits]}; taking "
-                f"the blocks' squared errors as independent with a spread like their mean, the "
-                f"relative standard error is about 1/√{units:,} = {se:.1%} of the figure.")
+                f"in {where}; taking their squared errors as independent with a spread like "
+                f"their mean, the relative standard error is about 1/√{units:,} = {se:.1%} of "
+                f"the figure.")
 
 
 def _topk(history: RunHistory, sample: _Sample) -> Verdict:
