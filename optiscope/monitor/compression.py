@@ -67,15 +67,15 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     for i in range(max_exponent_bits):
         items = (2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed
                  else 2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1)
-        bounds = torch.linspace(0.1, 1, items)  # float32, as bitsandbytes
-        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
+        bounds = torch.linspace(0.1, 1, items)  # float32 arithmetic, as bitsandbytes
+        means = (bounds[:-1] + bounds[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
-        data += [scale * x for x in means] + ([-scale * x for x in means] if signed else [])
+        data += (scale * means).tolist() + ((-scale * means).tolist() if signed else [])
     if additional > 0:
         bounds = torch.linspace(0.1, 1, additional + 1)
-        means = ((bounds[:-1] + bounds[1:]) / 2.0).tolist()
+        means = (bounds[:-1] + bounds[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + max_exponent_bits - 1)
-        data += [scale * x for x in means] + ([-scale * x for x in means] if signed else [])
+        data += (scale * means).tolist() + ((-scale * means).tolist() if signed else [])
     data += [0.0, 1.0]
     if len(data) != 2 ** total_bits:
         raise ValueError(f"dynamic_map: {len(data)} values for {total_bits} bits "
@@ -117,6 +117,19 @@ def moment_keys(state: dict) -> tuple[str, str] | None:
     return None
 
 
+def _pick(x: Tensor, index: Tensor | None) -> Tensor:
+    flat = x.detach().reshape(-1)
+    return flat if index is None else torch.index_select(flat, 0, index)
+
+
+def _per_block(values: Tensor, scale: Tensor, block: int, index: Tensor | None) -> Tensor:
+    """``values`` (at ``index``, None: all) times the scale of the block each is in."""
+    scale = scale.detach().reshape(-1).double()
+    if index is None:
+        return (values.view(-1, block) * scale[:, None]).reshape(-1)
+    return values * torch.index_select(scale, 0, torch.div(index, block, rounding_mode="floor"))
+
+
 def stored_values_at(state: dict, key: str, index: Tensor | None) -> Tensor:
     """The values a state moment holds at flat coordinates ``index`` (None: all), float64,
     decoded from the stored codes and scales without dequantizing the whole tensor:
@@ -125,29 +138,35 @@ def stored_values_at(state: dict, key: str, index: Tensor | None) -> Tensor:
     OptimStateFp8; any other subclass through its ``dequantize()``."""
     t = local(state[key])
     n = t.numel()
-    where = torch.arange(n, device=t.device) if index is None else index.to(torch.int64)
+    index = None if index is None else index.to(torch.int64)
     plain = type(t) in (Tensor, torch.nn.Parameter)
     if plain and t.dtype == torch.uint8 and key[-1:].isdigit() and f"qmap{key[-1]}" in state:
-        qmap, absmax = state[f"qmap{key[-1]}"], local(state[f"absmax{key[-1]}"])
+        qmap, absmax = state[f"qmap{key[-1]}"].double(), local(state[f"absmax{key[-1]}"])
         block = 1 << max(0, math.ceil(n / absmax.numel()) - 1).bit_length()
-        codes = t.reshape(-1)[where].long()
-        return qmap.double()[codes] * absmax.double()[where // block]
+        values = qmap[_pick(t, index).long()]
+        if index is None and n % block:  # a partial last block
+            index = torch.arange(n, device=t.device)
+        return _per_block(values, absmax, block, index)
     if plain:
-        return t.detach().reshape(-1)[where].double()
+        return _pick(t, index).double()
     codes, scale = getattr(t, "codes", None), getattr(t, "scale", None)
     block = getattr(t, "block_size", None)
     if isinstance(codes, Tensor) and isinstance(scale, Tensor) and isinstance(block, int):
         qmap = getattr(t, "qmap", None)
-        flat = codes.reshape(-1)
         if qmap is None:  # fp8 codes
-            values = flat[where].double()
-        elif flat.numel() * 2 == n:  # 4-bit, two codes a byte
-            byte = flat[where // 2]
-            values = qmap.double()[torch.where(where % 2 == 0, byte >> 4, byte & 0xF).long()]
+            values = _pick(codes, index).double()
+        elif codes.numel() * 2 == n:  # 4-bit, two codes a byte
+            if index is None:
+                byte = codes.reshape(-1)
+                nibbles = torch.stack([byte >> 4, byte & 0xF], dim=-1).reshape(-1)
+            else:
+                byte = _pick(codes, torch.div(index, 2, rounding_mode="floor"))
+                nibbles = torch.where(index % 2 == 0, byte >> 4, byte & 0xF)
+            values = qmap.double()[nibbles.long()]
         else:
-            values = qmap.double()[flat[where].long()]
-        return values * scale.double().reshape(-1)[where // block]
-    return t.dequantize().reshape(-1)[where].double()
+            values = qmap.double()[_pick(codes, index).long()]
+        return _per_block(values, scale, block, index)
+    return _pick(t.dequantize(), index).double()
 
 
 def _decoupled(optimizer, group: dict) -> bool:
