@@ -269,18 +269,23 @@ def test_probes_match_plain_schemes_on_a_plain_adamw_run():
     assert glob["probe_int8_m"] < 0.05
 
 
-def test_probes_on_sampled_blocks_are_those_blocks_errors():
+@pytest.mark.parametrize("topk_density", [0.01, None])
+def test_probes_on_sampled_blocks_are_those_blocks_errors(topk_density):
     """A tensor larger than its sample: the probe quantizes the top-k probe's sampled blocks
-    (whole 256-entry blocks inside them), and scales the sums to the tensor."""
+    (whole 256-entry blocks inside them), or blocks of its own when the top-k probe is off."""
     model = torch.nn.Linear(512, 256, bias=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mon, _ = _train(opt, torch.nn.Sequential(torch.nn.Linear(32, 512), model), steps=3,
-                    sample_size=8192, topk_block=4096)
+                    sample_size=8192, topk_block=4096, topk_density=topk_density)
     slot = next(s for s in mon.collector.slots if s.scope == "1.weight")
-    assert slot.blocks is not None and slot.blocks.numel() == 2
+    if topk_density is None:
+        rows = mon.collector.compression._blocks[id(slot)]
+        assert rows.numel() == 8192 // 256 and len(set(rows.tolist())) == rows.numel()
+    else:
+        assert slot.blocks is not None and slot.blocks.numel() == 2
+        rows = (slot.blocks[:, None] * 16 + torch.arange(16)).reshape(-1)
     state = opt.state[model.weight]
     m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
-    rows = (slot.blocks[:, None] * 16 + torch.arange(16)).reshape(-1)
     mb, vb = m.reshape(-1, 256)[rows].reshape(-1), v.reshape(-1, 256)[rows].reshape(-1)
     oracles = _probe_oracles(mb, vb)
     # rank-1 normalises by the whole tensor's row and column maxima, not the blocks'

@@ -193,7 +193,9 @@ class CompressionProbes:
     def __init__(self, collector, *, probes: bool = True):
         self.collector = collector
         self.probes = probes
-        self._blocks: dict[int, Tensor | None] = {}  # own block draws (no usable top-k blocks)
+        self._blocks: dict[int, Tensor | None] = {}  # slot -> 256-entry blocks probed
+        # its own draws leave the collector's sequence of samples as it was
+        self.generator = torch.Generator().manual_seed(collector.generator.initial_seed() + 1)
         self._pending: list[tuple[int, tuple[str, str], Tensor, Tensor, Tensor, float, float]] = []
         self.codes: dict[tuple, Tensor] = {}
 
@@ -253,20 +255,23 @@ class CompressionProbes:
     # ------------------------------------------------------------------------------ probes
     def _block_index(self, slot) -> Tensor | None:
         """Indices of the 256-entry blocks to probe of ``slot``'s tensor; None: all of them."""
+        key = id(slot)
+        if key in self._blocks:  # fixed, as the samples are
+            return self._blocks[key]
         c = self.collector
         n256 = local(slot.param).numel() // BLOCK8
         if c.topk_density is not None and c.topk_block % BLOCK8 == 0:
-            if slot.blocks is None:
-                return None
-            per = c.topk_block // BLOCK8
-            inner = torch.arange(per, device=slot.blocks.device)
-            return (slot.blocks.to(torch.int64)[:, None] * per + inner).reshape(-1)
-        key = id(slot)
-        if key not in self._blocks:
+            index = None
+            if slot.blocks is not None:
+                per = c.topk_block // BLOCK8
+                inner = torch.arange(per, device=slot.blocks.device)
+                index = (slot.blocks.to(torch.int64)[:, None] * per + inner).reshape(-1)
+        else:
             wanted = math.ceil(slot.sample.count / BLOCK8)
-            self._blocks[key] = (None if n256 <= wanted else torch.randperm(
-                n256, generator=c.generator)[:wanted].sort().values.to(local(slot.param).device))
-        return self._blocks[key]
+            index = (None if n256 <= wanted else torch.randperm(
+                n256, generator=self.generator)[:wanted].sort().values.to(local(slot.param).device))
+        self._blocks[key] = index
+        return index
 
     def _code(self, name: str, device, dtype) -> Tensor:
         key = (name, str(device), dtype)
@@ -327,36 +332,30 @@ class CompressionProbes:
 
     @staticmethod
     def _rank1(rows, device, wide) -> Tensor:
-        """min(row max, column max) of every probed entry ([rows, 256]): the row and column maxima
-        of each tensor concatenated, and one gather for all blocks."""
-        r_parts, c_parts, per_block = [], [], []
-        r_off = c_off = 0
+        """min(row max, column max) of every probed entry ([blocks, 256]): the row and column
+        maxima of each tensor concatenated, and one gather for all blocks."""
+        r_parts, c_parts, firsts = [], [], []
+        per_block: list[list[int]] = [[], [], [], []]  # columns, row offset, column offset, 2-D
         for _, _, blocks, index, t in rows:
             v = t.detach()
-            mat = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
-            n_rows, n_cols = mat.shape
-            if v.dim() >= 2:
+            matrix = v.dim() >= 2
+            mat = v.reshape(v.shape[0], -1) if matrix else v.reshape(1, -1)
+            offsets = (sum(x.numel() for x in r_parts), sum(x.numel() for x in c_parts))
+            if matrix:
                 r_parts.append(mat.amax(dim=1))
                 c_parts.append(mat.amax(dim=0))
             else:  # a vector: its maximum for every entry
-                top = mat.amax().reshape(1)
-                r_parts.append(top)
-                c_parts.append(top)
-            first = (torch.arange(blocks.shape[0], device=device) if index is None
-                     else index.to(device, torch.int64)) * BLOCK8
-            per_block.append((first, n_cols, r_off, c_off, v.dim() >= 2))
-            r_off += r_parts[-1].numel()
-            c_off += c_parts[-1].numel()
-        r_all = torch.cat(r_parts).to(wide)
-        c_all = torch.cat(c_parts).to(wide)
-        first = torch.cat([f for f, *_ in per_block])
-        k = torch.tensor([f.numel() for f, *_ in per_block], device=device)
-        n_cols, r0, c0, matrix = (torch.tensor(col, device=device).repeat_interleave(k)[:, None]
-                                  for col in zip(*[rest for _, *rest in per_block]))
-        flat = first[:, None] + torch.arange(BLOCK8, device=device)
-        row = torch.where(matrix, flat // n_cols, 0) + r0
-        col = torch.where(matrix, flat % n_cols, 0) + c0
-        return torch.minimum(r_all[row], c_all[col])
+                r_parts.append(mat.amax().reshape(1))
+                c_parts.append(r_parts[-1])
+            firsts.append(torch.arange(blocks.shape[0], device=device) if index is None
+                          else index.to(device, torch.int64))
+            for column, value in zip(per_block, (mat.shape[1], *offsets, int(matrix))):
+                column += [value] * blocks.shape[0]
+        n_cols, r0, c0, matrix = (torch.tensor(x, device=device)[:, None] for x in per_block)
+        flat = torch.cat(firsts)[:, None] * BLOCK8 + torch.arange(BLOCK8, device=device)
+        row = torch.div(flat, n_cols, rounding_mode="floor")
+        r_all, c_all = torch.cat(r_parts).to(wide), torch.cat(c_parts).to(wide)
+        return torch.minimum(r_all[row * matrix + r0], c_all[(flat - row * n_cols) * matrix + c0])
 
     def skip_reasons(self, rows, cls: str) -> dict[str, str]:
         """Why this optimizer has none of these metrics, judged after its first sampled step
