@@ -146,6 +146,9 @@ def test_requantization_error_matches_the_optimizers_own_state(case):
                             and name in history.scopes("moment1_quant_error")
                             and math.isfinite(_at(history, "moment1_quant_error", name, step)))
                 continue
+            for metric, x in zip(("moment1_norm", "moment2_norm"), rec["after"][name]):
+                got = _at(history, metric, name, step)  # read through the state's codes
+                assert math.isclose(got, float(x.norm()), rel_tol=1e-5), (case, metric, got)
             if name not in rec["before"]:  # the state's first step: no value
                 assert step == 1
                 continue
@@ -176,17 +179,21 @@ def test_adamw8bit_requantization_error_on_a_256x256_layer_and_on_a_sample():
             assert abs(got - expected) < 0.2 * expected, (step, metric, got, expected)
 
 
-def test_state_bytes_are_the_codes_scales_and_tables_the_subclass_keeps():
+@pytest.mark.parametrize("case", ["torchao-AdamW4bit", "bnb-AdamW8bit"])
+def test_state_bytes_are_the_codes_scales_and_tables_the_optimizer_keeps(case):
+    if case.startswith("bnb") and bnb is None:
+        pytest.skip(BNB_MISSING)
     model = _model()
-    opt = torchao_optim.AdamW4bit(model.parameters(), lr=1e-3)
+    opt = CASES[case](model.parameters())
     mon, _ = _train(opt, model, steps=2)
-    expected = 0
+    expected, storages = 0, {}
     for state in opt.state.values():
         for value in state.values():
-            if type(value) is torch.Tensor:
-                expected += value.nbytes
-            else:  # codes (two 4-bit codes a byte), block scales, code table
+            if type(value) is torch.Tensor:  # bitsandbytes: codes, absmax, and a shared qmap
+                storages[value.untyped_storage().data_ptr()] = value.nbytes
+            elif isinstance(value, torch.Tensor):  # torchao: 4-bit codes two a byte, scales, table
                 expected += value.codes.nbytes + value.scale.nbytes + value.qmap.nbytes
+    expected += sum(storages.values())
     assert _at(mon.history, "state_bytes", "global", 2) == expected
     logical = sum(2 * p.numel() * 4 for p in model.parameters())
     assert expected < logical / 3

@@ -19,7 +19,7 @@ from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
 from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
 from optiscope.kernels.stats import SUM_ROW
-from optiscope.monitor.compression import CompressionProbes
+from optiscope.monitor.compression import CompressionProbes, decoded_state
 from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import NUM_COLS, Col
 from optiscope.monitor.sampling import CoordinateSample, sample_count
@@ -442,7 +442,7 @@ class Collector:
             layout = self.layout(slot)
             if layout is None:
                 continue
-            state = self.optimizer.state[slot.param]
+            state = decoded_state(self.optimizer.state[slot.param])  # bitsandbytes' codes
             if want_m1 and (m := layout.first(state)) is not None:
                 values = readable(m)
                 if values is None:

@@ -43,7 +43,8 @@ from optiscope.kernels.launch import local
 from optiscope.monitor.metrics import Col
 
 __all__ = ["BLOCK8", "BLOCK4", "dynamic_map", "LINEAR4", "LINEAR4_NO_ZERO", "quantize_blockwise",
-           "stored_values_at", "is_compressed", "moment_keys", "CompressionProbes"]
+           "stored_values_at", "is_compressed", "moment_keys", "decoded_state",
+           "Bitsandbytes8bitState", "CompressionProbes"]
 
 BLOCK8 = 256  # bitsandbytes' and torchao's 8-bit block
 BLOCK4 = 128  # torchao's AdamW4bit and Li et al.'s block
@@ -167,6 +168,48 @@ def stored_values_at(state: dict, key: str, index: Tensor | None) -> Tensor:
             values = qmap.double()[_pick(codes, index).long()]
         return _per_block(values, scale, block, index)
     return _pick(t.dequantize(), index).double()
+
+
+class Bitsandbytes8bitState(Tensor):
+    """bitsandbytes' blockwise 8-bit moment (uint8 codes, its ``qmap`` code table and
+    ``absmax`` block scales, three entries of the state) as one float32-faced tensor with a
+    ``dequantize()``: what `decoded_state` hands the monitor, which reads compressed state
+    through ``dequantize()`` only. No aten op but detach is implemented."""
+
+    @staticmethod
+    def __new__(cls, codes: Tensor, qmap: Tensor, absmax: Tensor):
+        return Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32,
+                                             device=codes.device)
+
+    def __init__(self, codes: Tensor, qmap: Tensor, absmax: Tensor):
+        self.codes, self.qmap, self.absmax = codes, qmap, absmax
+
+    def __tensor_flatten__(self):
+        return ["codes", "qmap", "absmax"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return args[0]
+        raise NotImplementedError(f"{cls.__name__} does not implement {func}")
+
+    def dequantize(self) -> Tensor:
+        state = {"state1": self.codes, "qmap1": self.qmap, "absmax1": self.absmax}
+        return stored_values_at(state, "state1", None).float().view(self.shape)
+
+
+def decoded_state(state: dict) -> dict:
+    """``state`` with bitsandbytes' 8-bit moments (``state1``/``state2`` as uint8 codes beside
+    ``qmap1``/``absmax1`` ...) wrapped as `Bitsandbytes8bitState`; any other state as it is."""
+    wrapped = {}
+    for key in ("state1", "state2"):
+        t, n = state.get(key), key[-1]
+        if (isinstance(t, Tensor) and t.dtype == torch.uint8
+                and isinstance(state.get(f"qmap{n}"), Tensor)
+                and isinstance(state.get(f"absmax{n}"), Tensor)):
+            wrapped[key] = Bitsandbytes8bitState(local(t), state[f"qmap{n}"],
+                                                 local(state[f"absmax{n}"]))
+    return {**state, **wrapped} if wrapped else state
 
 
 def _decoupled(optimizer, group: dict) -> bool:
