@@ -59,7 +59,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "weights and updates": ("weight_norm", "update_norm", "update_ratio"),
     "optimizer moments": ("moment1_norm", "moment2_norm", "moment2_drift",
                           "moment2_drift_since_freeze"),
-    "compression": ("quant_error", "topk_coverage"),
+    "compression": ("quant_error", "topk_coverage", "moment1_quant_error", "moment2_quant_error",
+                    "probe_int8_m", "probe_int8_v", "probe_int4_m", "probe_int4_v",
+                    "probe_int4_v_rank1"),
     "memory": ("state_bytes", "cuda_memory_allocated"),
     "schedule": ("lr", "skipped_steps"),
 }

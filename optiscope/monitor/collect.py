@@ -19,6 +19,7 @@ from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
 from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
 from optiscope.kernels.stats import SUM_ROW
+from optiscope.monitor.compression import CompressionProbes, decoded_state
 from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import NUM_COLS, Col
 from optiscope.monitor.sampling import CoordinateSample, sample_count
@@ -213,11 +214,12 @@ class Collector:
             for no probe.
         freeze_step: the step T whose v the drift-since-freeze compares with, or None.
         seed: seeds the coordinate samples.
+        quant_probes: run the int8/int4 probes of uncompressed moments (`CompressionProbes`).
     """
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
-                 freeze_step: int | None, seed: int):
+                 freeze_step: int | None, seed: int, quant_probes: bool = True):
         self.optimizer = optimizer
         self.slots = slots
         self.caps = capabilities(optimizer) if caps is None else caps
@@ -236,6 +238,7 @@ class Collector:
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
+        self.compression = CompressionProbes(self, probes=quant_probes)
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -370,6 +373,7 @@ class Collector:
             kept, total = self._topk([self.slots[i] for i in self._active], grads)
             self._pre[Col.TOPK_KEPT_SQ] = kept
             self._pre[Col.TOPK_TOTAL_SQ] = total
+        self.compression.begin(grad_scale)  # compressed moments before the step
 
     @torch.no_grad()
     def end(self, step: int) -> Tensor:
@@ -401,6 +405,7 @@ class Collector:
             ) * self._on([x.scale for x in samples], device)
             self._before = []
         self._moments(step, columns, rows, device)
+        columns.update(self.compression.end())  # requantization error and probes
         for col, values in columns.items():
             rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
@@ -409,8 +414,8 @@ class Collector:
         """Why an optimizer that produces no quantization error has none."""
         if not self.dequantized:
             return f"{cls} does not compress its state"
-        return (f"{cls} keeps quantized state ({', '.join(sorted(self.dequantized))}), but "
-                "optiscope measures the compression error of its own optimizers only")
+        return (f"{cls} keeps quantized state ({', '.join(sorted(self.dequantized))}): its "
+                "requantization error is moment1_quant_error and moment2_quant_error")
 
     def _unreadable(self, metrics: tuple[str, ...], key: str, value: Tensor) -> None:
         why = (f"the optimizer's state {key!r} is a {type(value).__module__}."
@@ -437,7 +442,7 @@ class Collector:
             layout = self.layout(slot)
             if layout is None:
                 continue
-            state = self.optimizer.state[slot.param]
+            state = decoded_state(self.optimizer.state[slot.param])  # bitsandbytes' codes
             if want_m1 and (m := layout.first(state)) is not None:
                 values = readable(m)
                 if values is None:

@@ -41,6 +41,19 @@ class Col(enum.IntEnum):
     DRIFT_PREV_SQ = NUM_STATS + 1  # Σ v_p²
     FREEZE_DIFF_SQ = NUM_STATS + 2  # Σ (v_t − v_T)²
     FREEZE_REF_SQ = NUM_STATS + 3   # Σ v_T²
+    # monitor/compression.py: requantization error of compressed moments, on the sample
+    M_REQUANT_ERR_SQ = NUM_STATS + 4   # Σ (m_t − (β1·m_{t−1} + (1 − β1)·g))²
+    M_REQUANT_REF_SQ = NUM_STATS + 5   # Σ (β1·m_{t−1} + (1 − β1)·g)²
+    V_REQUANT_ERR_SQ = NUM_STATS + 6   # the same for v, with g² and β2
+    V_REQUANT_REF_SQ = NUM_STATS + 7
+    # monitor/compression.py: probes of uncompressed moments, Σ (x − Q(x))² on sampled blocks
+    PROBE_INT8_M_SQ = NUM_STATS + 8
+    PROBE_INT4_M_SQ = NUM_STATS + 9
+    PROBE_M_REF_SQ = NUM_STATS + 10    # Σ m² on the same blocks
+    PROBE_INT8_V_SQ = NUM_STATS + 11
+    PROBE_INT4_V_SQ = NUM_STATS + 12
+    PROBE_INT4_V_RANK1_SQ = NUM_STATS + 13
+    PROBE_V_REF_SQ = NUM_STATS + 14    # Σ v² on the same blocks
 
 
 NUM_COLS = len(Col)
@@ -86,6 +99,26 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            "‖v_t − v_T‖ / ‖v_T‖ since the freeze step T", partial=True),
     Metric("quant_error", "sqrt_ratio", (Col.QUANT_ERROR_SQ, Col.QUANT_INPUT_SQ),
            "‖x − Q⁻¹(Q(x))‖ / ‖x‖ of the optimizer's own compression", partial=True),
+    Metric("moment1_quant_error", "sqrt_ratio", (Col.M_REQUANT_ERR_SQ, Col.M_REQUANT_REF_SQ),
+           "‖m_t − (β1·m_{t−1} + (1−β1)·g)‖ / ‖β1·m_{t−1} + (1−β1)·g‖: what storing the "
+           "compressed m rounds off in one step", partial=True),
+    Metric("moment2_quant_error", "sqrt_ratio", (Col.V_REQUANT_ERR_SQ, Col.V_REQUANT_REF_SQ),
+           "‖v_t − (β2·v_{t−1} + (1−β2)·g²)‖ / ‖β2·v_{t−1} + (1−β2)·g²‖: what storing the "
+           "compressed v rounds off in one step", partial=True),
+    Metric("probe_int8_m", "sqrt_ratio", (Col.PROBE_INT8_M_SQ, Col.PROBE_M_REF_SQ),
+           "‖m − Q(m)‖ / ‖m‖, Q: 8-bit dynamic code, absmax per 256 (bitsandbytes, torchao)",
+           partial=True),
+    Metric("probe_int8_v", "sqrt_ratio", (Col.PROBE_INT8_V_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: unsigned 8-bit dynamic code, absmax per 256", partial=True),
+    Metric("probe_int4_m", "sqrt_ratio", (Col.PROBE_INT4_M_SQ, Col.PROBE_M_REF_SQ),
+           "‖m − Q(m)‖ / ‖m‖, Q: 4-bit dynamic code, absmax per 128 (torchao's AdamW4bit)",
+           partial=True),
+    Metric("probe_int4_v", "sqrt_ratio", (Col.PROBE_INT4_V_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code with zero, absmax per 128 (the zero-point "
+           "problem)", partial=True),
+    Metric("probe_int4_v_rank1", "sqrt_ratio", (Col.PROBE_INT4_V_RANK1_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code without zero, rank-1 normalisation "
+           "(Li et al. 2023)", partial=True),
     Metric("topk_coverage", "ratio", (Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ),
            "‖T_k(x)‖² / ‖x‖², the share of squared mass a blockwise top-k keeps"),
     Metric("grad_diagonality", "mean", (Col.GRAD_DIAG,),

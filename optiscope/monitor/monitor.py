@@ -84,6 +84,9 @@ class MonitorCore(StepControl):
             `optiscope.NonFiniteGradientError` naming the tensors, from before the update where
             the gradient statistics are known then (any optimizer not bundled, or clipping seen;
             a bundled optimizer computes them in its update: there it raises right after).
+        quant_probes: on sampled steps, quantize sampled blocks of an uncompressed m and v as
+            8-bit and 4-bit optimizers would and record the error (``probe_int8_m`` ...; see
+            `optiscope.monitor.compression`; default True).
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -106,12 +109,13 @@ class MonitorCore(StepControl):
                  resume: bool = False, process_group=None, strict: bool = False,
                  console="auto", tensorboard: bool = True, report: bool = True,
                  sinks: Sequence[Sink] = (), start_step: int | None = None,
-                 on_nonfinite: str = "warn"):
+                 on_nonfinite: str = "warn", quant_probes: bool = True):
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's / Lightning's wrappers
         (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
          update_ratio_band, seed) = check_args(
             optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
-            spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler)
+            spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler,
+            quant_probes)
         check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
         self.caps = capabilities(optimizer)  # what it provides of the contract, read once
@@ -126,7 +130,7 @@ class MonitorCore(StepControl):
         self.collector = Collector(
             optimizer, self.slots, caps=self.caps,
             sample_size=sample_size, topk_density=topk_density, topk_block=topk_block,
-            freeze_step=freeze_probe, seed=seed)
+            freeze_step=freeze_probe, seed=seed, quant_probes=quant_probes)
         self.rules = AlertRules(spike_factor, update_ratio_band)
         self.step = 0
         self._calls = 0
@@ -462,6 +466,7 @@ class MonitorCore(StepControl):
             reasons["grad_diagonality"] = reasons["grad_diagonality_original"] = why
         if np.isnan(rows[:, Col.TOPK_KEPT_SQ]).all() and self.collector.topk_density is None:
             reasons["topk_coverage"] = "off: topk_density=None"
+        reasons.update(self.collector.compression.skip_reasons(rows, cls))
         self._skip_reasons = reasons
         self.history.meta["skipped_metrics"] = reasons
         self.writer.update_meta({"skipped_metrics": reasons})

@@ -42,6 +42,13 @@ SHOW = {
     "moment2_drift": Show("second-moment drift ‖v_t − v_p‖/‖v_p‖"),
     "moment2_drift_since_freeze": Show("drift since the freeze step ‖v_t − v_T‖/‖v_T‖"),
     "quant_error": Show("quantization error ‖x − Q⁻¹(Q(x))‖/‖x‖"),
+    "moment1_quant_error": Show("requantization error of m, one step"),
+    "moment2_quant_error": Show("requantization error of v, one step"),
+    "probe_int8_m": Show("8-bit probe of m ‖m − Q(m)‖/‖m‖"),
+    "probe_int8_v": Show("8-bit probe of v ‖v − Q(v)‖/‖v‖"),
+    "probe_int4_m": Show("4-bit probe of m ‖m − Q(m)‖/‖m‖"),
+    "probe_int4_v": Show("4-bit probe of v, linear code with zero"),
+    "probe_int4_v_rank1": Show("4-bit probe of v, rank-1 normalised"),
     "topk_coverage": Show("top-k coverage ‖T_k(x)‖²/‖x‖²", log=False, reduce="min"),
     "grad_diagonality": Show("diagonality of G̃G̃ᵀ in the optimizer's basis", log=False,
                              reduce="min"),
@@ -52,6 +59,10 @@ SHOW = {
     "cuda_memory_allocated": Show("CUDA memory allocated", log=False),
     "lr": Show("learning rate"),
 }
+# The requantization error of compressed state, then the int8/int4 probes of uncompressed state:
+# the quantization section shows them.
+QUANT_METRICS = ("moment1_quant_error", "moment2_quant_error", "probe_int8_m", "probe_int8_v",
+                 "probe_int4_m", "probe_int4_v", "probe_int4_v_rank1")
 # Global metrics of the trends section, and the per-tensor metrics of the heatmap section; drift,
 # quantization and coverage have sections of their own.
 TREND_METRICS = ("grad_norm", "grad_max", "weight_norm", "update_norm", "update_ratio",
