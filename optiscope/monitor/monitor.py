@@ -35,7 +35,8 @@ from optiscope.kernels.launch import local
 from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
-from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.metrics import ROW_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
 from optiscope.monitor.pending import _Pending, _to_host
@@ -301,7 +302,7 @@ class MonitorCore(StepControl):
             failure, rows = exc, None
         if rows is None:  # this rank failed: NaN rows, so the others are not left waiting
             device = local(self.slots[0].param).device
-            rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+            rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                               device=device)
         rows = self.topology.reduce(rows)  # every rank, every sampled step, error or not
         if failure is not None:
@@ -417,6 +418,10 @@ class MonitorCore(StepControl):
             self.history.add(p.step, metric, scopes, numbers)
         self.writer.write_sample(p.step, p.time, values)
         self._emit("on_sample", p.step, p.time, values)
+        if p.rows is not None and (hists := histograms_of(rows[p.active], stepped)):
+            self.history.add_histograms(p.step, hists)  # monitor/ranges.py
+            self.writer.write_histograms(p.step, hists)
+            self._emit("on_histograms", p.step, hists)
         if p.rows is not None:
             alerts = self.rules.check(p.step, values, skipped - self._skipped_reported)
             self._skipped_reported = skipped
