@@ -8,6 +8,7 @@ float8_e4m3fn and float8_e5m2 for the shares.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ import torch
 
 from optiscope import OptimizerMonitor
 from optiscope.monitor.metrics import EXP_MAX, EXP_MIN, HIST_BINS, RANGE_QUANTITIES, RANGE_SHARES
+from optiscope.dashboards.report import write_report
+from optiscope.dashboards.report.ranges import range_figure
 from optiscope.monitor.ranges import range_counts
 from optiscope.monitor.runlog import load_run
 from optiscope.optimizers import AdamW
@@ -147,3 +150,54 @@ def test_monitor_histograms_and_shares_match_whole_tensors(factory, tmp_path):
                     oracle_share(whole, fmt, what), abs=1e-12), (metric, step)
     assert not any(m.endswith("_bf16_overflow") for m in h.metrics())
     assert set(RANGE_QUANTITIES) >= set(quantities)
+
+
+def test_tensorboard_histograms_and_report_heatmap(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(30, 20)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mon = OptimizerMonitor(opt, model=model, every=1, sample_size=10**9, log_dir=tmp_path,
+                           console=False, tensorboard=True, report=False, strict=True)
+    gen = torch.Generator().manual_seed(3)
+    grads = []
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = wide_gradient(p.shape, gen)
+        grads.append(model.weight.grad.clone())
+        opt.step()
+    mon.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "grad_log2_abs/weight" in acc.Tags()["histograms"]
+    events = acc.Histograms("grad_log2_abs/weight")
+    assert [e.step for e in events] == [1, 2]
+    for event, g in zip(events, grads):
+        hist = event.histogram_value
+        expected = oracle_histogram(g)[1:-1]  # nonzero finite: below, exponents, above
+        used = np.flatnonzero(expected)
+        np.testing.assert_array_equal(hist.bucket, expected[used[0]: used[-1] + 1])
+        # bucket i holds log2|x| below its limit: 2^(EXP_MIN + i) for the i-th inner bin
+        assert list(hist.bucket_limit) == [float(EXP_MIN + i) for i in range(used[0], used[-1] + 1)]
+        assert hist.num == int(((g != 0) & torch.isfinite(g)).sum())
+    assert "update_log2_abs/global" in acc.Tags()["histograms"]
+
+    # the report's heatmap: per column, log10 of each exponent's share of the entries
+    fig = range_figure(mon.history, "grad", "weight")
+    heat = fig.data[0]
+    z = np.asarray(heat.z, dtype=np.float64)
+    for column, g in enumerate(grads):
+        expected = oracle_histogram(g)
+        inner = expected[1:-1]
+        used = np.flatnonzero(inner)
+        rows = inner[used[0]: used[-1] + 1] / g.numel()
+        with np.errstate(divide="ignore"):
+            want = np.where(rows > 0, np.log10(rows), np.nan)
+        np.testing.assert_allclose(z[:, column], want, rtol=1e-6)
+    out = write_report(mon.history, tmp_path / "report.html")
+    html = out.read_text()
+    assert re.search(r'<section id="[^"]*ranges">', html)
+    whole = torch.cat([grads[-1].flatten(), model.bias.grad.flatten()])
+    share = oracle_share(whole, "fp16", "underflow")  # the table's last sample
+    assert f"<td>grad</td><td>fp16</td><td>underflow</td><td class=num>{share:.3%}</td>" in html
