@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optiscope.kernels.ranges import (EXP_MAX, EXP_MIN, HIST_BINS, RANGE_BLOCK, RANGE_QUANTITIES,
+                                      RANGE_SHARES)
 from optiscope.kernels.stats import NUM_STATS, Stat
 
 __all__ = ["Col", "NUM_COLS", "ROW_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS",
@@ -48,28 +50,18 @@ class Col(enum.IntEnum):
 NUM_COLS = len(Col)
 MAX_COLS = (Col.GRAD_ABSMAX,)
 
-# Dynamic range (monitor/ranges.py). After the `Col` columns, one block per quantity: the entries
-# counted, the entries each low-precision cast flushes to zero or overflows, and a histogram of
-# log2|x| in fixed bins, all counts scaled to the tensor (they add across DDP/FSDP shards).
-RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
-# (format, what) pairs that can happen: bf16 overflows only above 3.396e38, within 0.2 % of
-# float32's largest value, where the run has already failed; that pair is left out.
-RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
-                     for k in ("underflow", "overflow") if (f, k) != ("bf16", "overflow"))
-# Bins of the histogram: 0, then 0 < |x| < 2^EXP_MIN, one bin [2^e, 2^(e+1)) per exponent e in
-# EXP_MIN..EXP_MAX-1, then finite |x| >= 2^EXP_MAX, then non-finite. The same for every run, so
-# runs compare and shards add; 2^-112 is below v of a 1e-17 gradient, 2^32 above any sane one.
-EXP_MIN, EXP_MAX = -112, 32
-HIST_BINS = EXP_MAX - EXP_MIN + 4
-_RANGE_BLOCK = 1 + len(RANGE_SHARES) + HIST_BINS
-ROW_COLS = NUM_COLS + len(RANGE_QUANTITIES) * _RANGE_BLOCK  # the width of the per-tensor rows
+# Dynamic range (monitor/ranges.py). After the `Col` columns, one block per quantity of
+# `RANGE_QUANTITIES` (kernels/ranges.py: the layout a kernel fills): the entries counted, the
+# entries each low-precision cast flushes to zero or overflows, and a histogram of log2|x| in
+# fixed bins, all counts scaled to the tensor (they add across DDP/FSDP shards).
+ROW_COLS = NUM_COLS + len(RANGE_QUANTITIES) * RANGE_BLOCK  # the width of the per-tensor rows
 
 
 def range_cols(quantity: str) -> tuple[int, slice, slice]:
     """(entries column, share columns, histogram columns) of ``quantity`` in the rows."""
-    first = NUM_COLS + RANGE_QUANTITIES.index(quantity) * _RANGE_BLOCK
+    first = NUM_COLS + RANGE_QUANTITIES.index(quantity) * RANGE_BLOCK
     return (first, slice(first + 1, first + 1 + len(RANGE_SHARES)),
-            slice(first + 1 + len(RANGE_SHARES), first + _RANGE_BLOCK))
+            slice(first + 1 + len(RANGE_SHARES), first + RANGE_BLOCK))
 
 
 _RANGE_NAMES = {"grad": "g", "update": "θ⁺ − θ⁻", "moment2": "v"}

@@ -416,11 +416,11 @@ class MonitorCore(StepControl):
 
         for metric, (scopes, numbers) in values.items():
             self.history.add(p.step, metric, scopes, numbers)
-        self.writer.write_sample(p.step, p.time, values)
+        hists = histograms_of(rows[p.active], stepped) if p.rows is not None else {}
+        self.writer.write_sample(p.step, p.time, values, hists)
         self._emit("on_sample", p.step, p.time, values)
-        if p.rows is not None and (hists := histograms_of(rows[p.active], stepped)):
-            self.history.add_histograms(p.step, hists)  # monitor/ranges.py
-            self.writer.write_histograms(p.step, hists)
+        if hists:  # monitor/ranges.py
+            self.history.add_histograms(p.step, hists)
             self._emit("on_histograms", p.step, hists)
         if p.rows is not None:
             alerts = self.rules.check(p.step, values, skipped - self._skipped_reported)

@@ -1,22 +1,12 @@
 """Dynamic range of g, θ⁺ − θ⁻ and v on a sampled step: log2 histograms and low-precision shares.
 
-For each quantity the monitor counts, on the concatenated coordinate samples of all stepped
-tensors (a handful of ops whatever the number of tensors, no host synchronisation):
-
-* a histogram of log2|x| in the fixed bins of `optiscope.monitor.metrics` (``EXP_MIN``,
-  ``EXP_MAX``: zero, below, one bin per binary exponent, above, non-finite), found exactly from
-  the float's exponent (``frexp``), not from a rounded log;
-* the entries a cast to bf16, fp16, fp8 e4m3 (``float8_e4m3fn``) or fp8 e5m2 would flush to zero
-  (nonzero → 0) or overflow, by exact comparison with the thresholds round-to-nearest-even
-  implies: a nonzero |x| at most half the format's smallest subnormal becomes 0 (the tie goes to
-  the even 0); a finite |x| at or above the midpoint between the largest finite value and the
-  next power step becomes inf (fp16 65520, e5m2 61440). e4m3fn has no inf and torch's cast
-  saturates (1e30 and even inf become 448): there an overflow is an |x| above 464, which the
-  cast returns as ±448 with more than half an ulp of error.
-
-Counts are scaled by each tensor's sample scale (numel / sampled entries), so that they add
-across tensors and DDP/FSDP shards, and are written into the per-tensor rows (`range_cols`);
-a sample covering the whole tensor gives exact counts.
+The counts (kernels/ranges.py: layout, bins, thresholds, the torch reference) are taken on the
+concatenated coordinate samples of all stepped tensors (a handful of ops whatever the number of
+tensors, no host synchronisation), scaled by each tensor's sample scale (numel / sampled
+entries) so that they add across tensors and DDP/FSDP shards, and written into the per-tensor
+rows (`range_cols`); a sample covering the whole tensor gives exact counts. A bundled optimizer
+whose kernel counts the whole tensor in its pass (Adam's C kernel) replaces them
+(`StepStats.ranges`).
 """
 
 from __future__ import annotations
@@ -25,60 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from optiscope.monitor.metrics import (EXP_MAX, EXP_MIN, HIST_BINS, RANGE_QUANTITIES,
-                                        RANGE_SHARES, range_cols)
+from optiscope.kernels.ranges import FORMAT_LIMITS, RANGE_QUANTITIES, range_counts
+from optiscope.monitor.metrics import range_cols
 
-__all__ = ["FORMAT_LIMITS", "RangeProbe", "range_counts", "write_counts", "bin_edges",
-           "histograms_of"]
-
-# (largest |x| that becomes 0, smallest |x| that overflows) of a cast from float32
-FORMAT_LIMITS: dict[str, tuple[float, float]] = {
-    "bf16": (2.0 ** -134, 255.5 * 2.0 ** 120),
-    "fp16": (2.0 ** -25, 65520.0),
-    "fp8e4m3": (2.0 ** -10, float.fromhex("0x1.d00002p+8")),  # the next float32 above 464
-    "fp8e5m2": (2.0 ** -17, 61440.0),
-}
-
-
-def bin_edges() -> list[float]:
-    """The exponents that bound the histogram's bins 2..HIST_BINS-3: EXP_MIN, ..., EXP_MAX
-    (bin 0: zeros, 1: below 2^EXP_MIN, HIST_BINS-2: finite at or above 2^EXP_MAX, last:
-    non-finite)."""
-    return [float(e) for e in range(EXP_MIN, EXP_MAX + 1)]
-
-
-def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
-    """The counts of one quantity for each tensor of a concatenated sample.
-
-    Args:
-        x: the sampled entries of every tensor, concatenated (float32).
-        lengths: int64 ``[n]``, entries of each tensor in ``x``.
-        scale: ``[n]``, each tensor's numel / sampled entries.
-
-    Returns:
-        float64 ``[n, 1 + len(RANGE_SHARES) + HIST_BINS]``: entries, share counts, histogram,
-        in the order of `range_cols`' block.
-    """
-    n = lengths.numel()
-    device = x.device
-    x = x.to(torch.float32)
-    seg = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=x.numel())
-    a = x.abs()
-    finite = a <= torch.finfo(torch.float32).max
-    exponent = torch.frexp(a).exponent - 1  # |x| in [2^e, 2^(e+1)): exact, unlike log2
-    index = torch.clamp(exponent - (EXP_MIN - 2), 1, HIST_BINS - 2)
-    index = torch.where(a == 0, 0, torch.where(finite, index, HIST_BINS - 1))
-    # index_add_, not bincount: bincount reads the largest index back to the host
-    hist = torch.zeros(n * HIST_BINS, dtype=torch.float64, device=device)
-    hist.index_add_(0, seg * HIST_BINS + index, torch.ones_like(a, dtype=torch.float64))
-    masks = []
-    for fmt, what in RANGE_SHARES:
-        under, over = FORMAT_LIMITS[fmt]
-        masks.append((a > 0) & (a <= under) if what == "underflow" else finite & (a >= over))
-    shares = torch.zeros(n, len(RANGE_SHARES), dtype=torch.float64, device=device)
-    shares.index_add_(0, seg, torch.stack(masks, dim=1).to(torch.float64))
-    counts = torch.cat([lengths.to(torch.float64)[:, None], shares, hist.view(n, HIST_BINS)], 1)
-    return counts * scale.to(device, torch.float64)[:, None]
+__all__ = ["FORMAT_LIMITS", "RangeProbe", "range_counts", "write_counts", "histograms_of"]
 
 
 def write_counts(rows: Tensor, where: Tensor, quantity: str, counts: Tensor) -> None:

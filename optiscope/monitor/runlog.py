@@ -94,10 +94,8 @@ class NullWriter:
     def update_meta(self, changes: dict) -> None:
         pass
 
-    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]]) -> None:
-        pass
-
-    def write_histograms(self, step: int, histograms: dict) -> None:
+    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]],
+                     histograms: dict | None = None) -> None:
         pass
 
     def write_alert(self, alert: Alert) -> None:
@@ -232,20 +230,24 @@ class RunLogWriter:
                                      "names": list(key)}))
         return self._scope_ids[key]
 
-    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]]) -> None:
-        """Appends one sampled step: ``values[metric] = (scopes, numbers)``."""
+    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]],
+                     histograms: dict | None = None) -> None:
+        """Appends one sampled step: ``values[metric] = (scopes, numbers)``, and its log2
+        histograms (``{quantity: (scopes, counts)}``) in the same write."""
         lines, parts = [], []
         for metric, (scopes, numbers) in values.items():
             scope_id = self._scope_id(scopes, lines)
             parts.append(f"{json.dumps(metric)}:[{scope_id},{_values_json(numbers)}]")
         lines.append(f'{{"type":"sample","step":{step},"time":{time:.3f},'
                      f'"values":{{{",".join(parts)}}}}}')
+        if histograms:
+            self._histogram_lines(step, histograms, lines)
         self._append(lines)
 
-    def write_histograms(self, step: int, histograms: dict) -> None:
-        """Appends one sample's histograms (``{quantity: (scopes, counts)}``), each tensor's
-        row as its nonzero span: about 30 of the 148 bins for a trained tensor."""
-        lines, parts = [], []
+    def _histogram_lines(self, step: int, histograms: dict, lines: list[str]) -> None:
+        """Adds a sample's histograms record to ``lines``: each tensor's row as its nonzero
+        span (a trained tensor fills a few dozen of the 148 bins)."""
+        parts = []
         for quantity, (scopes, counts) in histograms.items():
             rows = []
             for row in np.asarray(counts):
@@ -258,7 +260,6 @@ class RunLogWriter:
             parts.append(f'{json.dumps(quantity)}:[{self._scope_id(scopes, lines)},'
                          f'[{",".join(rows)}]]')
         lines.append(f'{{"type":"histograms","step":{step},"values":{{{",".join(parts)}}}}}')
-        self._append(lines)
 
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])
