@@ -3,7 +3,7 @@
 For a bundled optimizer the fused kernel already produced its `Stat` columns; the collector adds
 only what the optimizer does not produce. For any other optimizer it computes everything from
 the tensors: gradient statistics and Σθ⁻² before the step, the rest after it. Nothing here moves
-data to the host: the monitor copies the finished ``[n_tensors, NUM_COLS]`` tensor once.
+data to the host: the monitor copies the finished ``[n_tensors, ROW_COLS]`` tensor once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
 from optiscope.kernels.stats import SUM_ROW
 from optiscope.monitor.compression import CompressionProbes, decoded_state
 from optiscope.monitor.layouts import find_layout
-from optiscope.monitor.metrics import NUM_COLS, Col
+from optiscope.monitor.metrics import ROW_COLS, Col
+from optiscope.monitor.ranges import RangeProbe
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
 __all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "readable", "storage_parts", "sums_dtype"]
@@ -239,6 +240,7 @@ class Collector:
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
         self.compression = CompressionProbes(self, probes=quant_probes)
+        self.ranges = RangeProbe(self._on)  # dynamic range, from the samples (monitor/ranges.py)
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -369,6 +371,9 @@ class Collector:
             self._pre[Col.PARAM_SQ_BEFORE] = _sq_norms(params)
         self._before = ([self.slots[i].sample.take(p) for i, p in zip(self._active, params)]
                         if Stat.UPDATE_SQ not in self.produced else [])
+        self.ranges.begin(self._active, [self.slots[i].sample for i in self._active],
+                          [local(self.slots[i].param.grad) for i in self._active], params,
+                          grad_scale, self._before)
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
             kept, total = self._topk([self.slots[i] for i in self._active], grads)
             self._pre[Col.TOPK_KEPT_SQ] = kept
@@ -377,9 +382,9 @@ class Collector:
 
     @torch.no_grad()
     def end(self, step: int) -> Tensor:
-        """After the optimizer step: the ``[n_tensors, NUM_COLS]`` float64 sums on the device."""
+        """After the optimizer step: the ``[n_tensors, ROW_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
-        rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+        rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                           device=device)
         if not self._active:
             return rows
@@ -397,8 +402,9 @@ class Collector:
         params = [local(self.slots[i].param) for i in self._active]
         if Stat.PARAM_SQ_AFTER not in self.produced:
             columns[Col.PARAM_SQ_AFTER] = _sq_norms(params)
+        samples = [self.slots[i].sample for i in self._active]
+        after = None
         if self._before:
-            samples = [self.slots[i].sample for i in self._active]
             after = [x.take(p) for x, p in zip(samples, params)]
             columns[Col.UPDATE_SQ] = _segment_diff_sq(
                 after, self._before, self._on([x.count for x in samples], device)
@@ -406,6 +412,7 @@ class Collector:
             self._before = []
         self._moments(step, columns, rows, device)
         columns.update(self.compression.end())  # requantization error and probes
+        self.ranges.end(rows, self._active, samples, params, after)
         for col, values in columns.items():
             rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
@@ -504,7 +511,11 @@ class Collector:
             rows[where, Col.DRIFT_DIFF_SQ] = _segment_diff_sq([v for _, _, v in drift], prev,
                                                               lengths) * scale
             rows[where, Col.DRIFT_PREV_SQ] = _segment_sq(prev, lengths) * scale
-        saved = torch.cat([v for _, _, v, _ in taken]).split([v.numel() for _, _, v, _ in taken])
+        lengths = [v.numel() for _, _, v, _ in taken]
+        concatenated = torch.cat([v for _, _, v, _ in taken])
+        self.ranges.moment2(rows, [i for i, _, _, _ in taken], concatenated, lengths,
+                            [slot.sample.scale for _, slot, _, _ in taken])
+        saved = concatenated.split(lengths)
         for (_, slot, _, _), v in zip(taken, saved):
             slot.v_prev = v
             if freeze_now:

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optiscope.kernels.ranges import (EXP_MAX, EXP_MIN, HIST_BINS, RANGE_BLOCK, RANGE_QUANTITIES,
+                                      RANGE_SHARES)
 from optiscope.kernels.stats import NUM_STATS, Stat
 
-__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS", "MONITOR_SERIES", "derive"]
+__all__ = ["Col", "NUM_COLS", "ROW_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS",
+           "MONITOR_SERIES", "RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX",
+           "HIST_BINS", "range_cols", "derive"]
 
 
 class Col(enum.IntEnum):
@@ -58,6 +62,22 @@ class Col(enum.IntEnum):
 
 NUM_COLS = len(Col)
 MAX_COLS = (Col.GRAD_ABSMAX,)
+
+# Dynamic range (monitor/ranges.py). After the `Col` columns, one block per quantity of
+# `RANGE_QUANTITIES` (kernels/ranges.py: the layout a kernel fills): the entries counted, the
+# entries each low-precision cast flushes to zero or overflows, and a histogram of log2|x| in
+# fixed bins, all counts scaled to the tensor (they add across DDP/FSDP shards).
+ROW_COLS = NUM_COLS + len(RANGE_QUANTITIES) * RANGE_BLOCK  # the width of the per-tensor rows
+
+
+def range_cols(quantity: str) -> tuple[int, slice, slice]:
+    """(entries column, share columns, histogram columns) of ``quantity`` in the rows."""
+    first = NUM_COLS + RANGE_QUANTITIES.index(quantity) * RANGE_BLOCK
+    return (first, slice(first + 1, first + 1 + len(RANGE_SHARES)),
+            slice(first + 1 + len(RANGE_SHARES), first + RANGE_BLOCK))
+
+
+_RANGE_NAMES = {"grad": "g", "update": "θ⁺ − θ⁻", "moment2": "v"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +146,12 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            partial=True),
     Metric("grad_diagonality_original", "mean", (Col.GRAD_DIAG_ORIGINAL,),
            "share of ‖GGᵀ‖²_F on its diagonal, in the parameter's own basis", partial=True),
-)
+) + tuple(
+    Metric(f"{q}_{fmt}_{what}", "ratio", (range_cols(q)[1].start + j, range_cols(q)[0]),
+           f"share of the entries of {_RANGE_NAMES[q]} a cast to {fmt} "
+           f"{'flushes to zero' if what == 'underflow' else 'overflows (inf, or saturation)'}",
+           partial=True)
+    for q in RANGE_QUANTITIES for j, (fmt, what) in enumerate(RANGE_SHARES))
 
 # Global metrics of a sampled step that are not formulas over the per-tensor sums.
 STEP_METRICS: dict[str, str] = {

@@ -35,7 +35,8 @@ from optiscope.kernels.launch import local
 from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
-from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.metrics import ROW_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
 from optiscope.monitor.pending import _Pending, _to_host
@@ -84,9 +85,8 @@ class MonitorCore(StepControl):
             `optiscope.NonFiniteGradientError` naming the tensors, from before the update where
             the gradient statistics are known then (any optimizer not bundled, or clipping seen;
             a bundled optimizer computes them in its update: there it raises right after).
-        quant_probes: on sampled steps, quantize sampled blocks of an uncompressed m and v as
-            8-bit and 4-bit optimizers would and record the error (``probe_int8_m`` ...; see
-            `optiscope.monitor.compression`; default True).
+        quant_probes: quantize sampled blocks of an uncompressed m and v as 8- and 4-bit optimizers
+            would (``probe_int8_m`` ...: `optiscope.monitor.compression`; default True).
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -305,7 +305,7 @@ class MonitorCore(StepControl):
             failure, rows = exc, None
         if rows is None:  # this rank failed: NaN rows, so the others are not left waiting
             device = local(self.slots[0].param).device
-            rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+            rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                               device=device)
         rows = self.topology.reduce(rows)  # every rank, every sampled step, error or not
         if failure is not None:
@@ -419,8 +419,12 @@ class MonitorCore(StepControl):
 
         for metric, (scopes, numbers) in values.items():
             self.history.add(p.step, metric, scopes, numbers)
-        self.writer.write_sample(p.step, p.time, values)
+        hists = histograms_of(rows[p.active], stepped) if p.rows is not None else {}
+        self.writer.write_sample(p.step, p.time, values, hists)
         self._emit("on_sample", p.step, p.time, values)
+        if hists:  # monitor/ranges.py
+            self.history.add_histograms(p.step, hists)
+            self._emit("on_histograms", p.step, hists)
         if p.rows is not None:
             alerts = self.rules.check(p.step, values, skipped - self._skipped_reported)
             self._skipped_reported = skipped

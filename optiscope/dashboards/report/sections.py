@@ -1,6 +1,6 @@
 """The sections of one run in the report: summary, compression readiness, trends, per-layer
-heatmaps, second-moment drift and the freeze verdict, quantization error, top-k coverage, memory,
-alerts."""
+heatmaps, second-moment drift and the freeze verdict, quantization error, top-k coverage, dynamic
+range (report/ranges.py), memory, alerts."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.html import Page, esc, table
 from optiscope.dashboards.report.figures import (band, f4, grid, heatmap, i4, label_margin, layout,
                                                  line)
+from optiscope.dashboards.report.ranges import dynamic_range_section
 from optiscope.dashboards.report.run import (LAYER_METRICS, MIN_TAIL, MONITOR_METRICS, PALETTE,
                                              QUANT_METRICS, SHOW, TREND_METRICS, Options,
                                              ReportRun, hyperparameter, bytes_per_param, worth_showing)
@@ -34,7 +35,8 @@ def run_sections(page: Page, run: ReportRun, options: Options, *, several: bool)
                 ("layers", "Per-layer heatmaps", _layers),
                 ("drift", "Second moment: drift and freezing", _drift),
                 ("quantization", "Quantization error", _quantization),
-                ("coverage", "Top-k coverage", _coverage), ("memory", "Memory", _memory),
+                ("coverage", "Top-k coverage", _coverage),
+                ("ranges", "Dynamic range", dynamic_range_section), ("memory", "Memory", _memory),
                 ("alerts", "Alerts", _alerts)]
     nav = []
     if several:
