@@ -421,11 +421,11 @@ def test_readiness_panel_shows_the_runs_verdicts(adamw_run):
     panel = text.split("compression readiness")[1].split("alerts ·")[0]
     verdicts = readiness(load_run(adamw_run))  # from the whole run log: the same answers
     answered = [v for v in verdicts if v.answer != NO_DATA]
-    assert [v.key for v in answered] == ["topk", "freeze"]  # AdamW without the probes
+    assert {"topk", "freeze"} <= {v.key for v in answered}  # recorded by every Adam run
     for v in answered:
         assert re.search(rf"│ {re.escape(v.label)} +{v.answer} +{re.escape(v.figure)} +│", panel), v
     missing = ", ".join(v.label for v in verdicts if v.answer == NO_DATA)
-    assert f"│ no data: {missing} " in panel
+    assert (f"│ no data: {missing} " in panel) if missing else "no data" not in panel
 
 
 def test_readiness_panel_of_probe_series_fed_live():
