@@ -47,21 +47,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the run directory here (default: a temporary one)")
     parser.add_argument("--output", type=Path, default=RESULTS, metavar="DIR",
                         help="where the JSON file goes (default benchmarks/results)")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="judge the run already in --run-dir again; do not train")
     args = parser.parse_args(argv)
+    if args.judge_only and args.run_dir is None:
+        parser.error("--judge-only needs --run-dir: the run to judge again")
+    seconds = None
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or Path(tmp) / f"demo-{args.optimizer}"
-        result = train(args.optimizer, run_dir, DemoConfig(steps=args.steps), dashboard=False)
+        if not args.judge_only:
+            seconds = round(train(args.optimizer, run_dir, DemoConfig(steps=args.steps),
+                                  dashboard=False).seconds, 1)
         history = load_run(run_dir)
     verdicts = [dataclasses.asdict(v) for v in readiness(history)]
+    last = {name: float(history.series(name)[1][-1]) for name in ("loss", "val_loss")}
     print(markdown(verdicts))
     command = "python -m benchmarks.demo_readiness " + " ".join(argv or sys.argv[1:])
     write_script_results(
         args.output, f"demo-readiness-{args.optimizer}.json", schema=SCHEMA,
         command=command.strip(), device=describe_device(torch.device("cpu")),
-        run=dict(optimizer=OPTIMIZERS[args.optimizer][0], steps=result.steps,
-                 every=history.meta.get("every"), seconds=round(result.seconds, 1),
-                 final_loss=result.final_loss, val_loss=result.val_loss,
-                 n_params=result.n_params, sampled=sum(p["sampled"] for p in history.meta["params"]),
+        run=dict(optimizer=OPTIMIZERS[args.optimizer][0], steps=history.last_step(),
+                 every=history.meta.get("every"), seconds=seconds, final_loss=last["loss"],
+                 val_loss=last["val_loss"], n_params=history.meta["n_params"],
+                 sampled=sum(p["sampled"] for p in history.meta["params"]),
                  topk_density=history.meta.get("topk_density"),
                  topk_block=history.meta.get("topk_block"),
                  freeze_probe=history.meta.get("freeze_probe"),

@@ -108,7 +108,7 @@ def test_int8_state_names_the_worst_tensor():
     assert [(e.scope, e.value) for e in worst] == [("b", pytest.approx(0.3))]
 
 
-def test_int4_state_takes_the_better_v_scheme():
+def test_int4_state_judges_v_by_the_rank1_scheme():
     ok, bad = INT4_MAX_ERROR / 2, INT4_MAX_ERROR * 2
     # The plain 4-bit v fails (the zero point); rank-1 normalisation fixes it: 4-bit is safe.
     fixed = _history({"probe_int4_m": ok, "probe_int4_v": bad, "probe_int4_v_rank1": ok})
@@ -116,8 +116,12 @@ def test_int4_state_takes_the_better_v_scheme():
     assert verdict.answer == YES and "probe_int4_v_rank1" in verdict.detail
     assert {e.series for e in verdict.evidence} == {"probe_int4_m", "probe_int4_v",
                                                     "probe_int4_v_rank1"}
-    both_bad = _history({"probe_int4_m": ok, "probe_int4_v": bad, "probe_int4_v_rank1": bad})
-    assert _verdict(both_bad, "int4_state").answer == NO
+    # A small L2 error of the plain code does not count: its zeros are what breaks 1/√v.
+    plain_small = _history({"probe_int4_m": ok, "probe_int4_v": ok, "probe_int4_v_rank1": bad})
+    assert _verdict(plain_small, "int4_state").answer == NO
+    # Without the rank-1 probe the plain one is all there is.
+    plain = _history({"probe_int4_m": ok, "probe_int4_v": ok})
+    assert _verdict(plain, "int4_state").answer == YES
     for factor, answer in ((0.999, YES), (1.0, UNCLEAR), (1.001, NO)):
         at = _history({"probe_int4_m": INT4_MAX_ERROR * factor, "probe_int4_v_rank1": ok})
         assert _verdict(at, "int4_state").answer == answer

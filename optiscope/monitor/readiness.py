@@ -280,8 +280,9 @@ def _state(history: RunHistory, sample: _Sample, bits: str) -> Verdict:
             if worst is not None:
                 verdict.evidence.append(worst)
             options.append((name, p90, _judge(p90, se_rel * abs(p90), limit, below=True)))
-        if options:  # v: the better of plain and rank-1 normalised 4-bit (the fix counts)
-            judged[moment] = min(options, key=lambda o: (_RANK[o[2]], o[1]))
+        if options:  # v: the first recorded of `names`: rank-1 4-bit, the scheme a 4-bit
+            # optimizer would use (the plain code's L2 error hides what its zeros do to 1/√v)
+            judged[moment] = options[0]
     steps = np.concatenate([s for s, _ in found.values()])
     verdict.steps = (int(steps.min()), int(steps.max()))
     verdict.confidence = confidence
