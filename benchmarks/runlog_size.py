@@ -4,13 +4,16 @@ The run log writes each float64 as the shortest text that reads back as the same
 ``repr``), so `load_run` returns `monitor.history` bit for bit. This trains a small MLP (8 linear
 layers, 7 LayerNorms: 30 tensors) with AdamW under the monitor, sampling every step for 100
 steps, once with that writer and once with the 7-significant-digit one it replaced, and prints
-both files' sizes. CPU, deterministic; a few seconds.
+both files' sizes, and the first one's bytes by record kind (the log2 histograms, and the
+dynamic-range shares within the samples). CPU, deterministic; a few seconds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import tempfile
 
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 
 from optiscope import OptimizerMonitor
 from optiscope.monitor import runlog
+from optiscope.monitor.metrics import RANGE_SHARES
 from optiscope.optimizers import AdamW
 
 
@@ -33,6 +37,12 @@ def _seven_digits(x: float) -> str:
 
 
 def log_bytes(steps: int = 100) -> int:
+    return sum(bytes_by_kind(steps).values())
+
+
+def bytes_by_kind(steps: int = 100) -> dict[str, int]:
+    """The run log's bytes per record kind (``sample``, ``histograms``, ``scopes``, ...), with
+    the dynamic-range shares' part of the samples as ``sample: range shares``."""
     torch.manual_seed(0)
     layers = []
     for _ in range(8):
@@ -48,11 +58,25 @@ def log_bytes(steps: int = 100) -> int:
                 loss.backward()
                 opt.step()
                 mon.log_scalar("loss", loss)
-        return os.path.getsize(os.path.join(run, runlog.RUNLOG))
+        sizes: dict[str, int] = {}
+        shares = tuple(f"_{fmt}_{what}" for fmt, what in RANGE_SHARES)
+        with open(os.path.join(run, runlog.RUNLOG), "rb") as f:
+            for line in f:
+                kind = json.loads(line).get("type", "?")
+                sizes[kind] = sizes.get(kind, 0) + len(line)
+                if kind == "sample":  # the shares' "name":[k,[...]] entries
+                    for part in re.findall(rb'"[a-z0-9_]+":\[\d+,\[[^\]]*\]\]', line):
+                        if part.split(b'"')[1].decode().endswith(shares):
+                            sizes["sample: range shares"] = (
+                                sizes.get("sample: range shares", 0) + len(part) + 1)
+        return sizes
 
 
 def main() -> None:
-    exact = log_bytes()
+    sizes = bytes_by_kind()
+    exact = sum(v for k, v in sizes.items() if not k.startswith("sample: "))
+    print("run log, 100 samples of 30 tensors, by record kind: " + ", ".join(
+        f"{kind} {n / 1e3:.0f} kB" for kind, n in sorted(sizes.items())))
     writer = runlog._number
     runlog._number = _seven_digits
     try:

@@ -20,9 +20,11 @@ from rich.style import Style
 from optiscope import load_run
 from optiscope.dashboards.bands import health
 from optiscope.dashboards.console import (HEALTH_STYLES, NONFINITE_MARK, ConsoleDashboard,
-                                          format_value, sparkline)
+                                          ConsoleState, format_value, sparkline)
+from optiscope.dashboards.console.view import ReadinessPanel
 from optiscope.dashboards.sink import RecordDecoder
 from optiscope.monitor.history import Alert
+from optiscope.monitor.readiness import INT8_MAX_ERROR, NO_DATA, readiness
 from optiscope.monitor.runlog import RUNLOG, read_records
 from runs import NAN_TENSOR, train_run
 
@@ -259,6 +261,8 @@ def test_frame_fits_a_short_terminal(adamw_run, height, layers, trends):
     assert len(text.splitlines()) <= height
     assert f"layers · top {layers} of 21" in text and "alerts · 1" in text
     assert ("global trends" in text) == trends and ("optimizer state" in text) == trends
+    # The readiness panel gives way first: it shows only where every layer asked for fits.
+    assert ("compression readiness" in text) == (layers == 12)
 
 
 def test_health_colours_in_the_rendered_view(adamw_run):
@@ -410,3 +414,32 @@ def test_renders_are_throttled(adamw_run):
     count = len(renders)
     dashboard.close()
     assert len(renders) == count + 1, "close draws the final state once"
+
+
+def test_readiness_panel_shows_the_runs_verdicts(adamw_run):
+    text = final_frame(adamw_run)
+    panel = text.split("compression readiness")[1].split("alerts ·")[0]
+    verdicts = readiness(load_run(adamw_run))  # from the whole run log: the same answers
+    answered = [v for v in verdicts if v.answer != NO_DATA]
+    assert {"topk", "freeze"} <= {v.key for v in answered}  # recorded by every Adam run
+    for v in answered:
+        assert re.search(rf"│ {re.escape(v.label)} +{v.answer} +{re.escape(v.figure)} +│", panel), v
+    missing = ", ".join(v.label for v in verdicts if v.answer == NO_DATA)
+    assert (f"│ no data: {missing} " in panel) if missing else "no data" not in panel
+
+
+def test_readiness_panel_of_probe_series_fed_live():
+    state = ConsoleState()
+    state.on_meta({"params": [{"name": "w", "numel": 1000, "sampled": 1000}],
+                   "topk_block": 4096, "topk_density": 0.01})
+    for step in range(1, 7):  # the window, the last half: steps 4..6
+        state.record(step, float(step), {
+            "probe_int8_m": (["global", "w"], [INT8_MAX_ERROR / 5, INT8_MAX_ERROR / 5]),
+            "probe_int8_v": (["global", "w"], [INT8_MAX_ERROR * 2, INT8_MAX_ERROR * 2])})
+    text = Console(record=True, width=100, color_system=None, file=io.StringIO())
+    text.print(ReadinessPanel(state))
+    lines = text.export_text()
+    # m at a fifth of the 5 % limit, v at twice it: not safe.
+    assert re.search(r"│ 8-bit state +no +m 1 %, v 10 % \(limit 5 %\) +│", lines), lines
+    assert "no data: 4-bit state, top-k (k = 1 %), freeze v (1-bit), bf16 gradients" in lines
+    assert state.verdicts() is state.verdicts(), "computed once per sample"

@@ -44,7 +44,9 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import topk_mass
+from optiscope.monitor.metrics import RANGE_SHARES
 from spawn import spawn_ranks
+from test_ranges import oracle_histogram, oracle_share
 
 pytestmark = pytest.mark.distributed
 
@@ -176,9 +178,28 @@ def _brute_force(rec: _Recorder, sampled: list[int], *, topk: tuple[float, int] 
     def put(metric, scope, step, value):
         out.setdefault(metric, {}).setdefault(scope, {})[step] = float(value)
 
+    def ranges(quantity: str, step: int, tensors: dict) -> None:
+        """Format shares and log2 histograms (as ``hist:<quantity>:<bin>`` and the entries
+        as ``hist:<quantity>:entries``): counts add up, so the shards' must give the whole's."""
+        for scope, x in [*tensors.items(), ("global", torch.cat([t.flatten() for t in
+                                                                 tensors.values()]))]:
+            for fmt, what in RANGE_SHARES:
+                put(f"{quantity}_{fmt}_{what}", scope, step, oracle_share(x, fmt, what))
+            if scope == "global":
+                continue
+            put(f"hist:{quantity}:entries", scope, step, x.numel())
+            for b, count in enumerate(oracle_histogram(x)):
+                if count:
+                    put(f"hist:{quantity}:{b}", scope, step, count)
+
     previous = None
     for step in sampled:
         grads, before, after = rec.grads[step], rec.before[step], rec.after[step]
+        # the monitor's update is θ⁺ − θ⁻ in float32 (the whole tensors here are float64 copies)
+        ranges("grad", step, {n: g.float() for n, g in grads.items()})
+        if step not in grads_only:
+            ranges("update", step, {n: after[n].float() - before[n].float() for n in grads})
+            ranges("moment2", step, {n: v.float() for n, v in rec.v[step].items()})
         m, v = rec.m[step], rec.v[step]
         sums = dict.fromkeys(("g", "after", "upd", "before", "m", "v", "dd", "dp", "kept", "tot"),
                              0.0)
@@ -247,6 +268,15 @@ def _recorded(history) -> dict:
         for scope in history.scopes(metric):
             steps, values = history.series(metric, scope)
             out[metric][scope] = dict(zip(map(int, steps), map(float, values)))
+    for quantity in history.histogram_quantities():  # as `_brute_force` names them
+        for scope in history.histogram_scopes(quantity)[1:]:
+            steps, counts = history.histograms(quantity, scope)
+            for step, row in zip(map(int, steps), counts):
+                out.setdefault(f"hist:{quantity}:entries", {}).setdefault(scope, {})[step] = \
+                    float(row.sum())
+                for b in row.nonzero()[0]:
+                    out.setdefault(f"hist:{quantity}:{b}", {}).setdefault(scope, {})[step] = \
+                        float(row[b])
     return out
 
 

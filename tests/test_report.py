@@ -25,6 +25,7 @@ from optiscope.dashboards.html import PLOTLYJS_END, PLOTLYJS_START, Page, esc, t
 from optiscope.dashboards.report import FreezeVerdict, freeze_verdict, write_report
 from benchmarks.synthetic import synthetic_run
 from optiscope.monitor.history import Alert
+from optiscope.monitor.readiness import INT8_MAX_ERROR, readiness
 from optiscope.optimizers import Adafactor, AdamW
 
 HOSTILE = '<img src=x onerror="window.pwned=1">'
@@ -350,9 +351,13 @@ def test_report_of_a_real_run(runs, tmp_path):
     figures = _figures(text)
     assert len(figures) == text.count('class="optiscope-figure"')
     assert f'data-expected="{len(figures)}"' in text
-    for anchor in ("summary", "trends", "layers", "drift", "quantization", "coverage", "memory",
-                   "alerts"):
+    for anchor in ("summary", "readiness", "trends", "layers", "drift", "quantization",
+                   "coverage", "memory", "alerts"):
         assert f'<section id="r1-{anchor}">' in text, anchor
+    section = _section(text, "r1-readiness")
+    for verdict in readiness(history):  # the run's own verdicts, each in the table
+        assert f"<td>{esc(verdict.question)}</td><td><span" in section
+        assert f">{verdict.answer}</span>" in section
 
     summary = _section(text, "r1-summary")
     state = history.series("state_bytes")[1][-1]
@@ -606,3 +611,35 @@ def test_an_optimizer_that_froze_v_is_judged_by_the_probe_not_by_its_own_drift()
     verdict = freeze_verdict(run, tol=0.1)
     assert not verdict.stable
     assert "froze v itself at step 10" in verdict.message
+
+
+def test_report_shows_each_readiness_verdict_with_its_evidence(tmp_path):
+    # 8-bit probes well under the limit, no 4-bit probes, a top-k coverage of 0.8 on every
+    # block (tensors smaller than a block: exact), fp16 without overflow and 0 flushed.
+    history = RunHistory(meta={"optimizer_name": "AdamW", "topk_density": 0.01,
+                               "topk_block": 4096,
+                               "params": [{"name": HOSTILE, "numel": 1000, "sampled": 1000}],
+                               "skipped_metrics": {"probe_int4_m": "off: probe disabled"}})
+    for step in range(1, 11):
+        history.add(step, "probe_int8_m", ["global", HOSTILE], [INT8_MAX_ERROR / 5] * 2)
+        history.add(step, "probe_int8_v", ["global", HOSTILE], [INT8_MAX_ERROR / 10] * 2)
+        history.add(step, "topk_coverage", ["global"], [0.8])
+        history.add(step, "grad_fp16_underflow", ["global"], [0.0])
+        history.add(step, "grad_fp16_overflow", ["global"], [0.0])
+    text = write_report(history, tmp_path / "r.html").read_text(encoding="utf-8")
+    section = _section(text, "r1-readiness")
+    answers = re.findall(r"<tr><td>([^<]*)</td><td><span class=\"(\w+)\">([^<]*)</span>", section)
+    assert answers == [
+        ("Is 8-bit optimizer state safe for this run?", "ok", "yes"),
+        ("Is 4-bit optimizer state safe for this run?", "muted", "no data"),
+        ("Would MicroAdam at k = 1 % keep most of the gradient?", "ok", "yes"),
+        ("From which step could 1-bit Adam freeze v?", "muted", "no data"),
+        ("Would bf16 hold this run&#x27;s gradients?", "muted", "no data"),
+        ("Would fp16 hold this run&#x27;s gradients?", "ok", "yes"),
+        ("Would fp8 e4m3 hold this run&#x27;s gradients?", "muted", "no data"),
+        ("Would fp8 e5m2 hold this run&#x27;s gradients?", "muted", "no data")]
+    for evidence in ("<code>probe_int8_m</code>", "<code>probe_int8_v</code>",
+                     "<code>topk_coverage</code>", "<code>grad_fp16_overflow</code>",
+                     f"({esc(HOSTILE)})", "probe_int4_m: off: probe disabled"):
+        assert evidence in section, evidence
+    assert HOSTILE not in text

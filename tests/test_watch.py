@@ -44,6 +44,11 @@ def run_lines(tmp_path_factory) -> list[bytes]:
     return (run / RUNLOG).read_bytes().splitlines(keepends=True)
 
 
+def first_sample(lines: list[bytes]) -> int:
+    """The index of the first sample line (after the meta and however many scope lists)."""
+    return next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "sample")
+
+
 def recorder(width: int = 120) -> Console:
     return Console(record=True, width=width, force_terminal=False, color_system=None,
                    file=io.StringIO())
@@ -61,7 +66,7 @@ def types(records) -> list[str]:
 # ----------------------------------------------------------------------------------- follower
 def test_torn_line_waits_for_its_newline(tmp_path, run_lines):
     log = tmp_path / RUNLOG
-    meta, scopes, sample = run_lines[0], run_lines[2], run_lines[6]
+    meta, scopes, sample = run_lines[0], run_lines[2], run_lines[first_sample(run_lines)]
     assert json.loads(sample)["type"] == "sample"
     follower = RunLogFollower(tmp_path)
     append(log, meta + scopes + sample[:50])
@@ -213,7 +218,7 @@ def test_watch_starts_over_when_the_run_log_is_replaced(tmp_path, run_lines, mon
     """Each of watch's sleeps between polls runs the next scripted change; the last is Ctrl-C."""
     log = tmp_path / RUNLOG
     replacement = tmp_path / "replacement.jsonl"
-    replacement.write_bytes(b"".join(run_lines[:7]))  # a new run's first sample
+    replacement.write_bytes(b"".join(run_lines[:first_sample(run_lines) + 1]))  # its 1st sample
     script = [lambda: append(log, b"".join(run_lines)),
               lambda: None,
               lambda: os.replace(replacement, log),

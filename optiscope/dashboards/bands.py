@@ -46,6 +46,11 @@ BANDS: dict[str, Band] = {
                           "gradient goes to error feedback"),
     "quant_error": Band(None, 0.1, None, 0.3,
                         "relative error of the optimizer's own compression"),
+    # A compressed optimizer's stored moment against the exact step from the same state.
+    "moment1_quant_error": Band(None, 0.1, None, 0.3,
+                                "relative error that storing the compressed m adds in one step"),
+    "moment2_quant_error": Band(None, 0.1, None, 0.3,
+                                "relative error that storing the compressed v adds in one step"),
     "nonfinite_grads": Band(None, 0, None, 0, "any inf/NaN entry is bad"),
 }
 

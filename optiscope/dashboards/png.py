@@ -63,6 +63,8 @@ _PANELS = (
     _Panel("topk_coverage", r"top-k coverage $\|T_k(x)\|^2\,/\,\|x\|^2$", log=False,
            ylim=(0, 1.02)),
     _Panel("quant_error", r"quantization error $\|x - Q^{-1}(Q(x))\|\,/\,\|x\|$"),
+    _Panel("moment1_quant_error", r"requantization error of $m$, one step"),
+    _Panel("moment2_quant_error", r"requantization error of $v$, one step"),
 )
 # Series the monitor records itself; any other is a user scalar (``log_scalar``).
 _MONITOR_SERIES = MONITOR_SERIES

@@ -8,6 +8,9 @@
 * **Custom Scalars**: an overview category with each series' global value on its own chart, then
   one category per metric family (gradients, weights and updates, moments, compression, memory,
   schedule) with one chart per metric that draws all its tensors (tag regex ``^grad_norm/``).
+* **Histograms**: the log2|x| histograms of the gradient, the update and v of each sampled step,
+  ``grad_log2_abs/<scope>``, ``update_log2_abs/<scope>``, ``moment2_log2_abs/<scope>``, for
+  ``global`` and each tensor (the value axis is the binary exponent: see `_log2_histogram`).
 * **Text**: the run's metadata as markdown tables (``run/meta``, step 0), the metrics this
   optimizer cannot have and why (``run/skipped_metrics``), metadata learnt later
   (``run/meta_updates``), and the alerts of each step (``alerts``).
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -48,7 +51,8 @@ from optiscope.dashboards.trackers import plain_values
 from optiscope.dashboards.eventfile import EventFile
 from optiscope.dashboards.sink import RecordDecoder, Sink, Values
 from optiscope.monitor.history import Alert
-from optiscope.monitor.metrics import TENSOR_METRICS
+from optiscope.monitor.metrics import (EXP_MAX, EXP_MIN, RANGE_QUANTITIES, RANGE_SHARES,
+                                       TENSOR_METRICS)
 from optiscope.monitor.runlog import RUNLOG, read_records
 
 __all__ = ["TensorBoardSink", "export_tensorboard", "FAMILIES"]
@@ -58,9 +62,13 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "weights and updates": ("weight_norm", "update_norm", "update_ratio"),
     "optimizer moments": ("moment1_norm", "moment2_norm", "moment2_drift",
                           "moment2_drift_since_freeze"),
-    "compression": ("quant_error", "topk_coverage"),
+    "compression": ("quant_error", "topk_coverage", "moment1_quant_error", "moment2_quant_error",
+                    "probe_int8_m", "probe_int8_v", "probe_int4_m", "probe_int4_v",
+                    "probe_int4_v_rank1"),
     "memory": ("state_bytes", "cuda_memory_allocated"),
     "schedule": ("lr", "skipped_steps"),
+    "dynamic range": tuple(f"{q}_{fmt}_{what}" for q in RANGE_QUANTITIES
+                           for fmt, what in RANGE_SHARES),
 }
 """The monitor's series by family: one Custom Scalars category each. Any other series is a user
 scalar (``log_scalar``)."""
@@ -161,6 +169,19 @@ class TensorBoardSink(Sink):
             self._laid_out = dict(self._series)
         if not self._hparams_written and any(m in _FAMILY_OF for m in values):
             self._write_hparams(time)
+
+    def on_histograms(self, step: int, histograms: dict) -> None:
+        """The log2|x| histograms as ``<quantity>_log2_abs/<scope>`` (global and each tensor)
+        in the Histograms tab (`_log2_histogram`)."""
+        summary = Summary()
+        for quantity, (scopes, counts) in histograms.items():
+            counts = np.asarray(counts)
+            tags = self._tags_of(f"{quantity}_log2_abs", ["global", *scopes])
+            for tag, row in zip(tags, [counts.sum(axis=0), *counts]):
+                if (histo := _log2_histogram(row)) is not None:
+                    summary.value.add(tag=tag, histo=histo)
+        when = self._time if self._time is not None else _time.time()
+        self._write(step, when, summary)
 
     def on_alert(self, alert: Alert) -> None:
         self._check_open()
@@ -287,6 +308,28 @@ def _clean(text: str) -> str:
     if text.isascii():
         return text
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _log2_histogram(counts: np.ndarray) -> HistogramProto | None:
+    """One row of exponent bins (`optiscope.monitor.metrics`) as a TensorBoard histogram of
+    log2|x|: the value axis is the binary exponent. Only nonzero finite entries have one: zeros
+    and non-finite entries are left out (the run log keeps them, and the shares count them);
+    entries below 2^EXP_MIN or at or above 2^EXP_MAX are drawn in the bin one below or above the
+    range. Each bucket's entries count at its middle for sum and sum_squares. None when no entry
+    is nonzero and finite."""
+    inner = counts[1:-1]  # below, one per exponent, above
+    used = np.flatnonzero(inner)
+    if not len(used):
+        return None
+    # bucket i holds log2|x| in [upper[i] - 1, upper[i]); the buckets from the first used one to
+    # the last, empty ones included: TensorBoard takes a bucket's left edge from the one before
+    span = slice(used[0], used[-1] + 1)
+    upper = np.arange(EXP_MIN, EXP_MAX + 2, dtype=np.float64)[span]
+    n = inner[span]
+    mids = upper - 0.5
+    return HistogramProto(min=float(upper[0] - 1), max=float(upper[-1]), num=float(n.sum()),
+                          sum=float((n * mids).sum()), sum_squares=float((n * mids ** 2).sum()),
+                          bucket_limit=upper.tolist(), bucket=n.tolist())
 
 
 def _text_summary(tag: str, markdown: str) -> Summary:

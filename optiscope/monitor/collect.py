@@ -3,7 +3,7 @@
 For a bundled optimizer the fused kernel already produced its `Stat` columns; the collector adds
 only what the optimizer does not produce. For any other optimizer it computes everything from
 the tensors: gradient statistics and Σθ⁻² before the step, the rest after it. Nothing here moves
-data to the host: the monitor copies the finished ``[n_tensors, NUM_COLS]`` tensor once.
+data to the host: the monitor copies the finished ``[n_tensors, ROW_COLS]`` tensor once.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
 from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
 from optiscope.kernels.stats import SUM_ROW
+from optiscope.monitor.compression import CompressionProbes, decoded_state
 from optiscope.monitor.layouts import find_layout
-from optiscope.monitor.metrics import NUM_COLS, Col
+from optiscope.monitor.metrics import ROW_COLS, Col
+from optiscope.monitor.ranges import RangeProbe
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
 __all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "readable", "storage_parts", "sums_dtype"]
@@ -213,11 +215,12 @@ class Collector:
             for no probe.
         freeze_step: the step T whose v the drift-since-freeze compares with, or None.
         seed: seeds the coordinate samples.
+        quant_probes: run the int8/int4 probes of uncompressed moments (`CompressionProbes`).
     """
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
-                 freeze_step: int | None, seed: int):
+                 freeze_step: int | None, seed: int, quant_probes: bool = True):
         self.optimizer = optimizer
         self.slots = slots
         self.caps = capabilities(optimizer) if caps is None else caps
@@ -236,6 +239,8 @@ class Collector:
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
+        self.compression = CompressionProbes(self, probes=quant_probes)
+        self.ranges = RangeProbe(self._on)  # dynamic range, from the samples (monitor/ranges.py)
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -366,16 +371,20 @@ class Collector:
             self._pre[Col.PARAM_SQ_BEFORE] = _sq_norms(params)
         self._before = ([self.slots[i].sample.take(p) for i, p in zip(self._active, params)]
                         if Stat.UPDATE_SQ not in self.produced else [])
+        self.ranges.begin(self._active, [self.slots[i].sample for i in self._active],
+                          [local(self.slots[i].param.grad) for i in self._active], params,
+                          grad_scale, self._before)
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
             kept, total = self._topk([self.slots[i] for i in self._active], grads)
             self._pre[Col.TOPK_KEPT_SQ] = kept
             self._pre[Col.TOPK_TOTAL_SQ] = total
+        self.compression.begin(grad_scale)  # compressed moments before the step
 
     @torch.no_grad()
     def end(self, step: int) -> Tensor:
-        """After the optimizer step: the ``[n_tensors, NUM_COLS]`` float64 sums on the device."""
+        """After the optimizer step: the ``[n_tensors, ROW_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
-        rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+        rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                           device=device)
         if not self._active:
             return rows
@@ -393,14 +402,17 @@ class Collector:
         params = [local(self.slots[i].param) for i in self._active]
         if Stat.PARAM_SQ_AFTER not in self.produced:
             columns[Col.PARAM_SQ_AFTER] = _sq_norms(params)
+        samples = [self.slots[i].sample for i in self._active]
+        after = None
         if self._before:
-            samples = [self.slots[i].sample for i in self._active]
             after = [x.take(p) for x, p in zip(samples, params)]
             columns[Col.UPDATE_SQ] = _segment_diff_sq(
                 after, self._before, self._on([x.count for x in samples], device)
             ) * self._on([x.scale for x in samples], device)
             self._before = []
         self._moments(step, columns, rows, device)
+        columns.update(self.compression.end())  # requantization error and probes
+        self.ranges.end(rows, self._active, samples, params, after)
         for col, values in columns.items():
             rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
         return rows
@@ -409,8 +421,8 @@ class Collector:
         """Why an optimizer that produces no quantization error has none."""
         if not self.dequantized:
             return f"{cls} does not compress its state"
-        return (f"{cls} keeps quantized state ({', '.join(sorted(self.dequantized))}), but "
-                "optiscope measures the compression error of its own optimizers only")
+        return (f"{cls} keeps quantized state ({', '.join(sorted(self.dequantized))}): its "
+                "requantization error is moment1_quant_error and moment2_quant_error")
 
     def _unreadable(self, metrics: tuple[str, ...], key: str, value: Tensor) -> None:
         why = (f"the optimizer's state {key!r} is a {type(value).__module__}."
@@ -437,7 +449,7 @@ class Collector:
             layout = self.layout(slot)
             if layout is None:
                 continue
-            state = self.optimizer.state[slot.param]
+            state = decoded_state(self.optimizer.state[slot.param])  # bitsandbytes' codes
             if want_m1 and (m := layout.first(state)) is not None:
                 values = readable(m)
                 if values is None:
@@ -499,7 +511,11 @@ class Collector:
             rows[where, Col.DRIFT_DIFF_SQ] = _segment_diff_sq([v for _, _, v in drift], prev,
                                                               lengths) * scale
             rows[where, Col.DRIFT_PREV_SQ] = _segment_sq(prev, lengths) * scale
-        saved = torch.cat([v for _, _, v, _ in taken]).split([v.numel() for _, _, v, _ in taken])
+        lengths = [v.numel() for _, _, v, _ in taken]
+        concatenated = torch.cat([v for _, _, v, _ in taken])
+        self.ranges.moment2(rows, [i for i, _, _, _ in taken], concatenated, lengths,
+                            [slot.sample.scale for _, slot, _, _ in taken])
+        saved = concatenated.split(lengths)
         for (_, slot, _, _), v in zip(taken, saved):
             slot.v_prev = v
             if freeze_now:

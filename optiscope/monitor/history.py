@@ -92,6 +92,48 @@ class _Series:
         self.recorded[row, cols] = True
 
 
+class _Histograms:
+    """One quantity's log2 histograms: per step the global counts (dense) and each tensor's
+    nonzero span (first bin, counts) in one flat buffer, so 10,000 samples of 150 tensors cost
+    about the bins they fill, not 150 × HIST_BINS each."""
+
+    def __init__(self):
+        self.scopes: dict[str, int] = {}
+        self.steps: list[int] = []
+        self.glob: list[np.ndarray] = []
+        self.spans: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, step: int, scopes: list[str], counts: np.ndarray) -> None:
+        counts = np.asarray(counts, dtype=np.float64)
+        ids = np.array([self.scopes.setdefault(s, len(self.scopes)) for s in scopes], np.int32)
+        nonzero = counts != 0
+        first = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), 0)
+        last = np.where(nonzero.any(axis=1), counts.shape[1] - nonzero[:, ::-1].argmax(axis=1), 0)
+        flat = np.concatenate([row[a:b] for row, a, b in zip(counts, first, last)]) \
+            if len(counts) else np.zeros(0)
+        ends = np.cumsum(last - first)
+        self.steps.append(step)
+        self.glob.append(counts.sum(axis=0))
+        self.spans.append((ids, first.astype(np.int32), ends, flat))
+
+    def of(self, scope: str, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        if scope == "global":
+            return np.array(self.steps, dtype=np.int64), np.array(self.glob).reshape(-1, bins)
+        sid = self.scopes[scope]
+        steps, rows = [], []
+        for step, (ids, first, ends, flat) in zip(self.steps, self.spans):
+            hit = np.flatnonzero(ids == sid)
+            if not len(hit):
+                continue
+            j = hit[0]
+            start = ends[j - 1] if j else 0
+            row = np.zeros(bins)
+            row[first[j]:first[j] + ends[j] - start] = flat[start:ends[j]]
+            steps.append(step)
+            rows.append(row)
+        return np.array(steps, dtype=np.int64), np.array(rows).reshape(-1, bins)
+
+
 @dataclass
 class RunHistory:
     """Every recorded value of a run.
@@ -106,6 +148,8 @@ class RunHistory:
 
     def __post_init__(self):
         self._series: dict[str, _Series] = {}
+        self._histograms: dict[str, _Histograms] = {}
+        self._bins = 0
 
     def __eq__(self, other: object) -> bool:
         # Compares the series too: the dataclass's own __eq__ saw only meta and alerts.
@@ -113,6 +157,14 @@ class RunHistory:
             return NotImplemented
         if (self.meta, self.alerts, self.metrics()) != (other.meta, other.alerts, other.metrics()):
             return False
+        if self.histogram_quantities() != other.histogram_quantities():
+            return False
+        for name, a in self._histograms.items():
+            b = other._histograms[name]
+            if a.scopes != b.scopes or a.steps != b.steps or not all(
+                    np.array_equal(x, y) for sa, sb in zip(a.spans, b.spans)
+                    for x, y in zip(sa, sb)):
+                return False
         for name, a in self._series.items():
             b = other._series[name]
             if (a.scopes != b.scopes or not np.array_equal(a.steps[: a.n], b.steps[: b.n])
@@ -124,6 +176,38 @@ class RunHistory:
     def add(self, step: int, metric: str, scopes: list[str], values) -> None:
         """Records ``values[i]`` for ``scopes[i]`` of ``metric`` at ``step``."""
         self._series.setdefault(metric, _Series()).add(step, scopes, values)
+
+    def add_histograms(self, step: int, histograms: dict) -> None:
+        """Records one sample's histograms: ``{quantity: (scopes, counts [n, bins])}``."""
+        for quantity, (scopes, counts) in histograms.items():
+            self._bins = np.shape(counts)[1] if len(scopes) else self._bins
+            self._histograms.setdefault(quantity, _Histograms()).add(step, list(scopes), counts)
+
+    def histogram_quantities(self) -> list[str]:
+        """The quantities with log2 histograms (``grad``, ``update``, ``moment2``)."""
+        return list(self._histograms)
+
+    def histogram_scopes(self, quantity: str) -> list[str]:
+        """``"global"`` and the tensors with histograms of ``quantity``."""
+        return ["global", *self._lookup_histograms(quantity).scopes]
+
+    def histograms(self, quantity: str, scope: str = "global") -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, counts)`` of the log2|x| histograms of ``quantity`` (``grad``, ``update``,
+        ``moment2``) for one tensor or ``"global"`` (the sum over the tensors): int64
+        ``[n_steps]`` and float64 ``[n_steps, HIST_BINS]``, entries per bin scaled to the
+        tensor; the bins are those of `optiscope.monitor.metrics` (``EXP_MIN``, ``EXP_MAX``):
+        zero, below 2^EXP_MIN, one per exponent, at or above 2^EXP_MAX, non-finite."""
+        h = self._lookup_histograms(quantity)
+        if scope != "global" and scope not in h.scopes:
+            raise KeyError(f"no {quantity} histograms for scope {scope!r}; scopes: "
+                           f"{', '.join(list(h.scopes)[:8])}{' ...' if len(h.scopes) > 8 else ''}")
+        return h.of(scope, self._bins)
+
+    def _lookup_histograms(self, quantity: str) -> _Histograms:
+        if quantity not in self._histograms:
+            raise KeyError(f"no {quantity!r} histograms in this run; recorded: "
+                           f"{', '.join(self._histograms) or 'none'}")
+        return self._histograms[quantity]
 
     def metrics(self) -> list[str]:
         """Names of the recorded metrics and user scalars."""

@@ -18,6 +18,8 @@ __all__ = ["MomentLayout", "FOREIGN_LAYOUTS", "find_layout"]
 # torch.optim's layouts, most specific first.
 FOREIGN_LAYOUTS: tuple[MomentLayout, ...] = (
     MomentLayout("adam", m="exp_avg", v="exp_avg_sq"),  # Adam, AdamW, NAdam, RAdam
+    # bitsandbytes' Adam family (8-bit: uint8 codes that monitor/compression.py decodes)
+    MomentLayout("adam (bitsandbytes)", m="state1", v="state2"),
     MomentLayout("adamax (v = exp_inf, the infinity-norm moment)", m="exp_avg", v="exp_inf"),
     MomentLayout("adafactor (torch.optim)", v="variance", v_row="row_var", v_col="col_var",
                  row_keepdim=True),

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optiscope.kernels.ranges import (EXP_MAX, EXP_MIN, HIST_BINS, RANGE_BLOCK, RANGE_QUANTITIES,
+                                      RANGE_SHARES)
 from optiscope.kernels.stats import NUM_STATS, Stat
 
-__all__ = ["Col", "NUM_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS", "MONITOR_SERIES", "derive"]
+__all__ = ["Col", "NUM_COLS", "ROW_COLS", "Metric", "TENSOR_METRICS", "STEP_METRICS",
+           "MONITOR_SERIES", "RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX",
+           "HIST_BINS", "range_cols", "derive"]
 
 
 class Col(enum.IntEnum):
@@ -41,10 +45,39 @@ class Col(enum.IntEnum):
     DRIFT_PREV_SQ = NUM_STATS + 1  # Σ v_p²
     FREEZE_DIFF_SQ = NUM_STATS + 2  # Σ (v_t − v_T)²
     FREEZE_REF_SQ = NUM_STATS + 3   # Σ v_T²
+    # monitor/compression.py: requantization error of compressed moments, on the sample
+    M_REQUANT_ERR_SQ = NUM_STATS + 4   # Σ (m_t − (β1·m_{t−1} + (1 − β1)·g))²
+    M_REQUANT_REF_SQ = NUM_STATS + 5   # Σ (β1·m_{t−1} + (1 − β1)·g)²
+    V_REQUANT_ERR_SQ = NUM_STATS + 6   # the same for v, with g² and β2
+    V_REQUANT_REF_SQ = NUM_STATS + 7
+    # monitor/compression.py: probes of uncompressed moments, Σ (x − Q(x))² on sampled blocks
+    PROBE_INT8_M_SQ = NUM_STATS + 8
+    PROBE_INT4_M_SQ = NUM_STATS + 9
+    PROBE_M_REF_SQ = NUM_STATS + 10    # Σ m² on the same blocks
+    PROBE_INT8_V_SQ = NUM_STATS + 11
+    PROBE_INT4_V_SQ = NUM_STATS + 12
+    PROBE_INT4_V_RANK1_SQ = NUM_STATS + 13
+    PROBE_V_REF_SQ = NUM_STATS + 14    # Σ v² on the same blocks
 
 
 NUM_COLS = len(Col)
 MAX_COLS = (Col.GRAD_ABSMAX,)
+
+# Dynamic range (monitor/ranges.py). After the `Col` columns, one block per quantity of
+# `RANGE_QUANTITIES` (kernels/ranges.py: the layout a kernel fills): the entries counted, the
+# entries each low-precision cast flushes to zero or overflows, and a histogram of log2|x| in
+# fixed bins, all counts scaled to the tensor (they add across DDP/FSDP shards).
+ROW_COLS = NUM_COLS + len(RANGE_QUANTITIES) * RANGE_BLOCK  # the width of the per-tensor rows
+
+
+def range_cols(quantity: str) -> tuple[int, slice, slice]:
+    """(entries column, share columns, histogram columns) of ``quantity`` in the rows."""
+    first = NUM_COLS + RANGE_QUANTITIES.index(quantity) * RANGE_BLOCK
+    return (first, slice(first + 1, first + 1 + len(RANGE_SHARES)),
+            slice(first + 1 + len(RANGE_SHARES), first + RANGE_BLOCK))
+
+
+_RANGE_NAMES = {"grad": "g", "update": "θ⁺ − θ⁻", "moment2": "v"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,26 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            "‖v_t − v_T‖ / ‖v_T‖ since the freeze step T", partial=True),
     Metric("quant_error", "sqrt_ratio", (Col.QUANT_ERROR_SQ, Col.QUANT_INPUT_SQ),
            "‖x − Q⁻¹(Q(x))‖ / ‖x‖ of the optimizer's own compression", partial=True),
+    Metric("moment1_quant_error", "sqrt_ratio", (Col.M_REQUANT_ERR_SQ, Col.M_REQUANT_REF_SQ),
+           "‖m_t − (β1·m_{t−1} + (1−β1)·g)‖ / ‖β1·m_{t−1} + (1−β1)·g‖: what storing the "
+           "compressed m rounds off in one step", partial=True),
+    Metric("moment2_quant_error", "sqrt_ratio", (Col.V_REQUANT_ERR_SQ, Col.V_REQUANT_REF_SQ),
+           "‖v_t − (β2·v_{t−1} + (1−β2)·g²)‖ / ‖β2·v_{t−1} + (1−β2)·g²‖: what storing the "
+           "compressed v rounds off in one step", partial=True),
+    Metric("probe_int8_m", "sqrt_ratio", (Col.PROBE_INT8_M_SQ, Col.PROBE_M_REF_SQ),
+           "‖m − Q(m)‖ / ‖m‖, Q: 8-bit dynamic code, absmax per 256 (bitsandbytes, torchao)",
+           partial=True),
+    Metric("probe_int8_v", "sqrt_ratio", (Col.PROBE_INT8_V_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: unsigned 8-bit dynamic code, absmax per 256", partial=True),
+    Metric("probe_int4_m", "sqrt_ratio", (Col.PROBE_INT4_M_SQ, Col.PROBE_M_REF_SQ),
+           "‖m − Q(m)‖ / ‖m‖, Q: 4-bit dynamic code, absmax per 128 (torchao's AdamW4bit)",
+           partial=True),
+    Metric("probe_int4_v", "sqrt_ratio", (Col.PROBE_INT4_V_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code with zero, absmax per 128 (the zero-point "
+           "problem)", partial=True),
+    Metric("probe_int4_v_rank1", "sqrt_ratio", (Col.PROBE_INT4_V_RANK1_SQ, Col.PROBE_V_REF_SQ),
+           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code without zero, rank-1 normalisation "
+           "(Li et al. 2023)", partial=True),
     Metric("topk_coverage", "ratio", (Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ),
            "‖T_k(x)‖² / ‖x‖², the share of squared mass a blockwise top-k keeps"),
     Metric("grad_diagonality", "mean", (Col.GRAD_DIAG,),
@@ -93,7 +146,12 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            partial=True),
     Metric("grad_diagonality_original", "mean", (Col.GRAD_DIAG_ORIGINAL,),
            "share of ‖GGᵀ‖²_F on its diagonal, in the parameter's own basis", partial=True),
-)
+) + tuple(
+    Metric(f"{q}_{fmt}_{what}", "ratio", (range_cols(q)[1].start + j, range_cols(q)[0]),
+           f"share of the entries of {_RANGE_NAMES[q]} a cast to {fmt} "
+           f"{'flushes to zero' if what == 'underflow' else 'overflows (inf, or saturation)'}",
+           partial=True)
+    for q in RANGE_QUANTITIES for j, (fmt, what) in enumerate(RANGE_SHARES))
 
 # Global metrics of a sampled step that are not formulas over the per-tensor sums.
 STEP_METRICS: dict[str, str] = {

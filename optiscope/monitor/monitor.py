@@ -32,7 +32,8 @@ from optiscope.kernels.launch import local
 from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
-from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.metrics import ROW_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
 from optiscope.monitor.pending import _Pending, _to_host
@@ -81,6 +82,8 @@ class MonitorCore(StepControl):
             `optiscope.NonFiniteGradientError` naming the tensors, from before the update where
             the gradient statistics are known then (any optimizer not bundled, or clipping seen;
             a bundled optimizer computes them in its update: there it raises right after).
+        quant_probes: quantize sampled blocks of an uncompressed m and v as 8- and 4-bit optimizers
+            would (``probe_int8_m`` ...: `optiscope.monitor.compression`; default True).
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -103,12 +106,13 @@ class MonitorCore(StepControl):
                  resume: bool = False, process_group=None, strict: bool = False,
                  console="auto", tensorboard: bool = True, report: bool = True,
                  sinks: Sequence[Sink] = (), start_step: int | None = None,
-                 on_nonfinite: str = "warn"):
+                 on_nonfinite: str = "warn", quant_probes: bool = True):
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's / Lightning's wrappers
         (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
          update_ratio_band, seed) = check_args(
             optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
-            spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler)
+            spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler,
+            quant_probes)
         check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
         self.caps = capabilities(optimizer)  # what it provides of the contract, read once
@@ -123,7 +127,7 @@ class MonitorCore(StepControl):
         self.collector = Collector(
             optimizer, self.slots, caps=self.caps,
             sample_size=sample_size, topk_density=topk_density, topk_block=topk_block,
-            freeze_step=freeze_probe, seed=seed)
+            freeze_step=freeze_probe, seed=seed, quant_probes=quant_probes)
         self.rules = AlertRules(spike_factor, update_ratio_band)
         self.step = 0
         self._calls = 0
@@ -314,7 +318,7 @@ class MonitorCore(StepControl):
             failure, rows = exc, None
         if rows is None:  # this rank failed: NaN rows, so the others are not left waiting
             device = local(self.slots[0].param).device
-            rows = torch.full((len(self.slots), NUM_COLS), math.nan, dtype=sums_dtype(device),
+            rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                               device=device)
         rows = self.topology.reduce(rows)  # every rank, every sampled step, error or not
         if failure is not None:
@@ -428,8 +432,12 @@ class MonitorCore(StepControl):
 
         for metric, (scopes, numbers) in values.items():
             self.history.add(p.step, metric, scopes, numbers)
-        self.writer.write_sample(p.step, p.time, values)
+        hists = histograms_of(rows[p.active], stepped) if p.rows is not None else {}
+        self.writer.write_sample(p.step, p.time, values, hists)
         self._emit("on_sample", p.step, p.time, values)
+        if hists:  # monitor/ranges.py
+            self.history.add_histograms(p.step, hists)
+            self._emit("on_histograms", p.step, hists)
         if p.rows is not None:
             alerts = self.rules.check(p.step, values, skipped - self._skipped_reported)
             self._skipped_reported = skipped
@@ -475,6 +483,7 @@ class MonitorCore(StepControl):
             reasons["grad_diagonality"] = reasons["grad_diagonality_original"] = why
         if np.isnan(rows[:, Col.TOPK_KEPT_SQ]).all() and self.collector.topk_density is None:
             reasons["topk_coverage"] = "off: topk_density=None"
+        reasons.update(self.collector.compression.skip_reasons(rows, cls))
         self._skip_reasons = reasons
         self.history.meta["skipped_metrics"] = reasons
         self.writer.update_meta({"skipped_metrics": reasons})

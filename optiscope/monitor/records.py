@@ -20,6 +20,11 @@ Schema:
   the record's other metrics are kept;
 * ``resume``: ``step`` a step: the run resumed from a checkpoint at that step, and the samples and
   alerts of later steps written before this record are void (`runlog.live_records` drops them);
+* ``histograms``: ``step`` a step; ``values`` an object mapping a quantity to ``[scope list id,
+  [row, ...]]``, one row per name of the scope list, a row ``[]`` or ``[first, count, ...]``:
+  ``first`` an int bin index and counts numbers >= 0 that end within the ``HIST_BINS`` bins;
+  decoded to ``{quantity: (names, counts [n, HIST_BINS] float64)}`` for ``on_histograms``
+  (a consumer without it is not called);
 * ``alert``: the fields of `Alert`: ``step`` a step, ``kind``, ``metric``, ``message`` strings,
   ``tensors`` a list of strings, ``value`` a number or null.
 
@@ -34,12 +39,15 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
+
 from optiscope.monitor.history import Alert
+from optiscope.monitor.metrics import HIST_BINS
 
 __all__ = ["MAX_STEP", "RecordDecoder", "SchemaError"]
 
 MAX_STEP = 2**62  # a step beyond this is damage, and would overflow int64 arrays downstream
-KINDS = ("meta", "scopes", "sample", "alert", "resume")
+KINDS = ("meta", "scopes", "sample", "alert", "resume", "histograms")
 
 
 class SchemaError(ValueError):
@@ -127,6 +135,8 @@ class RecordDecoder:
             self.sink.on_meta(changes)
         elif kind == "alert":
             self.sink.on_alert(self._alert(record))
+        elif kind == "histograms":
+            self._histograms(record)
         elif kind == "resume":  # a resume at a checkpoint's step: see `runlog.live_records`
             step = _step(record.get("step"))
             on_resume = getattr(self.sink, "on_resume", None)
@@ -161,6 +171,44 @@ class RecordDecoder:
             self.reasons["sample: a metric names a scope list that is never declared (its "
                          "line is corrupt)"] += undeclared
         self.sink.on_sample(step, time, values)
+
+    def _histograms(self, record: dict) -> None:
+        step = _step(record.get("step"))
+        raw = record.get("values")
+        if not isinstance(raw, dict):
+            raise SchemaError("values is not an object")
+        decoded = {}
+        for quantity, entry in raw.items():
+            if (not isinstance(entry, list) or len(entry) != 2 or isinstance(entry[0], bool)
+                    or not isinstance(entry[0], int) or not isinstance(entry[1], list)):
+                raise SchemaError(f"values[{quantity[:40]!r}] is not [scope list id, [rows]]")
+            names = self.scopes.get(entry[0])
+            if names is None:
+                self.reasons["histograms: a quantity names a scope list that is never declared "
+                             "(its line is corrupt)"] += 1
+                continue
+            if len(entry[1]) != len(names):
+                raise SchemaError(f"values[{quantity[:40]!r}] has {len(entry[1])} rows for "
+                                  f"{len(names)} scopes")
+            counts = np.zeros((len(names), HIST_BINS))
+            for i, row in enumerate(entry[1]):
+                if not isinstance(row, list):
+                    raise SchemaError(f"a row of {quantity[:40]!r} is not a list")
+                if not row:
+                    continue
+                first = row[0]
+                if (isinstance(first, bool) or not isinstance(first, int)
+                        or not 0 <= first <= HIST_BINS - len(row) + 1):
+                    raise SchemaError(f"a row of {quantity[:40]!r} does not fit the "
+                                      f"{HIST_BINS} bins")
+                values = [_number(x, f"a count of {quantity[:40]!r}") for x in row[1:]]
+                if not all(v >= 0 for v in values):  # NaN too
+                    raise SchemaError(f"a count of {quantity[:40]!r} is not a number >= 0")
+                counts[i, first:first + len(values)] = values
+            decoded[quantity] = (names, counts)
+        on_histograms = getattr(self.sink, "on_histograms", None)
+        if on_histograms is not None:
+            on_histograms(step, decoded)
 
     @staticmethod
     def _alert(record: dict) -> Alert:

@@ -8,6 +8,10 @@
 * ``{"type": "sample", "step": t, "time": unix_s, "values": {metric: [k, [v, ...]]}}`` — one
   sampled step: for each metric the id of its scope list and one value per scope
   (``NaN``/``Infinity`` as Python's json writes them);
+* ``{"type": "histograms", "step": t, "values": {quantity: [k, [[first, c, ...], ...]]}}`` —
+  the log2 histograms of a sampled step (``optiscope.monitor.ranges``): for ``grad``,
+  ``update`` and ``moment2``, the id of the scope list and per tensor its nonzero bins, as the
+  first bin's index and the counts from there (whole numbers; ``[]`` for none);
 * ``{"type": "alert", ...}`` — an alert (`Alert` fields);
 * ``{"type": "resume", "step": k}`` — the run was resumed from a checkpoint at step k: the
   samples and alerts of steps after k written before this record belong to an abandoned attempt
@@ -90,7 +94,8 @@ class NullWriter:
     def update_meta(self, changes: dict) -> None:
         pass
 
-    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]]) -> None:
+    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]],
+                     histograms: dict | None = None) -> None:
         pass
 
     def write_alert(self, alert: Alert) -> None:
@@ -211,20 +216,46 @@ class RunLogWriter:
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
 
-    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]]) -> None:
-        """Appends one sampled step: ``values[metric] = (scopes, numbers)``."""
+    def _scope_id(self, scopes, lines: list[str]) -> int:
+        """The id of a scope list, declared (a line added to ``lines``) the first time."""
+        key = tuple(scopes)
+        if key not in self._scope_ids:
+            self._scope_ids[key] = self._next_scope_id
+            self._next_scope_id += 1
+            lines.append(json.dumps({"type": "scopes", "id": self._scope_ids[key],
+                                     "names": list(key)}))
+        return self._scope_ids[key]
+
+    def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]],
+                     histograms: dict | None = None) -> None:
+        """Appends one sampled step: ``values[metric] = (scopes, numbers)``, and its log2
+        histograms (``{quantity: (scopes, counts)}``) in the same write."""
         lines, parts = [], []
         for metric, (scopes, numbers) in values.items():
-            key = tuple(scopes)
-            if key not in self._scope_ids:
-                self._scope_ids[key] = self._next_scope_id
-                self._next_scope_id += 1
-                lines.append(json.dumps({"type": "scopes", "id": self._scope_ids[key],
-                                         "names": list(key)}))
-            parts.append(f"{json.dumps(metric)}:[{self._scope_ids[key]},{_values_json(numbers)}]")
+            scope_id = self._scope_id(scopes, lines)
+            parts.append(f"{json.dumps(metric)}:[{scope_id},{_values_json(numbers)}]")
         lines.append(f'{{"type":"sample","step":{step},"time":{time:.3f},'
                      f'"values":{{{",".join(parts)}}}}}')
+        if histograms:
+            self._histogram_lines(step, histograms, lines)
         self._append(lines)
+
+    def _histogram_lines(self, step: int, histograms: dict, lines: list[str]) -> None:
+        """Adds a sample's histograms record to ``lines``: each tensor's row as its nonzero
+        span (a trained tensor fills a few dozen of the 148 bins)."""
+        parts = []
+        for quantity, (scopes, counts) in histograms.items():
+            rows = []
+            for row in np.asarray(counts):
+                nonzero = np.flatnonzero(row)
+                if not len(nonzero):
+                    rows.append("[]")
+                    continue
+                span = row[nonzero[0]: nonzero[-1] + 1]
+                rows.append(f"[{nonzero[0]},{','.join(str(int(c)) for c in span)}]")
+            parts.append(f'{json.dumps(quantity)}:[{self._scope_id(scopes, lines)},'
+                         f'[{",".join(rows)}]]')
+        lines.append(f'{{"type":"histograms","step":{step},"values":{{{",".join(parts)}}}}}')
 
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])
@@ -442,6 +473,9 @@ class _HistoryBuilder:
     def on_alert(self, alert: Alert) -> None:
         self.history.alerts.append(alert)
 
+    def on_histograms(self, step: int, histograms: dict) -> None:
+        self.history.add_histograms(step, histograms)
+
     def on_resume(self, step: int) -> None:
         if int(self.history.meta.get("steps_taken", 0)) > step:
             self.history.meta.pop("steps_taken")  # the abandoned attempt's count
@@ -507,7 +541,7 @@ def live_records(path: str | os.PathLike, *, warn: bool = True):
         while j < len(lines) and lines[j] < number:
             j += 1
         if (j < len(lines) and isinstance(record, dict)
-                and record.get("type") in ("sample", "alert")):
+                and record.get("type") in ("sample", "alert", "histograms")):
             try:
                 if int(record["step"]) > floor[j]:
                     continue

@@ -40,5 +40,9 @@ class Sink:
     def on_alert(self, alert: Alert) -> None:
         """An alert, after the sample that raised it."""
 
+    def on_histograms(self, step: int, histograms: dict) -> None:
+        """A sampled step's log2 histograms, after its sample: ``{quantity: (scopes, counts)}``
+        (``optiscope.monitor.ranges``; counts a ``[len(scopes), HIST_BINS]`` array)."""
+
     def close(self) -> None:
         """The run is over (or the viewer stops): flush and release what the sink holds."""

@@ -1,8 +1,8 @@
 """What the terminal dashboard knows about a run: a plain object fed by the sink calls.
 
 `ConsoleState` holds the latest value of every per-tensor metric, a short history of each for the
-sparklines, the global trends, user scalars, learning rates, optimizer-state bytes and the latest
-alerts. It draws nothing: the renderables of `optiscope.dashboards.console.view` read it, and a
+sparklines, the global trends, user scalars, learning rates, optimizer-state bytes, the latest
+alerts, and the series the compression-readiness verdicts read (`verdicts`). It draws nothing: the renderables of `optiscope.dashboards.console.view` read it, and a
 test can fill one directly (`record`, `on_meta`, `add_alert`) without a console.
 """
 
@@ -13,8 +13,9 @@ import os
 from collections import deque
 
 from optiscope.dashboards.sink import Values
-from optiscope.monitor.history import Alert
+from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import MONITOR_SERIES, TENSOR_METRICS
+from optiscope.monitor.readiness import PER_TENSOR_SERIES, READINESS_SERIES, Verdict, readiness
 
 __all__ = ["ConsoleState", "LAYER_COLUMNS", "TREND_ROWS", "PER_TENSOR"]
 
@@ -70,10 +71,17 @@ class ConsoleState:
         self.alerts: deque[Alert] = deque(maxlen=ALERTS_SHOWN)
         self.alert_count = 0
         self.samples = 0
+        # The series the compression-readiness verdicts read: global values (and per tensor the
+        # few whose spread sets a standard error), sharing `meta`, so `verdicts` can judge live.
+        self.readiness_history = RunHistory(meta=self.meta)
+        self._verdicts: list[Verdict] = []
+        self._verdicts_at: tuple[int, int] | None = None
+        self._meta_changes = 0
 
     # -------------------------------------------------------------------------- updates
     def on_meta(self, changes: dict) -> None:
         self.meta.update(changes)
+        self._meta_changes += 1
         for p in changes.get("params") or ():  # model order ranks ties and first renders
             if isinstance(p, dict) and "name" in p:
                 self.layers.setdefault(str(p["name"]), None)
@@ -94,6 +102,11 @@ class ConsoleState:
         if not self.clock or step > self.clock[-1][0]:
             self.clock.append((step, at))
         for metric, (scopes, numbers) in values.items():
+            if metric in READINESS_SERIES:
+                kept = [(s, v) for s, v in zip(scopes, numbers)
+                        if s == "global" or metric in PER_TENSOR_SERIES]
+                if kept:
+                    self.readiness_history.add(step, metric, *map(list, zip(*kept)))
             if metric in PER_TENSOR:
                 latest = self.latest.setdefault(metric, {})
                 history = self.history.get(metric)
@@ -128,6 +141,14 @@ class ConsoleState:
             return None
         (s0, t0), (s1, t1) = self.clock[0], self.clock[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+    def verdicts(self) -> list[Verdict]:
+        """The compression-readiness verdicts of the run so far (recomputed only after a new
+        sample or meta change)."""
+        at = (self.samples, self._meta_changes)
+        if self._verdicts_at != at:
+            self._verdicts, self._verdicts_at = readiness(self.readiness_history), at
+        return self._verdicts
 
     def skipped_metrics(self) -> dict[str, str]:
         skipped = self.meta.get("skipped_metrics")

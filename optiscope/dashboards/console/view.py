@@ -2,8 +2,9 @@
 per part of the view, each drawing a `ConsoleState` as it is when rich renders it.
 
 `DashboardView` is the whole frame: the `Header`, the `LayerTable`, the `TrendsPanel` and
-`MemoryPanel` (side by side on a wide terminal, stacked on a narrow one) and the `AlertsPanel`; on
-a terminal it shows fewer layers rather than outgrow the screen. Every name that comes from the run
+`MemoryPanel` (side by side on a wide terminal, stacked on a narrow one), the `ReadinessPanel`
+and the `AlertsPanel`; on a terminal it shows fewer layers rather than outgrow the screen, and
+the readiness panel only where every layer asked for still fits. Every name that comes from the run
 (tensor, metric, scalar, state key, alert) is drawn as a `Text`, never parsed as rich markup.
 """
 
@@ -21,9 +22,11 @@ from rich.text import Text
 from optiscope.dashboards.bands import health
 from optiscope.dashboards.console.state import LAYER_COLUMNS, TREND_ROWS, ConsoleState
 from optiscope.formatting import format_bytes
+from optiscope.monitor.readiness import NO, NO_DATA, UNCLEAR, YES
 
 __all__ = ["sparkline", "format_value", "number", "HEALTH_STYLES", "NONFINITE_MARK",
-           "DashboardView", "Header", "LayerTable", "TrendsPanel", "MemoryPanel", "AlertsPanel"]
+           "DashboardView", "Header", "LayerTable", "TrendsPanel", "MemoryPanel", "ReadinessPanel",
+           "AlertsPanel"]
 
 BARS = "▁▂▃▄▅▆▇█"
 NONFINITE_MARK = "×"
@@ -38,6 +41,7 @@ _MIN_SPARK = 4            # narrower than this, the table shows values only
 _NONFINITE_LABEL = " ({} inf/NaN)"
 _FP32_ADAMW_BYTES_PER_PARAM = 8   # exp_avg + exp_avg_sq in fp32
 _FP32_ADAMW_BYTES_PER_TENSOR = 4  # torch keeps `step` as a float32 scalar tensor
+_ANSWER_STYLES = {YES: "bold green", NO: "bold red", UNCLEAR: "yellow", NO_DATA: "dim"}
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -168,6 +172,7 @@ class DashboardView:
             bottom.add_row(memory)
         header = Header(self.state, title=self.title, total_steps=self.total_steps)
         alerts = AlertsPanel(self.state)
+        readiness: list[RenderableType] = [ReadinessPanel(self.state)] if self.state.samples else []
         rows = self.top
         if console.is_terminal:  # keep the frame on screen: fewer layers, not a cut view
             def height(part: RenderableType) -> int:
@@ -178,7 +183,10 @@ class DashboardView:
                 yield Group(header, self._layers(width, max(_MIN_ROWS, room)), alerts)
                 return
             rows = min(rows, room - height(bottom))
-        yield Group(header, self._layers(width, rows), bottom, alerts)
+            layers = len(self.state.layers)
+            if readiness and room - height(bottom) - height(readiness[0]) < min(self.top, layers):
+                readiness = []  # the verdicts give way to the layers
+        yield Group(header, self._layers(width, rows), bottom, *readiness, alerts)
 
     def _layers(self, width: int, rows: int) -> LayerTable:
         return LayerTable(self.state, sort_by=self.sort_by, width=width, rows=rows,
@@ -356,6 +364,34 @@ class MemoryPanel:
         if state.cuda_bytes is not None and math.isfinite(state.cuda_bytes):
             table.add_row("CUDA alloc", format_bytes(state.cuda_bytes), "")
         yield Panel(table, title=title, title_align="left", box=box.ROUNDED)
+
+
+class ReadinessPanel:
+    """The compression-readiness verdicts of the run so far: one line each (what, the answer,
+    the deciding figure against its threshold), and the questions without data on one line."""
+
+    def __init__(self, state: ConsoleState):
+        self.state = state
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        verdicts = self.state.verdicts()
+        shown = [v for v in verdicts if v.answer != NO_DATA]
+        table = Table.grid(padding=(0, 1))  # the figure is cut, never the label or the answer
+        table.add_column(no_wrap=True, min_width=max((len(v.label) for v in shown), default=0))
+        table.add_column(no_wrap=True, min_width=max((len(v.answer) for v in shown), default=0))
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        for v in verdicts:
+            if v.answer != NO_DATA:
+                table.add_row(Text(v.label), Text(v.answer, style=_ANSWER_STYLES[v.answer]),
+                              Text(v.figure or v.detail, style="dim" if v.answer == UNCLEAR
+                                   and not v.figure else ""))
+        missing = [v.label for v in verdicts if v.answer == NO_DATA]
+        parts: list[RenderableType] = [table] if table.rows else []
+        if missing:
+            parts.append(Text("no data: " + ", ".join(missing), style="dim", no_wrap=True,
+                              overflow="ellipsis"))
+        yield Panel(Group(*parts), title="compression readiness",
+                    title_align="left", box=box.ROUNDED)
 
 
 class AlertsPanel:

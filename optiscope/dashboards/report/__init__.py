@@ -13,6 +13,10 @@ For each run the report has:
   `optiscope.dashboards.bands`, whether Adam's second moment became stable enough to freeze and
   from which step (`optiscope.monitor.analysis.freeze_verdict`), and the metrics the run could
   not record, with the reason;
+* compression readiness: is 8-bit or 4-bit optimizer state safe, would MicroAdam's top-k keep
+  most of the gradient, from which step could 1-bit Adam freeze v, which low-precision formats
+  hold the gradients (`optiscope.monitor.readiness`), each with its threshold, evidence and
+  confidence;
 * trends: the loss and other logged scalars, learning rates, and the global metrics;
 * per-layer heatmaps (tensor × step), one per per-tensor metric, on a log colour scale for norms;
 * second-moment drift and the freeze verdict; quantization error; top-k coverage (each with its

@@ -10,8 +10,9 @@ from plotly.subplots import make_subplots
 
 from optiscope.dashboards.html import Page, esc, table
 from optiscope.dashboards.report.figures import grid, layout, line
-from optiscope.dashboards.report.run import (ADAMW_BYTES_PER_PARAM, SHOW, TREND_METRICS, Options,
-                                             ReportRun, bytes_per_param, worth_showing)
+from optiscope.dashboards.report.run import (ADAMW_BYTES_PER_PARAM, QUANT_METRICS, SHOW,
+                                             TREND_METRICS, Options, ReportRun, bytes_per_param,
+                                             worth_showing)
 from optiscope.formatting import format_bytes, format_number
 
 
@@ -61,7 +62,7 @@ def comparison(page: Page, runs: list[ReportRun], options: Options) -> list:
     page.html("</section>")
 
     page.html('<section id="compare-metrics"><h2>Global metrics, overlaid</h2>')
-    metrics = [m for m in (*TREND_METRICS, "quant_error", "topk_coverage")
+    metrics = [m for m in (*TREND_METRICS, "quant_error", *QUANT_METRICS, "topk_coverage")
                if any(worth_showing(r, m) for r in runs)]
     if any(r.has("lr", "group0") for r in runs):
         metrics.append("lr")

@@ -1,5 +1,6 @@
 """The report's view of one run: what each metric is called and how it is drawn, the run's derived
-facts (tensors in model order, state bytes, the freeze verdict), and small text formats.
+facts (tensors in model order, state bytes, the freeze verdict, the compression-readiness
+verdicts), and small text formats.
 
 Every section (`sections`, `compare`) and figure helper (`figures`) reads a run through
 `ReportRun`.
@@ -14,6 +15,7 @@ import numpy as np
 from optiscope.monitor.analysis import freeze_verdict
 from optiscope.monitor.history import RunHistory
 from optiscope.monitor.metrics import MONITOR_SERIES, TENSOR_METRICS
+from optiscope.monitor.readiness import FREEZE_MIN_TAIL, readiness
 
 DESCRIPTION = {m.name: m.description for m in TENSOR_METRICS}
 
@@ -40,6 +42,13 @@ SHOW = {
     "moment2_drift": Show("second-moment drift ‖v_t − v_p‖/‖v_p‖"),
     "moment2_drift_since_freeze": Show("drift since the freeze step ‖v_t − v_T‖/‖v_T‖"),
     "quant_error": Show("quantization error ‖x − Q⁻¹(Q(x))‖/‖x‖"),
+    "moment1_quant_error": Show("requantization error of m, one step"),
+    "moment2_quant_error": Show("requantization error of v, one step"),
+    "probe_int8_m": Show("8-bit probe of m ‖m − Q(m)‖/‖m‖"),
+    "probe_int8_v": Show("8-bit probe of v ‖v − Q(v)‖/‖v‖"),
+    "probe_int4_m": Show("4-bit probe of m ‖m − Q(m)‖/‖m‖"),
+    "probe_int4_v": Show("4-bit probe of v, linear code with zero"),
+    "probe_int4_v_rank1": Show("4-bit probe of v, rank-1 normalised"),
     "topk_coverage": Show("top-k coverage ‖T_k(x)‖²/‖x‖²", log=False, reduce="min"),
     "grad_diagonality": Show("diagonality of G̃G̃ᵀ in the optimizer's basis", log=False,
                              reduce="min"),
@@ -50,6 +59,10 @@ SHOW = {
     "cuda_memory_allocated": Show("CUDA memory allocated", log=False),
     "lr": Show("learning rate"),
 }
+# The requantization error of compressed state, then the int8/int4 probes of uncompressed state:
+# the quantization section shows them.
+QUANT_METRICS = ("moment1_quant_error", "moment2_quant_error", "probe_int8_m", "probe_int8_v",
+                 "probe_int4_m", "probe_int4_v", "probe_int4_v_rank1")
 # Global metrics of the trends section, and the per-tensor metrics of the heatmap section; drift,
 # quantization and coverage have sections of their own.
 TREND_METRICS = ("grad_norm", "grad_max", "weight_norm", "update_norm", "update_ratio",
@@ -67,7 +80,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 ADAMW_BYTES_PER_PARAM = 8
 ADAMW_STEP_BYTES = 4
 # The share of a run that must follow a freeze step for the report to call it one.
-MIN_TAIL = 0.2
+MIN_TAIL = FREEZE_MIN_TAIL
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class ReportRun:
         self.color = PALETTE[index % len(PALETTE)]
         self.metrics = history.metrics()
         self.verdict = freeze_verdict(history, freeze_tol, min_tail=MIN_TAIL)
+        self.readiness = readiness(history, freeze=self.verdict)
         params = self.meta.get("params") or []
         self.numel = {p["name"]: int(p["numel"]) for p in params if "name" in p and "numel" in p}
         self.n_params = int(self.meta.get("n_params") or sum(self.numel.values()))

@@ -1,5 +1,6 @@
-"""The sections of one run in the report: summary, trends, per-layer heatmaps, second-moment drift
-and the freeze verdict, quantization error, top-k coverage, memory, alerts."""
+"""The sections of one run in the report: summary, compression readiness, trends, per-layer
+heatmaps, second-moment drift and the freeze verdict, quantization error, top-k coverage, dynamic
+range (report/ranges.py), memory, alerts."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from optiscope.dashboards.downsample import minmax_downsample
 from optiscope.dashboards.html import Page, esc, table
 from optiscope.dashboards.report.figures import (band, f4, grid, heatmap, i4, label_margin, layout,
                                                  line)
+from optiscope.dashboards.report.ranges import dynamic_range_section
 from optiscope.dashboards.report.run import (LAYER_METRICS, MIN_TAIL, MONITOR_METRICS, PALETTE,
-                                             SHOW, TREND_METRICS, Options, ReportRun,
-                                             hyperparameter, bytes_per_param, worth_showing)
+                                             QUANT_METRICS, SHOW, TREND_METRICS, Options,
+                                             ReportRun, hyperparameter, bytes_per_param, worth_showing)
+from optiscope.dashboards.report.verdicts import readiness_section
 from optiscope.formatting import format_bytes, format_number
 
 MAX_ALERT_ROWS = 200
@@ -26,11 +29,14 @@ MAX_ALERT_ROWS = 200
 def run_sections(page: Page, run: ReportRun, options: Options, *, several: bool) -> list:
     """Appends every section of one run; returns its table-of-contents entries."""
     p = run.prefix
-    sections = [("summary", "Summary", _summary), ("trends", "Trends", _trends),
+    sections = [("summary", "Summary", _summary),
+                ("readiness", "Compression readiness", readiness_section),
+                ("trends", "Trends", _trends),
                 ("layers", "Per-layer heatmaps", _layers),
                 ("drift", "Second moment: drift and freezing", _drift),
                 ("quantization", "Quantization error", _quantization),
-                ("coverage", "Top-k coverage", _coverage), ("memory", "Memory", _memory),
+                ("coverage", "Top-k coverage", _coverage),
+                ("ranges", "Dynamic range", dynamic_range_section), ("memory", "Memory", _memory),
                 ("alerts", "Alerts", _alerts)]
     nav = []
     if several:
@@ -95,7 +101,8 @@ def _summary(page: Page, run: ReportRun, options: Options) -> None:
             [[esc(k), *(esc(hyperparameter(g.get(k))) for g in groups)] for k in keys]))
 
     latest = []
-    for metric in [*TREND_METRICS, "moment2_drift_since_freeze", "quant_error", "topk_coverage"]:
+    for metric in [*TREND_METRICS, "moment2_drift_since_freeze", "quant_error", *QUANT_METRICS,
+                   "topk_coverage"]:
         steps, values = run.series(metric)
         if not len(values):
             continue
@@ -216,6 +223,34 @@ def _quantization(page: Page, run: ReportRun, options: Options) -> None:
     _compression_section(page, run, options, "quant_error",
                          "Relative error of the optimizer's own compression: MicroAdam's 4-bit "
                          "error feedback, 1-bit Adam's 1-bit momentum.")
+    _overlay(page, run, options, QUANT_METRICS[:2],
+             "What a compressed optimizer's requantization rounds off each step: its stored m "
+             "(v) against β·m_{t−1} + (1−β)·g (g²) computed exactly from its own stored state, "
+             "on the coordinate sample.")
+    _overlay(page, run, options, QUANT_METRICS[2:],
+             "Probes of the uncompressed m and v: sampled 256-entry blocks quantized as 8-bit "
+             "(dynamic code, absmax per 256) and 4-bit (absmax per 128; v also with rank-1 "
+             "normalisation and a code without zero) optimizers would store them.")
+
+
+def _overlay(page: Page, run: ReportRun, options: Options, metrics: tuple[str, ...],
+             intro: str) -> None:
+    """The global series of related metrics in one figure, then each one's heatmap."""
+    present = [m for m in metrics if run.has(m)]
+    if not present:
+        why = run.skipped(metrics[0]) or "not recorded in this run"
+        page.html(f'<p class="note">No {esc(", ".join(metrics))}: {esc(why)}.</p>')
+        return
+    page.html(f"<p>{esc(intro)}</p>")
+    fig = go.Figure(layout=layout(300, "relative error", log=True))
+    for metric in present:
+        line(fig, run, metric, "global", options, name=metric)
+    bands = [BANDS[m].why for m in present if m in BANDS]
+    band(fig, run, present[0])
+    page.figure(fig, "Global values" + (f"; shaded: the healthy band ({esc(bands[0])})."
+                                        if bands else "."))
+    for metric in present:
+        heatmap(page, run, metric, options)
 
 
 def _coverage(page: Page, run: ReportRun, options: Options) -> None:
