@@ -332,6 +332,7 @@ def test_quant_probes_off_and_its_validation():
                    "probe_int4_v_rank1"):
         assert metric not in mon.history.metrics() and skipped[metric] == "off: quant_probes=False"
     assert "nothing requantizes" in skipped["moment1_quant_error"]
+    assert mon.history.meta["quant_probes"] is False
     with pytest.raises(TypeError, match="quant_probes must be True or False, got 'yes'"):
         OptimizerMonitor(opt, quant_probes="yes")
 

@@ -569,6 +569,7 @@ class MonitorCore(StepControl):
             param_bytes=sum(s.param.numel() * s.param.element_size() for s in self.slots),
             every=self.every, sample_size=sample_size, topk_density=topk_density,
             topk_block=topk_block, freeze_probe=self.freeze_probe,
+            quant_probes=self.collector.compression.probes,
             second_moment_frozen_at=self.caps.freeze_step,
             produced_by_optimizer=sorted(c.name.lower() for c in self.collector.produced),
             world_size=self.topology.world, sharded=self.topology.sharded,
