@@ -169,6 +169,7 @@ def test_requantization_error_matches_the_optimizers_own_state(case):
     assert "moment1_quant_error" not in history.meta["skipped_metrics"]
 
 
+@pytest.mark.slow  # torchao's eager 8-bit requantization of 65,536 entries: ~0.2 s a step
 def test_adamw8bit_requantization_error_on_a_256x256_layer_and_on_a_sample():
     """The issue's reference figures (about 1.1 % on m and 0.5 % on v a step), and the sampled
     estimate on a sample of 4,096 of its 65,536 coordinates within 20 % of the whole tensor."""
