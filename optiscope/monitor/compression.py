@@ -274,26 +274,32 @@ class CompressionProbes:
                                   float(betas[0]), float(betas[1])))
 
     def _requant(self, columns: dict[Col, Tensor], position: dict[int, int], device) -> None:
+        """The stored moments after the step against the exact step from those before: the
+        tensors' samples concatenated, one computation and one reduction per column."""
         c = self.collector
         if not self._pending:
             return
-        parts: dict[Col, list[Tensor]] = {col: [] for col in REQUANT_COLS}
-        rows = []
-        for i, keys, m0, v0, g, beta1, beta2 in self._pending:
-            state = c.optimizer.state[c.slots[i].param]
-            index = c.slots[i].sample.index
-            scale = c.slots[i].sample.scale
-            m_ref, v_ref = beta1 * m0 + (1 - beta1) * g, beta2 * v0 + (1 - beta2) * g * g
-            m1, v1 = stored_values_at(state, keys[0], index), stored_values_at(state, keys[1], index)
-            for col, x in ((Col.M_REQUANT_ERR_SQ, m1 - m_ref), (Col.M_REQUANT_REF_SQ, m_ref),
-                           (Col.V_REQUANT_ERR_SQ, v1 - v_ref), (Col.V_REQUANT_REF_SQ, v_ref)):
-                parts[col].append(x.square().sum() * scale)
-            rows.append(position[i])
-        self._pending = []
-        where = torch.tensor(rows, device=device)
-        for col, values in parts.items():
-            columns.setdefault(col, self._nan(len(position), device))[where] = (
-                torch.stack(values).to(device))
+        pending, self._pending = self._pending, []
+        after = [[], []]
+        for i, keys, *_ in pending:
+            state, index = c.optimizer.state[c.slots[i].param], c.slots[i].sample.index
+            for out, key in zip(after, keys):
+                out.append(stored_values_at(state, key, index))
+        m0, v0, g = (torch.cat([item[k] for item in pending]) for k in (2, 3, 4))
+        lengths = torch.tensor([item[2].numel() for item in pending], device=g.device)
+        beta1, beta2 = (torch.tensor([item[k] for item in pending], dtype=torch.float64,
+                                     device=g.device).repeat_interleave(lengths) for k in (5, 6))
+        m_ref = beta1 * m0 + (1 - beta1) * g
+        v_ref = beta2 * v0 + (1 - beta2) * g * g
+        scale = torch.tensor([c.slots[item[0]].sample.scale for item in pending],
+                             dtype=torch.float64, device=g.device)
+        where = torch.tensor([position[item[0]] for item in pending], device=device)
+        for col, x in ((Col.M_REQUANT_ERR_SQ, torch.cat(after[0]) - m_ref),
+                       (Col.M_REQUANT_REF_SQ, m_ref),
+                       (Col.V_REQUANT_ERR_SQ, torch.cat(after[1]) - v_ref),
+                       (Col.V_REQUANT_REF_SQ, v_ref)):
+            total = torch.segment_reduce(x.square(), "sum", lengths=lengths) * scale
+            columns.setdefault(col, self._nan(len(position), device))[where] = total.to(device)
 
     # ------------------------------------------------------------------------------ probes
     def _block_index(self, slot) -> Tensor | None:

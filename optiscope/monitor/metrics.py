@@ -119,26 +119,25 @@ TENSOR_METRICS: tuple[Metric, ...] = (
            "‖v_t − v_T‖ / ‖v_T‖ since the freeze step T", partial=True),
     Metric("quant_error", "sqrt_ratio", (Col.QUANT_ERROR_SQ, Col.QUANT_INPUT_SQ),
            "‖x − Q⁻¹(Q(x))‖ / ‖x‖ of the optimizer's own compression", partial=True),
-    Metric("moment1_quant_error", "sqrt_ratio", (Col.M_REQUANT_ERR_SQ, Col.M_REQUANT_REF_SQ),
-           "‖m_t − (β1·m_{t−1} + (1−β1)·g)‖ / ‖β1·m_{t−1} + (1−β1)·g‖: what storing the "
-           "compressed m rounds off in one step", partial=True),
-    Metric("moment2_quant_error", "sqrt_ratio", (Col.V_REQUANT_ERR_SQ, Col.V_REQUANT_REF_SQ),
-           "‖v_t − (β2·v_{t−1} + (1−β2)·g²)‖ / ‖β2·v_{t−1} + (1−β2)·g²‖: what storing the "
-           "compressed v rounds off in one step", partial=True),
-    Metric("probe_int8_m", "sqrt_ratio", (Col.PROBE_INT8_M_SQ, Col.PROBE_M_REF_SQ),
-           "‖m − Q(m)‖ / ‖m‖, Q: 8-bit dynamic code, absmax per 256 (bitsandbytes, torchao)",
-           partial=True),
-    Metric("probe_int8_v", "sqrt_ratio", (Col.PROBE_INT8_V_SQ, Col.PROBE_V_REF_SQ),
-           "‖v − Q(v)‖ / ‖v‖, Q: unsigned 8-bit dynamic code, absmax per 256", partial=True),
-    Metric("probe_int4_m", "sqrt_ratio", (Col.PROBE_INT4_M_SQ, Col.PROBE_M_REF_SQ),
-           "‖m − Q(m)‖ / ‖m‖, Q: 4-bit dynamic code, absmax per 128 (torchao's AdamW4bit)",
-           partial=True),
-    Metric("probe_int4_v", "sqrt_ratio", (Col.PROBE_INT4_V_SQ, Col.PROBE_V_REF_SQ),
-           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code with zero, absmax per 128 (the zero-point "
-           "problem)", partial=True),
-    Metric("probe_int4_v_rank1", "sqrt_ratio", (Col.PROBE_INT4_V_RANK1_SQ, Col.PROBE_V_REF_SQ),
-           "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code without zero, rank-1 normalisation "
-           "(Li et al. 2023)", partial=True),
+    *(Metric(name, "sqrt_ratio", cols, text, partial=True) for name, cols, text in (
+        ("moment1_quant_error", (Col.M_REQUANT_ERR_SQ, Col.M_REQUANT_REF_SQ),
+         "‖m_t − (β1·m_{t−1} + (1−β1)·g)‖ / ‖β1·m_{t−1} + (1−β1)·g‖: what storing the "
+         "compressed m rounds off in one step"),
+        ("moment2_quant_error", (Col.V_REQUANT_ERR_SQ, Col.V_REQUANT_REF_SQ),
+         "‖v_t − (β2·v_{t−1} + (1−β2)·g²)‖ / ‖β2·v_{t−1} + (1−β2)·g²‖: what storing the "
+         "compressed v rounds off in one step"),
+        ("probe_int8_m", (Col.PROBE_INT8_M_SQ, Col.PROBE_M_REF_SQ),
+         "‖m − Q(m)‖ / ‖m‖, Q: 8-bit dynamic code, absmax per 256 (bitsandbytes, torchao)"),
+        ("probe_int8_v", (Col.PROBE_INT8_V_SQ, Col.PROBE_V_REF_SQ),
+         "‖v − Q(v)‖ / ‖v‖, Q: unsigned 8-bit dynamic code, absmax per 256"),
+        ("probe_int4_m", (Col.PROBE_INT4_M_SQ, Col.PROBE_M_REF_SQ),
+         "‖m − Q(m)‖ / ‖m‖, Q: 4-bit dynamic code, absmax per 128 (torchao's AdamW4bit)"),
+        ("probe_int4_v", (Col.PROBE_INT4_V_SQ, Col.PROBE_V_REF_SQ),
+         "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code with zero, absmax per 128 (the zero-point "
+         "problem)"),
+        ("probe_int4_v_rank1", (Col.PROBE_INT4_V_RANK1_SQ, Col.PROBE_V_REF_SQ),
+         "‖v − Q(v)‖ / ‖v‖, Q: 4-bit linear code without zero, rank-1 normalisation "
+         "(Li et al. 2023)"))),
     Metric("topk_coverage", "ratio", (Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ),
            "‖T_k(x)‖² / ‖x‖², the share of squared mass a blockwise top-k keeps"),
     Metric("grad_diagonality", "mean", (Col.GRAD_DIAG,),

@@ -41,6 +41,7 @@ def run_meta(monitor, sample_size, topk_density, topk_block) -> dict:
         param_bytes=sum(s.param.numel() * s.param.element_size() for s in monitor.slots),
         every=monitor.every, sample_size=sample_size, topk_density=topk_density,
         topk_block=topk_block, freeze_probe=monitor.freeze_probe,
+        quant_probes=monitor.collector.compression.probes,
         second_moment_frozen_at=monitor.caps.freeze_step,
         produced_by_optimizer=sorted(c.name.lower() for c in monitor.collector.produced),
         world_size=monitor.topology.world, sharded=monitor.topology.sharded,
