@@ -721,11 +721,13 @@ def test_one_collective_per_reduction_kind_on_sampled_steps_only(sharded, case):
 
 
 def test_default_sampling_is_exact_on_its_sample_and_close_to_the_whole_tensor(sharded):
+    # ... and the dynamic range (shares, histograms): counted on the sample, scaled
     sampled = ("update_norm", "update_ratio", "moment2_drift", "topk_coverage")
     for rank, result in enumerate(sharded):
         run = result["default_sampling"]
         assert run["sampled"] == 128, "1/512 of a 65,536-entry shard"
-        exact = {k: v for k, v in run["expected"].items() if k not in sampled}
+        exact = {k: v for k, v in run["expected"].items() if k not in sampled
+                 and not k.startswith("hist:") and not k.endswith(("_underflow", "_overflow"))}
         _assert_matches(run["recorded"], exact, f"default sampling, rank {rank}, exact metrics")
         # what each rank's sample sums to, scaled per shard and added over the ranks
         on_sample = {k: {"weight": v} for k, v in run["on_sample"].items()}

@@ -201,3 +201,30 @@ def test_tensorboard_histograms_and_report_heatmap(tmp_path):
     whole = torch.cat([grads[-1].flatten(), model.bias.grad.flatten()])
     share = oracle_share(whole, "fp16", "underflow")  # the table's last sample
     assert f"<td>grad</td><td>fp16</td><td>underflow</td><td class=num>{share:.3%}</td>" in html
+
+
+def test_the_decoder_checks_histogram_records():
+    from optiscope.monitor.records import RecordDecoder
+
+    class Sink:
+        def __init__(self):
+            self.got = []
+
+        def on_histograms(self, step, histograms):
+            self.got.append((step, histograms))
+
+    sink = Sink()
+    decoder = RecordDecoder(sink, source="test")
+    good = {"type": "histograms", "step": 4, "values": {"grad": [0, [[5, 1, 0, 2], []]]}}
+    bad = [
+        {"type": "histograms", "step": 5, "values": {"grad": [0, [[HIST_BINS - 1, 1, 1], []]]}},
+        {"type": "histograms", "step": 6, "values": {"grad": [0, [[3, -1], []]]}},
+        {"type": "histograms", "step": 7, "values": {"grad": [0, [[3, 1]]]}},
+    ]
+    with pytest.warns(RuntimeWarning, match="skipped 4 record"):
+        decoder.feed([{"type": "scopes", "id": 0, "names": ["a", "b"]}, good, *bad,
+                      {"type": "histograms", "step": 8, "values": {"grad": [9, [[]]]}}])
+    assert [step for step, _ in sink.got] == [4]  # 8: its only quantity dropped, counted
+    names, counts = sink.got[0][1]["grad"]
+    assert names == ["a", "b"] and counts.shape == (2, HIST_BINS)
+    assert counts[0, 5:8].tolist() == [1, 0, 2] and counts.sum() == 3

@@ -20,6 +20,8 @@ the run has already failed: that pair is left out.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor
 
@@ -43,8 +45,32 @@ FORMAT_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def _bits(x: float) -> int:
+    """The float32 bit pattern of x (nonnegative), as an int: for |x| its order is x's."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+# Every share is a count of |x| in a range of bit patterns, and the ranges nest: the patterns are
+# cut at each format's thresholds into levels (one `bucketize`), and each share is a sum of
+# levels (`_SHARE_OF_LEVEL`). Level 0: zero; the last: non-finite.
+_CUTS = sorted({0, _bits(3.4028234663852886e38)}
+               | {_bits(FORMAT_LIMITS[f][0]) for f, what in RANGE_SHARES if what == "underflow"}
+               | {_bits(FORMAT_LIMITS[f][1]) - 1 for f, what in RANGE_SHARES if what == "overflow"})
+_LEVELS = len(_CUTS) + 1
+_SHARE_OF_LEVEL = torch.zeros(_LEVELS, len(RANGE_SHARES), dtype=torch.float64)
+for _j, (_fmt, _what) in enumerate(RANGE_SHARES):
+    _under, _over = FORMAT_LIMITS[_fmt]
+    for _level in range(1, _LEVELS - 1):  # level k: _CUTS[k-1] < bits <= _CUTS[k]
+        if (_what == "underflow" and _CUTS[_level] <= _bits(_under)) or (
+                _what == "overflow" and _CUTS[_level - 1] >= _bits(_over) - 1):
+            _SHARE_OF_LEVEL[_level, _j] = 1.0
+
+
 def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
     """The counts of one quantity for each tensor of a concatenated sample.
+
+    One integer code per entry (tensor, exponent bin, threshold level) and one count of the
+    codes: about 15 elementwise operations whatever the number of tensors.
 
     Args:
         x: the sampled entries of every tensor, concatenated (float32).
@@ -52,26 +78,25 @@ def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
         scale: ``[n]``, each tensor's numel / sampled entries.
 
     Returns:
-        float64 ``[n, 1 + len(RANGE_SHARES) + HIST_BINS]``: entries, share counts, histogram,
-        in the order of `range_cols`' block.
+        float64 ``[n, RANGE_BLOCK]``: entries, share counts, histogram (the block's order).
     """
     n = lengths.numel()
     device = x.device
-    x = x.to(torch.float32)
+    bits = x.to(torch.float32).contiguous().view(torch.int32) & 0x7FFFFFFF  # |x|, as bits
+    field = bits >> 23  # the biased exponent: |x| in [2^e, 2^(e+1)) for e = field - 127
+    index = torch.clamp(field - (127 + EXP_MIN - 2), 1, HIST_BINS - 2)  # subnormals: below
+    index = torch.where(bits == 0, 0, torch.where(field == 255, HIST_BINS - 1, index))
+    cuts = torch.tensor(_CUTS, dtype=torch.int32, device=device)
+    level = torch.bucketize(bits, cuts)
     seg = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=x.numel())
-    a = x.abs()
-    finite = a <= torch.finfo(torch.float32).max
-    exponent = torch.frexp(a).exponent - 1  # |x| in [2^e, 2^(e+1)): exact, unlike log2
-    index = torch.clamp(exponent - (EXP_MIN - 2), 1, HIST_BINS - 2)
-    index = torch.where(a == 0, 0, torch.where(finite, index, HIST_BINS - 1))
-    # index_add_, not bincount: bincount reads the largest index back to the host
-    hist = torch.zeros(n * HIST_BINS, dtype=torch.float64, device=device)
-    hist.index_add_(0, seg * HIST_BINS + index, torch.ones_like(a, dtype=torch.float64))
-    masks = []
-    for fmt, what in RANGE_SHARES:
-        under, over = FORMAT_LIMITS[fmt]
-        masks.append((a > 0) & (a <= under) if what == "underflow" else finite & (a >= over))
-    shares = torch.zeros(n, len(RANGE_SHARES), dtype=torch.float64, device=device)
-    shares.index_add_(0, seg, torch.stack(masks, dim=1).to(torch.float64))
-    counts = torch.cat([lengths.to(torch.float64)[:, None], shares, hist.view(n, HIST_BINS)], 1)
-    return counts * scale.to(device, torch.float64)[:, None]
+    code = (seg * HIST_BINS + index) * _LEVELS + level
+    size = n * HIST_BINS * _LEVELS
+    if device.type == "cpu":  # bincount reads the largest code back to the host: CPU only
+        counts = torch.bincount(code, minlength=size)
+    else:
+        counts = torch.zeros(size, dtype=torch.int64, device=device).index_add_(
+            0, code, torch.ones_like(code))
+    table = counts.view(n, HIST_BINS, _LEVELS).to(torch.float64)
+    shares = table.sum(dim=1) @ _SHARE_OF_LEVEL.to(device)
+    out = torch.cat([lengths.to(torch.float64)[:, None], shares, table.sum(dim=2)], 1)
+    return out * scale.to(device, torch.float64)[:, None]

@@ -39,12 +39,11 @@ class RangeProbe:
         self._counts: list[tuple[list[int], str, Tensor]] = []
         self._before: list[Tensor] | None = None
 
-    def _add(self, quantity: str, where: list[int], values: list[Tensor], scales: list[float]):
-        if not values:
-            return
-        device = values[0].device
-        counts = range_counts(torch.cat(values), self._on([v.numel() for v in values], device),
-                              self._on([float(s) for s in scales], device))
+    def _add(self, quantity: str, where: list[int], x: Tensor, lengths: list[int],
+             scales: list[float]) -> None:
+        """Counts ``x``, the concatenated samples of the tensors ``where``."""
+        counts = range_counts(x, self._on(lengths, x.device),
+                              self._on([float(s) for s in scales], x.device))
         self._counts.append((where, quantity, counts))
 
     def begin(self, active: list[int], samples: list, grads: list[Tensor], params: list[Tensor],
@@ -54,20 +53,22 @@ class RangeProbe:
         self._counts = []
         keep = [j for j, g in enumerate(grads) if not g.is_sparse]
         values = [samples[j].take(grads[j]) for j in keep]
-        if grad_scale is not None and values:  # a fused step's gradients are still scaled
-            inv = 1.0 / grad_scale.detach().to(values[0].device, torch.float32).reshape(())
-            values = [v * inv for v in values]
-        self._add("grad", [active[j] for j in keep], values, [samples[j].scale for j in keep])
+        if values:
+            x = torch.cat(values)
+            if grad_scale is not None:  # a fused step's gradients are still scaled
+                x = x / grad_scale.detach().to(x.device, torch.float32).reshape(())
+            self._add("grad", [active[j] for j in keep], x, [v.numel() for v in values],
+                      [samples[j].scale for j in keep])
         self._before = before if before else [s.take(p) for s, p in zip(samples, params)]
 
     def end(self, rows: Tensor, active: list[int], samples: list, params: list[Tensor],
             after: list[Tensor] | None = None) -> None:
         """After the step: the updates' counts; then every count goes into ``rows``."""
-        if self._before is not None:
+        if self._before:
             after = after if after is not None else [s.take(p) for s, p in zip(samples, params)]
-            self._add("update", active, [a - b for a, b in zip(after, self._before)],
-                      [s.scale for s in samples])
-            self._before = None
+            self._add("update", active, torch.cat(after) - torch.cat(self._before),
+                      [a.numel() for a in after], [s.scale for s in samples])
+        self._before = None
         for where, quantity, counts in self._counts:
             write_counts(rows, self._on(where, rows.device), quantity, counts)
         self._counts = []

@@ -207,7 +207,7 @@ class RecordDecoder:
                 counts[i, first:first + len(values)] = values
             decoded[quantity] = (names, counts)
         on_histograms = getattr(self.sink, "on_histograms", None)
-        if on_histograms is not None:
+        if on_histograms is not None and decoded:
             on_histograms(step, decoded)
 
     @staticmethod

@@ -1,6 +1,6 @@
 """What every sink consumes: a run's records, live from a monitor or replayed from a run log.
 
-A sink sees the same three kinds of record the run log holds (``optiscope.monitor.runlog``):
+A sink sees the kinds of record the run log holds (``optiscope.monitor.runlog``):
 
 * ``on_meta(changes)``: the run's metadata; first the whole of it, later keys learnt during the
   run (``skipped_metrics``, ``steps_taken``);
@@ -8,7 +8,9 @@ A sink sees the same three kinds of record the run log holds (``optiscope.monito
   with ``"global"`` first for the monitor's metrics, user scalars such as ``loss`` as
   ``(["global"], [x])``, ``lr`` as ``(["group0", ...], [...])`` and ``state_bytes`` with
   ``"global"``, then one scope per tensor, then ``"key/<state key>"`` scopes;
-* ``on_alert(alert)``: an `Alert`.
+* ``on_alert(alert)``: an `Alert`;
+* ``on_histograms(step, histograms)``: after a sample, its log2 histograms of g, θ⁺ − θ⁻ and v
+  (``optiscope.monitor.ranges``), ``{quantity: (scopes, counts [n, HIST_BINS])}``.
 
 The monitor calls its sinks after each decoded sample; `RecordDecoder`
 (``optiscope.monitor.records``, which checks each record against the run-log schema) feeds a sink
