@@ -32,7 +32,7 @@ from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (DeferInterrupt, check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
+from optiscope.monitor.collect import Collector, TensorSlot, storage_parts, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.metrics import NUM_COLS, TENSOR_METRICS, Col, derive
@@ -264,7 +264,7 @@ class MonitorCore(StepControl):
 
     def memory_bytes(self) -> int:
         """Bytes the monitor keeps on the devices between steps (samples and saved moments)."""
-        return kept_bytes(self.slots)
+        return self.collector.kept_bytes()
 
     def is_sampled(self, step: int) -> bool:
         """Whether ``step`` (1-based) is a sampled step."""

@@ -80,7 +80,7 @@ class StepControl:
         if capture is not None and capture.step == self.step:
             columns = capture.columns(self.slots, self.collector.active)
             if columns is not None:  # the gradient before clipping
-                self.collector._pre.update(columns)
+                self.collector.override_pre(columns)
             self._current.scalars["clip_coef"] = _to_host(torch.as_tensor(capture.coef()))
         else:
             self._current.scalars["clip_coef"] = 1.0
@@ -196,7 +196,7 @@ class StepControl:
         if (self.on_nonfinite != "raise" or current is None or current.step != self.step
                 or self._begin_pending):
             return
-        column = self.collector._pre.get(Col.GRAD_NONFINITE)
+        column = self.collector.pre_column(Col.GRAD_NONFINITE)
         if column is None:  # computed by the bundled optimizer's update: checked after it
             return
         current.checked = True
