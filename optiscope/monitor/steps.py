@@ -105,6 +105,7 @@ class StepControl:
         """The next step is ``step + 1``; later records in the run log are void from here on."""
         self._current, self._capture, self._begin_pending = None, None, False
         self.step = self._completed = step
+        self._worker.flush()  # the samples before the resume mark are written before it
         self.writer.write_resume(step)
         drop_after(self.history, step)
 
