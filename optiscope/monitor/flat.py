@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
+from optiscope.contract import Stat
 from optiscope.monitor.metrics import Col
 
 __all__ = ["FLAT_MAX", "Segments", "FlatPlan", "StepData", "flat_eligible", "flatten"]
@@ -106,13 +107,17 @@ class Segments:
 
 @dataclass
 class _Tails:
-    """Tail rows of one length group: gather index, valid entries, k per row as a mask."""
+    """Tail rows of one length group: where they start, their lengths, k per row as a mask.
+    The ``[rows, width]`` gather index and padding mask are made at each use, not kept: kept,
+    they cost up to 9 bytes per gradient entry of the small tensors."""
 
-    index: Tensor   # [rows, width] into the flat gradient
-    pad: Tensor     # [rows, width] bool: padding (entries past the tail)
-    k: int          # the largest k of the group
-    kmask: Tensor   # [rows, k]: 1 for the first ceil(ρ·length) of the sorted values
-    of: Tensor      # [rows]: the tensor of each row
+    starts: Tensor   # [rows, 1] into the flat gradient
+    lengths: Tensor  # [rows, 1]
+    columns: Tensor  # [width]: 0 .. the longest tail - 1
+    last: int        # the last entry of the flat gradient (padding reads stop there)
+    k: int           # the largest k of the group
+    kmask: Tensor    # [rows, k]: 1 for the first ceil(ρ·length) of the sorted values
+    of: Tensor       # [rows]: the tensor of each row
 
 
 class _TopK:
@@ -139,8 +144,10 @@ class _TopK:
             counts.append(len(chosen))
         self.k = math.ceil(rho * block)
         columns = torch.arange(block, device=device)
-        self.full = (torch.tensor(starts, dtype=torch.int64, device=device)[:, None] + columns
+        # row starts; the [rows, block] index is made at each use (kept: 8 bytes an entry)
+        self.full = (torch.tensor(starts, dtype=torch.int64, device=device)[:, None]
                      if starts else None)
+        self.columns = columns
         self.counts = torch.tensor(counts, dtype=torch.int64, device=device)
         self.scales = torch.tensor(scales, dtype=wide, device=device)
         # tails in at most 3 groups of similar length (1-15, 16-255, 256-4095 entries), each
@@ -154,19 +161,18 @@ class _TopK:
             lengths = [tail_lengths[t] for t in members]
             columns = torch.arange(max(lengths), device=device)
             size = torch.tensor(lengths, device=device)[:, None]
-            index = torch.tensor([tail_starts[t] for t in members], device=device)[:, None] + columns
+            first = torch.tensor([tail_starts[t] for t in members], device=device)[:, None]
             ks = [math.ceil(rho * n) for n in lengths]
             kmask = (torch.arange(max(ks), device=device)[None, :]
                      < torch.tensor(ks, device=device)[:, None]).to(wide)
-            self.tails.append(_Tails(index.clamp_(max=seg.total - 1), columns[None, :] >= size,
-                                     max(ks), kmask,
+            self.tails.append(_Tails(first, size, columns, seg.total - 1, max(ks), kmask,
                                      torch.tensor([tail_of[t] for t in members], device=device)))
 
     def __call__(self, g: Tensor, n: int, wide) -> tuple[Tensor, Tensor]:
         """(kept, total) squared mass of each tensor's blockwise top-k, scaled to the tensor
         (``g``: the flat gradients in ``wide``)."""
         if self.full is not None:
-            square = g[self.full].square_()
+            square = g[self.full + self.columns].square_()
             kept_rows = square.topk(self.k, dim=1, sorted=False).values.sum(dim=1)
             kept = torch.segment_reduce(kept_rows, "sum", lengths=self.counts) * self.scales
             total = torch.segment_reduce(square.sum(dim=1), "sum", lengths=self.counts) * self.scales
@@ -175,7 +181,8 @@ class _TopK:
             total = torch.zeros(n, dtype=wide, device=g.device)
         for tails in self.tails:
             # padding reads the next tensor's entries: masked by where (NaN·0 would be NaN)
-            square = g[tails.index].square_().masked_fill_(tails.pad, 0.0)
+            index = (tails.starts + tails.columns).clamp_(max=tails.last)
+            square = g[index].square_().masked_fill_(tails.columns >= tails.lengths, 0.0)
             top = square.topk(tails.k, dim=1, sorted=True).values  # largest first
             kept.index_add_(0, tails.of, (top * tails.kmask).sum(dim=1))
             total.index_add_(0, tails.of, square.sum(dim=1))
@@ -231,7 +238,6 @@ class FlatPlan:
     def grad_columns(self, grads: list[Tensor], produced, grad_scale: Tensor | None,
                      want_update: bool) -> dict[Col, Tensor]:
         """Gradient statistics, Σθ² before, the top-k probe, θ's sample; Col -> per tensor."""
-        from optiscope.contract import Stat
         wide, seg = self.wide, self.seg
         params = [s.param for s in self.slots]
         want_topk = self.topk is not None and Stat.TOPK_KEPT_SQ not in produced
@@ -263,7 +269,6 @@ class FlatPlan:
     # ------------------------------------------------------------------------- after the step
     def param_columns(self, produced) -> dict[Col, Tensor]:
         """Σθ² after the step and the update's Σ(Δθ)² at the samples."""
-        from optiscope.contract import Stat
         columns: dict[Col, Tensor] = {}
         want_after = Stat.PARAM_SQ_AFTER not in produced
         if not want_after and self.step.before is None:
@@ -296,13 +301,11 @@ class FlatPlan:
         self.m_slots = [s for _, s, _ in m_rows]
         self.m_keys = [k for _, _, k in m_rows]
         self.m_where = torch.tensor([r for r, _, _ in m_rows], dtype=torch.int64, device=device)
-        self.m_seg = Segments([s.param.numel() for s in self.m_slots],
-                              [s.sample for s in self.m_slots], device, wide)
+        self.m_seg = self._segments(self.m_slots)
         self.v_slots = [s for _, s, _ in v_rows]
         self.v_keys = [k for _, _, k in v_rows]
         self.v_where = torch.tensor([r for r, _, _ in v_rows], dtype=torch.int64, device=device)
-        self.v_seg = Segments([s.param.numel() for s in self.v_slots],
-                              [s.sample for s in self.v_slots], device, wide)
+        self.v_seg = self._segments(self.v_slots)
         # samples saved by an earlier plan (or the per-tensor path): NaN where none, so that
         # tensor's drift stays unrecorded this step
         self.m_rows = {r for r, _, _ in m_rows}
@@ -314,6 +317,13 @@ class FlatPlan:
         for slot in self.v_slots:
             slot.v_prev = slot.v_frozen = None  # the plan holds them now
         self.moments_ready = True
+
+    def _segments(self, slots: list) -> Segments:
+        """The plan's own `Segments` when ``slots`` are all its tensors (one index kept)."""
+        if len(slots) == len(self.slots):
+            return self.seg
+        return Segments([s.param.numel() for s in slots], [s.sample for s in slots], self.device,
+                        self.wide)
 
     def _gather_saved(self, name: str) -> Tensor | None:
         saved = [getattr(s, name) for s in self.v_slots]
@@ -369,6 +379,6 @@ class FlatPlan:
         kept = [t for t in (self.v_prev, self.v_frozen) if t is not None]
         kept += [s.sample_index for s in (self.seg, self.m_seg, self.v_seg) if s is not None]
         if self.topk is not None:
-            kept += [t.index for t in self.topk.tails]
+            kept += [t for tails in self.topk.tails for t in (tails.starts, tails.kmask)]
             kept += [self.topk.full] if self.topk.full is not None else []
         return kept
