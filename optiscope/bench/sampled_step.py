@@ -89,6 +89,8 @@ OPTIMIZERS = {
 SINKS = {
     "runlog": "the run log only (console, TensorBoard and report off)",
     "sinks": "the run log, TensorBoard events and a console drawing into memory",
+    "runlog-bg": "the run log only, decoded and written on the monitor's thread (background=True)",
+    "sinks-bg": "the run log, TensorBoard and a console, on the monitor's thread (background=True)",
 }
 
 
@@ -102,12 +104,14 @@ def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
 
 def _monitor(opt, sinks: str, log_dir: str):
     from optiscope import OptimizerMonitor
-    if sinks == "runlog":
+    background = sinks.endswith("-bg")
+    if sinks.startswith("runlog"):
         return OptimizerMonitor(opt, every=1, log_dir=log_dir, console=False, tensorboard=False,
-                                report=False, strict=True)
+                                report=False, background=background)
     from rich.console import Console
-    return OptimizerMonitor(opt, every=1, log_dir=log_dir, strict=True, report=False,
-                            console=Console(file=io.StringIO(), width=120), tensorboard=True)
+    return OptimizerMonitor(opt, every=1, log_dir=log_dir, report=False,
+                            console=Console(file=io.StringIO(), width=120), tensorboard=True,
+                            background=background)
 
 
 @dataclass
@@ -117,14 +121,17 @@ class _Windows:
     counter: OpCounter | None
     seconds: float = 0.0
     _t0: float = 0.0
+    inside: bool = False
 
     def enter(self, *_):
+        self.inside = True
         if self.counter is not None:
             self.counter.__enter__()
         self._t0 = time.perf_counter()
 
     def leave(self, *_):
         self.seconds += time.perf_counter() - self._t0
+        self.inside = False
         if self.counter is not None:
             self.counter.__exit__(None, None, None)
 
@@ -140,8 +147,8 @@ def _watched(kind: str, shapes, sinks: str, log_dir: str, counter: OpCounter | N
     return opt, monitor, windows
 
 
-def _c_calls():
-    """Counts calls into the C kernel library (ctypes) while active."""
+def _c_calls(windows: _Windows):
+    """Counts calls into the C kernel library (ctypes) inside the monitor's hooks."""
     from optiscope.kernels import cpu
     lib = cpu.kernel()
     if lib is None:
@@ -154,7 +161,8 @@ def _c_calls():
             originals[name] = f
 
             def wrapped(*args, _f=f, _n=name):
-                calls[_n] += 1
+                if windows.inside:
+                    calls[_n] += 1
                 return _f(*args)
             setattr(lib, name, wrapped)
 
@@ -177,7 +185,7 @@ def count_ops(kind: str, n_tensors: int, sinks: str = "runlog", steps: int = 3) 
         for _ in range(steps - 1):
             opt.step()
         windows.counter = counter = OpCounter()
-        c_context, c_counts = _c_calls()
+        c_context, c_counts = _c_calls(windows)
         with c_context:
             opt.step()
         windows.counter = None
