@@ -105,6 +105,12 @@ class Segments:
         return self.sample_index.numel() * self.sample_index.element_size()
 
 
+def _rows(g: Tensor, index: Tensor) -> Tensor:
+    """``g[index]`` for a 2-D index, by index_select on the flat index (CPU: 0.1 ms where
+    advanced indexing took 0.8 for GPT-2's tails at d_model 16)."""
+    return g.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 @dataclass
 class _Tails:
     """Tail rows of one length group: where they start, their lengths, k per row as a mask.
@@ -172,7 +178,7 @@ class _TopK:
         """(kept, total) squared mass of each tensor's blockwise top-k, scaled to the tensor
         (``g``: the flat gradients in ``wide``)."""
         if self.full is not None:
-            square = g[self.full + self.columns].square_()
+            square = _rows(g, self.full + self.columns).square_()
             kept_rows = square.topk(self.k, dim=1, sorted=False).values.sum(dim=1)
             kept = torch.segment_reduce(kept_rows, "sum", lengths=self.counts) * self.scales
             total = torch.segment_reduce(square.sum(dim=1), "sum", lengths=self.counts) * self.scales
@@ -182,7 +188,7 @@ class _TopK:
         for tails in self.tails:
             # padding reads the next tensor's entries: masked by where (NaN·0 would be NaN)
             index = (tails.starts + tails.columns).clamp_(max=tails.last)
-            square = g[index].square_().masked_fill_(tails.columns >= tails.lengths, 0.0)
+            square = _rows(g, index).square_().masked_fill_(tails.columns >= tails.lengths, 0.0)
             top = square.topk(tails.k, dim=1, sorted=True).values  # largest first
             kept.index_add_(0, tails.of, (top * tails.kmask).sum(dim=1))
             total.index_add_(0, tails.of, square.sum(dim=1))
