@@ -60,7 +60,8 @@ def _is_real(value) -> bool:
 
 def check_args(optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
                 spike_factor, update_ratio_band, seed=0, resume=False, strict=False,
-                log_dir=None, process_group=None, scaler=None, quant_probes=True) -> tuple:
+                log_dir=None, process_group=None, scaler=None, quant_probes=True,
+                range_probes=True) -> tuple:
     """Every constructor argument, before anything is attached or written: its type (numpy
     integers are integers, a bool is not), then its range. Returns the numbers as Python ints
     and floats: ``(every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
@@ -95,7 +96,8 @@ def check_args(optimizer, model, every, sample_size, topk_density, topk_block, f
     if not (_is_int(seed) and 0 <= seed < 2**64):
         error = ValueError if _is_int(seed) else TypeError
         raise error(f"OptimizerMonitor: seed must be an integer in [0, 2**64), got {seed!r}")
-    for name, value in (("resume", resume), ("strict", strict), ("quant_probes", quant_probes)):
+    for name, value in (("resume", resume), ("strict", strict), ("quant_probes", quant_probes),
+                        ("range_probes", range_probes)):
         if not isinstance(value, bool):
             raise TypeError(f"OptimizerMonitor: {name} must be True or False, got {value!r}")
     if log_dir is not None:

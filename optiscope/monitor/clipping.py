@@ -168,7 +168,7 @@ class Capture:
         """Captures the statistics of the tracked tensors among ``params`` not captured yet;
         returns a token for `finish`, or None when none of ``params`` is tracked."""
         from optiscope.kernels.launch import local
-        from optiscope.monitor.collect import _dense, _grad_stats
+        from optiscope.monitor.pertensor import dense as _dense, grad_stats as _grad_stats
         from optiscope.kernels.stats import Stat
 
         ids = {id(p) for p in params}
@@ -199,7 +199,7 @@ class Capture:
             if not token:
                 return
             from optiscope.kernels.launch import local
-            from optiscope.monitor.collect import _dense
+            from optiscope.monitor.pertensor import dense as _dense
             with torch.no_grad():
                 before = torch.stack([self.rows[i][0] for i in token]).sum()
                 after = sum(_dense(local(slots[i].param.grad)).detach().float().square().sum()
@@ -222,7 +222,7 @@ class Capture:
         if not any(i in self.rows for i in active):
             return None
         from optiscope.kernels.launch import local
-        from optiscope.monitor.collect import _dense, _grad_stats
+        from optiscope.monitor.pertensor import dense as _dense, grad_stats as _grad_stats
         from optiscope.kernels.stats import Stat
         from optiscope.monitor.metrics import Col
 

@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optiscope.kernels import cpu
 from optiscope.kernels.launch import local
 from optiscope.contract import Capabilities, MomentLayout, Stat, capabilities
-from optiscope.kernels.stats import SUM_ROW
 from optiscope.monitor.compression import CompressionProbes, decoded_state
+from optiscope.monitor.flat import FlatPlan, flat_eligible
+from optiscope.monitor.pertensor import (dense as _dense, grad_stats as _grad_stats,
+                                         segment_diff_sq as _segment_diff_sq,
+                                         segment_sq as _segment_sq, sq_norms as _sq_norms,
+                                         sums_dtype)
 from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import ROW_COLS, Col
 from optiscope.monitor.ranges import RangeProbe
@@ -40,73 +43,6 @@ def _amp_arg(optimizer, kwargs: dict, name: str) -> Tensor | None:
     """
     value = kwargs.get(name)
     return value if value is not None else getattr(optimizer, name, None)
-
-
-def sums_dtype(device: torch.device) -> torch.dtype:
-    """The monitor's sums' dtype: float64 (a finite tensor's Σx² is finite: float32's range ends
-    at 3.4e38, and gradients of 1e30 summed to inf, of 1e-30 to 0), where the device has it."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _sq_norms(tensors: list[Tensor]) -> Tensor:
-    """Σx² of each tensor, accumulated in float64 (`sums_dtype`): in C for float32 CPU tensors,
-    else a norm over float64 (torch's float32 norm squares in float32: inf for entries of 1e30)."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    if cpu.sums_apply(tensors):
-        return cpu.sq_sums_f32(tensors)
-    wide = sums_dtype(tensors[0].device)
-    if all(t.numel() <= SUM_ROW for t in tensors):  # one call for many small tensors
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).square()
-    return torch.stack([torch.linalg.vector_norm(t.reshape(-1), dtype=wide).square()
-                        for t in tensors])
-
-
-def _wide_grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
-    """`torch_grad_stats` with Σg² in float64 (`_sq_norms`), all three columns float64."""
-    if cpu.sums_apply(grads):  # the three in one pass per tensor, in C
-        sums = cpu.grad_sums_f32(grads)
-        nonfinite = sums[:, 2]
-        absmax = torch.where(nonfinite > 0, math.inf, sums[:, 1])
-        return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
-    wide = sums_dtype(grads[0].device)
-    sq = _sq_norms(grads)
-    extremes = [torch.aminmax(g) for g in grads]  # 12x faster than the infinity norm on CPU
-    absmax = torch.stack([torch.maximum(-lo, hi).to(wide) for lo, hi in extremes])
-    if grads[0].device.type == "cpu":  # a branch costs no synchronisation here
-        nonfinite = torch.zeros(len(grads), dtype=wide)
-        for i in (~torch.isfinite(sq)).nonzero().flatten().tolist():
-            nonfinite[i] = torch.count_nonzero(~torch.isfinite(grads[i]))
-    else:
-        nonfinite = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads]).to(wide)
-    absmax = torch.where(nonfinite > 0, math.inf, absmax)
-    return {Stat.GRAD_SQ: sq, Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
-
-
-def _grad_stats(grads: list[Tensor]) -> dict[Stat, Tensor]:
-    """`_wide_grad_stats`, with zeros for empty tensors.
-
-    A rank's local shard of a DTensor is empty when the tensor has fewer rows than there are
-    ranks (FSDP2 gives rank 1 of 2 nothing of a ``[1, n]`` weight), and torch's infinity norm
-    refuses an empty tensor. Zero is the identity of the cross-rank SUM and, as |g| >= 0, of
-    the MAX, so the other ranks' shards make the figure.
-    """
-    present = [i for i, g in enumerate(grads) if g.numel()]
-    if len(present) == len(grads):
-        return _wide_grad_stats(grads)
-    device = grads[0].device
-    stats = {s: torch.zeros(len(grads), dtype=sums_dtype(device), device=device)
-             for s in (Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE)}
-    if present:
-        index = torch.tensor(present, device=device)
-        for s, column in _wide_grad_stats([grads[i] for i in present]).items():
-            stats[s][index] = column
-    return stats
-
-
-def _dense(g: Tensor) -> Tensor:
-    """The stored values of a sparse gradient (zeros elsewhere add nothing to the sums)."""
-    return g.coalesce().values() if g.is_sparse else g
 
 
 def _plain(t) -> bool:
@@ -175,29 +111,14 @@ class TensorSlot:
         return kept
 
 
-def kept_bytes(slots: list[TensorSlot]) -> int:
-    """Bytes the monitor keeps for ``slots`` between steps, each storage counted once (the saved
-    moments of a step are views of one buffer)."""
+def kept_bytes(slots: list[TensorSlot], extra: list[Tensor] = ()) -> int:
+    """Bytes the monitor keeps for ``slots`` between steps (and in ``extra``: the flat plan's
+    buffers), each storage counted once (the saved moments of a step are views of one buffer)."""
     storages = {}
-    for slot in slots:
-        for t in slot.buffers():
-            storage = t.untyped_storage()
-            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    for t in [t for slot in slots for t in slot.buffers()] + list(extra):
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
-
-
-def _segment_sq(parts: list[Tensor], lengths: Tensor) -> Tensor:
-    """Σx² of each of ``parts`` (1-D samples), as one float64 reduction over their
-    concatenation."""
-    x = torch.cat(parts)
-    return torch.segment_reduce(x.to(sums_dtype(x.device)).square_(), "sum", lengths=lengths)
-
-
-def _segment_diff_sq(a: list[Tensor], b: list[Tensor], lengths: Tensor) -> Tensor:
-    """Σ(a − b)² of each pair of ``a``, ``b``: two concatenations and one float64 reduction."""
-    x, y = torch.cat(a), torch.cat(b)
-    wide = sums_dtype(x.device)
-    return torch.segment_reduce((x.to(wide) - y.to(wide)).square_(), "sum", lengths=lengths)
 
 
 class Collector:
@@ -216,11 +137,13 @@ class Collector:
         freeze_step: the step T whose v the drift-since-freeze compares with, or None.
         seed: seeds the coordinate samples.
         quant_probes: run the int8/int4 probes of uncompressed moments (`CompressionProbes`).
+        range_probes: count the dynamic range of g, θ⁺ − θ⁻ and v (`RangeProbe`).
     """
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
-                 freeze_step: int | None, seed: int, quant_probes: bool = True):
+                 freeze_step: int | None, seed: int, quant_probes: bool = True,
+                 range_probes: bool = True):
         self.optimizer = optimizer
         self.slots = slots
         self.caps = capabilities(optimizer) if caps is None else caps
@@ -235,12 +158,19 @@ class Collector:
         self._pre: dict[Col, Tensor] = {}
         self._before: list[Tensor] = []
         self._active: list[int] = []
+        self._rest: list[int] = []            # active tensors not on the flat path
+        self._plan: FlatPlan | None = None    # the flat path (`optiscope.monitor.flat`)
+        self._plan_key: tuple | None = None
+        self._flat_pre: dict[Col, Tensor] = {}
+        self._override: dict[Col, Tensor] = {}
+        self._stats_where: tuple | None = None
         self._constants: dict[tuple, Tensor] = {}
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
         self.compression = CompressionProbes(self, probes=quant_probes)
         self.ranges = RangeProbe(self._on)  # dynamic range, from the samples (monitor/ranges.py)
+        self.range_probes = range_probes
 
     # ----------------------------------------------------------------------------- helpers
     def _prepare(self, slot: TensorSlot) -> None:
@@ -346,20 +276,90 @@ class Collector:
         """Indices of the tensors the current step updates (those with a gradient)."""
         return self._active
 
+    def _flat_plan(self) -> FlatPlan | None:
+        """The flat path's plan for the active tensors (made again when they change), and
+        ``self._rest``: the active tensors it does not take."""
+        key = tuple(self._active)
+        if self._plan_key == key:
+            return self._plan
+        if self._plan is not None:
+            self._plan.release()
+        device = local(self.slots[self._active[0]].param).device if self._active else None
+        fast, rest = [], []
+        for i in self._active:
+            p, g = self.slots[i].param, self.slots[i].param.grad
+            ok = (flat_eligible(p) and flat_eligible(g) and p.device == device
+                  and g.device == device and g.numel() == p.numel())
+            (fast if ok else rest).append(i)
+        self._plan_key, self._rest = key, rest
+        self._plan = None
+        if len(fast) > 1:
+            topk = (self.topk_block, self.topk_density) if self.topk_density is not None else None
+            self._plan = FlatPlan(fast, [self.slots[i] for i in fast], device,
+                                  sums_dtype(device), topk)
+        else:
+            self._rest = list(self._active)
+        return self._plan
+
+    def kept_bytes(self) -> int:
+        """Bytes kept between steps: the slots' samples and saved moments, the flat plan's."""
+        extra = self._plan.buffers() if self._plan is not None else []
+        return kept_bytes(self.slots, extra)
+
     @torch.no_grad()
     def begin(self, kwargs: dict) -> None:
-        """Before the optimizer step: what needs the gradient or θ before the update."""
+        """Before the optimizer step: the sums (`_begin_sums`), then the readiness probes."""
+        self._begin_sums(kwargs)
+        if not self._active:
+            return
+        grad_scale = _amp_arg(self.optimizer, kwargs, "grad_scale")
+        if self.range_probes:  # dynamic range, from every active tensor's sample
+            active = self._active
+            self.ranges.begin(active, [self.slots[i].sample for i in active],
+                              [local(self.slots[i].param.grad) for i in active],
+                              [local(self.slots[i].param) for i in active], grad_scale, None)
+        self.compression.begin(grad_scale)  # compressed moments before the step
+
+    def _end_probes(self, rows: Tensor, device) -> None:
+        """After the step: the requantization error, the int8/int4 probes and the dynamic range
+        (per tensor: gathers of each tensor's sample; off with quant_probes / range_probes)."""
+        columns = self.compression.end()
+        if columns:
+            self._put(rows, self._on(self._active, device), columns)
+        if self.range_probes:
+            active = self._active
+            self.ranges.end(rows, active, [self.slots[i].sample for i in active],
+                            [local(self.slots[i].param) for i in active], None)
+
+    def _begin_sums(self, kwargs: dict) -> None:
+        """Before the optimizer step: what needs the gradient or θ before the update.
+
+        Additions that need this step's gradients of every tensor read the flat plan's
+        `StepData` (``self._plan.step.grads``) after `FlatPlan.grad_columns`, and those of the
+        tensors in ``self._rest`` (large ones, DTensor shards, subclasses) one by one.
+        """
         if self.produced and self.caps.request_stats is not None:
             self.caps.request_stats()
         self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
         for i in self._active:
             self._prepare(self.slots[i])
-        params = [local(self.slots[i].param) for i in self._active]
-        grads = [_dense(local(self.slots[i].param.grad)) for i in self._active]
         self._pre = {}
-        if not grads:
+        self._flat_pre = {}
+        self._override = {}
+        if not self._active:
             return
+        plan = self._flat_plan()
         grad_scale = _amp_arg(self.optimizer, kwargs, "grad_scale")
+        want_update = Stat.UPDATE_SQ not in self.produced
+        if plan is not None:
+            self._flat_pre = plan.grad_columns([s.param.grad for s in plan.slots], self.produced,
+                                               grad_scale, want_update)
+        rest = self._rest
+        params = [local(self.slots[i].param) for i in rest]
+        grads = [_dense(local(self.slots[i].param.grad)) for i in rest]
+        if not grads:
+            self._before = []
+            return
         if Stat.GRAD_SQ not in self.produced:
             stats = _grad_stats(grads)
             if grad_scale is not None:
@@ -369,16 +369,45 @@ class Collector:
             self._pre.update({Col(int(k)): v for k, v in stats.items()})
         if Stat.PARAM_SQ_BEFORE not in self.produced:
             self._pre[Col.PARAM_SQ_BEFORE] = _sq_norms(params)
-        self._before = ([self.slots[i].sample.take(p) for i, p in zip(self._active, params)]
-                        if Stat.UPDATE_SQ not in self.produced else [])
-        self.ranges.begin(self._active, [self.slots[i].sample for i in self._active],
-                          [local(self.slots[i].param.grad) for i in self._active], params,
-                          grad_scale, self._before)
+        self._before = ([self.slots[i].sample.take(p) for i, p in zip(rest, params)]
+                        if want_update else [])
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
-            kept, total = self._topk([self.slots[i] for i in self._active], grads)
+            kept, total = self._topk([self.slots[i] for i in rest], grads)
             self._pre[Col.TOPK_KEPT_SQ] = kept
             self._pre[Col.TOPK_TOTAL_SQ] = total
-        self.compression.begin(grad_scale)  # compressed moments before the step
+
+    def pre_column(self, col: Col) -> Tensor | None:
+        """A column computed before the step, per tensor of `active` (None if not computed)."""
+        if col in self._override:
+            return self._override[col]
+        parts, order = [], []
+        if self._plan is not None and self._flat_pre:
+            if col not in self._flat_pre:
+                return None
+            parts.append(self._flat_pre[col])
+            order += self._plan.where
+        if self._rest:
+            if col not in self._pre:
+                return None
+            parts.append(self._pre[col])
+            order += self._rest
+        if not parts:
+            return None
+        position = {row: k for k, row in enumerate(order)}
+        return torch.cat(parts)[self._on([position[i] for i in self._active], parts[0].device)]
+
+    def override_pre(self, columns: dict[Col, Tensor]) -> None:
+        """Columns per tensor of `active` that replace what `begin` computed (the gradient
+        before clipping)."""
+        self._override.update(columns)
+
+    def _put(self, rows: Tensor, where: Tensor, columns: dict[Col, Tensor]) -> None:
+        """Writes per-tensor ``columns`` into ``rows`` at ``where``: one stack, one index_put."""
+        if not columns:
+            return
+        cols = sorted(columns)
+        values = torch.stack([columns[c].to(rows.dtype) for c in cols], dim=1)
+        rows[where[:, None], self._on([int(c) for c in cols], rows.device)[None, :]] = values
 
     @torch.no_grad()
     def end(self, step: int) -> Tensor:
@@ -388,33 +417,42 @@ class Collector:
                           device=device)
         if not self._active:
             return rows
-        active = torch.tensor(self._active, device=device)
-        columns: dict[Col, Tensor] = dict(self._pre)
-
         stats = self.caps.last_stats() if self.produced else None
         if stats is not None:
-            position = {id(s.param): i for i, s in enumerate(self.slots)}
-            where = torch.tensor([position[id(p)] for p in stats.params], device=device)
-            produced = torch.tensor(sorted(int(c) for c in self.produced), device=device)
+            key = tuple(map(id, stats.params))
+            if self._stats_where is None or self._stats_where[0] != key:
+                position = {id(s.param): i for i, s in enumerate(self.slots)}
+                self._stats_where = (key, torch.tensor([position[k] for k in key], device=device))
+            where = self._stats_where[1]
+            produced = self._on(sorted(int(c) for c in self.produced), device)
             values = stats.values.to(device, rows.dtype)
             rows[where[:, None], produced[None, :]] = values[:, produced]
 
-        params = [local(self.slots[i].param) for i in self._active]
-        if Stat.PARAM_SQ_AFTER not in self.produced:
+        plan = self._plan
+        if plan is not None:
+            columns = dict(self._flat_pre)
+            columns.update(plan.param_columns(self.produced))
+            self._put(rows, plan.index, columns)
+            self._flat_pre = {}
+        rest = self._rest
+        columns: dict[Col, Tensor] = dict(self._pre)
+        params = [local(self.slots[i].param) for i in rest]
+        if params and Stat.PARAM_SQ_AFTER not in self.produced:
             columns[Col.PARAM_SQ_AFTER] = _sq_norms(params)
-        samples = [self.slots[i].sample for i in self._active]
-        after = None
         if self._before:
+            samples = [self.slots[i].sample for i in rest]
             after = [x.take(p) for x, p in zip(samples, params)]
             columns[Col.UPDATE_SQ] = _segment_diff_sq(
                 after, self._before, self._on([x.count for x in samples], device)
             ) * self._on([x.scale for x in samples], device)
             self._before = []
-        self._moments(step, columns, rows, device)
-        columns.update(self.compression.end())  # requantization error and probes
-        self.ranges.end(rows, self._active, samples, params, after)
-        for col, values in columns.items():
-            rows[active, int(col)] = values.to(device=device, dtype=rows.dtype)
+        if rest:
+            self._put(rows, self._on(rest, device), columns)
+        if self._override:
+            self._put(rows, self._on(self._active, device), self._override)
+            self._override = {}
+        self._moments(step, rows, device)
+        self._end_probes(rows, device)
         return rows
 
     def no_quant_error_reason(self, cls: str) -> str:
@@ -431,26 +469,44 @@ class Collector:
         for metric in metrics:
             self.unreadable.setdefault(metric, why)
 
-    def _moments(self, step: int, columns: dict[Col, Tensor], rows: Tensor, device) -> None:
+    def _moments(self, step: int, rows: Tensor, device) -> None:
         """Moment norms (when the optimizer does not produce them) and second-moment drift.
 
-        v is gathered at each tensor's sample, one gather per tensor; the sums that compare it
-        with the saved samples are one reduction over all tensors. The saved samples are views
-        of this step's concatenation (one buffer, no copy per tensor).
+        The flat plan's tensors with a plain m and v: a few ops for all of them
+        (`FlatPlan.moment_columns`; additions that need every tensor's v read its `StepData`).
+        The others one by one: v gathered at each tensor's sample, the sums that compare it with
+        the saved samples one reduction over those tensors.
         """
         want_m1 = Stat.MOMENT1_SQ not in self.produced
         want_m2 = Stat.MOMENT2_SQ not in self.produced
         freeze_now = self.freeze_step is not None and step == self.freeze_step
+        plan = self._plan
+        skip_m: set = set()
+        skip_v: set = set()
+        if plan is not None:
+            if not plan.moments_ready:
+                plan.find_moments(self)
+            for where, columns in plan.moment_columns(self.optimizer.state, want_m1, want_m2,
+                                                      freeze_now):
+                self._put(rows, where, columns)
+            skip_m, skip_v = plan.m_rows, plan.v_rows
+            if self.range_probes and plan.step.v_sample is not None:  # v of the flat tensors
+                self.ranges.moment2(rows, [r for r in plan.where if r in plan.v_rows],
+                                    plan.step.v_sample, [s.sample.count for s in plan.v_slots],
+                                    [s.sample.scale for s in plan.v_slots])
+            visit = plan.loop + self._rest
+        else:
+            visit = self._active
         m1: list[tuple[int, Tensor]] = []  # (row, moment) summed in one call per moment
         m2: list[tuple[int, Tensor]] = []
         taken: list[tuple[int, TensorSlot, Tensor, Tensor]] = []  # (row, slot, v, v to compare)
-        for i in self._active:
+        for i in visit:
             slot = self.slots[i]
             layout = self.layout(slot)
             if layout is None:
                 continue
             state = decoded_state(self.optimizer.state[slot.param])  # bitsandbytes' codes
-            if want_m1 and (m := layout.first(state)) is not None:
+            if want_m1 and i not in skip_m and (m := layout.first(state)) is not None:
                 values = readable(m)
                 if values is None:
                     self._unreadable(("moment1_norm",), layout.m, m)
@@ -459,7 +515,7 @@ class Collector:
                 else:  # a dequantized copy: summed now, freed before the next one is made
                     rows[i, Col.MOMENT1_SQ] = _sq_norms([values])[0].to(device)
                     self.dequantized.add(type(local(m)).__qualname__)
-            if not layout.has_second(state):
+            if i in skip_v or not layout.has_second(state):
                 continue
             if layout.v_computed:  # computed by the optimizer (MicroAdam's window)
                 compute = self.caps.moment2_at
@@ -513,8 +569,9 @@ class Collector:
             rows[where, Col.DRIFT_PREV_SQ] = _segment_sq(prev, lengths) * scale
         lengths = [v.numel() for _, _, v, _ in taken]
         concatenated = torch.cat([v for _, _, v, _ in taken])
-        self.ranges.moment2(rows, [i for i, _, _, _ in taken], concatenated, lengths,
-                            [slot.sample.scale for _, slot, _, _ in taken])
+        if self.range_probes:
+            self.ranges.moment2(rows, [i for i, _, _, _ in taken], concatenated, lengths,
+                                [slot.sample.scale for _, slot, _, _ in taken])
         saved = concatenated.split(lengths)
         for (_, slot, _, _), v in zip(taken, saved):
             slot.v_prev = v

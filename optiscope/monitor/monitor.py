@@ -29,14 +29,15 @@ from optiscope.monitor.alerts import AlertRules
 from optiscope.monitor.checks import (check_args, check_scalar_name,
                                       check_scalar_value, check_sink_args)
 from optiscope.kernels.launch import local
-from optiscope.monitor.collect import Collector, TensorSlot, kept_bytes, storage_parts, sums_dtype
+from optiscope.monitor.collect import Collector, TensorSlot, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
-from optiscope.monitor.metrics import ROW_COLS, TENSOR_METRICS, Col, derive
+from optiscope.monitor.metrics import (RANGE_QUANTITIES, RANGE_SHARES, ROW_COLS, TENSOR_METRICS,
+                                      Col, derive)
 from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
-from optiscope.monitor.pending import _Pending, _to_host
+from optiscope.monitor.pending import Worker, _Pending, _to_host, state_bytes
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.runmeta import run_meta
@@ -84,6 +85,10 @@ class MonitorCore(StepControl):
             a bundled optimizer computes them in its update: there it raises right after).
         quant_probes: quantize sampled blocks of an uncompressed m and v as 8- and 4-bit optimizers
             would (``probe_int8_m`` ...: `optiscope.monitor.compression`; default True).
+        range_probes: log2 histograms of g, θ⁺ − θ⁻ and v and the shares low-precision formats
+            would flush or overflow (``grad_fp16_underflow`` ...: `optiscope.monitor.ranges`;
+            default True). Both probes gather each tensor's sample: off, a sampled step costs
+            a number of ops that does not grow with the number of tensors.
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -96,6 +101,10 @@ class MonitorCore(StepControl):
             (default True; needs log_dir).
         sinks: more consumers of the records (`optiscope.dashboards.Sink` subclasses), e.g. a
             bridge to your experiment tracker (default none).
+        background: decode samples and write the run log and the sinks on a thread of the
+            monitor's own, off the training thread (default False: at the next hook). Records
+            then reach the file and the sinks a little later; `history` and `close` wait for
+            them. Ignored with ``strict`` (errors must reach the caller).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
@@ -106,13 +115,14 @@ class MonitorCore(StepControl):
                  resume: bool = False, process_group=None, strict: bool = False,
                  console="auto", tensorboard: bool = True, report: bool = True,
                  sinks: Sequence[Sink] = (), start_step: int | None = None,
-                 on_nonfinite: str = "warn", quant_probes: bool = True):
+                 on_nonfinite: str = "warn", quant_probes: bool = True,
+                 range_probes: bool = True, background: bool = False):
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's / Lightning's wrappers
         (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
          update_ratio_band, seed) = check_args(
             optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
             spike_factor, update_ratio_band, seed, resume, strict, log_dir, process_group, scaler,
-            quant_probes)
+            quant_probes, range_probes)
         check_sink_args(console, tensorboard, report, sinks, Sink)
         self.optimizer = optimizer
         self.caps = capabilities(optimizer)  # what it provides of the contract, read once
@@ -127,7 +137,8 @@ class MonitorCore(StepControl):
         self.collector = Collector(
             optimizer, self.slots, caps=self.caps,
             sample_size=sample_size, topk_density=topk_density, topk_block=topk_block,
-            freeze_step=freeze_probe, seed=seed, quant_probes=quant_probes)
+            freeze_step=freeze_probe, seed=seed, quant_probes=quant_probes,
+            range_probes=range_probes)
         self.rules = AlertRules(spike_factor, update_ratio_band)
         self.step = 0
         self._calls = 0
@@ -140,6 +151,12 @@ class MonitorCore(StepControl):
         self._errors = 0
         self._forced: int | None = None
         self._scalar_names: set[str] = set()  # names log_scalar has accepted
+        # decoding and writing of samples: off the training thread when asked
+        if not isinstance(background, bool):
+            raise TypeError(f"OptimizerMonitor: background must be True or False, got "
+                            f"{background!r}")
+        self._worker = Worker(threaded=background and not strict)
+        self._scope_names: list[str] | None = None
         self._init_step_control(start_step, on_nonfinite)
 
         writes = log_dir is not None and self.topology.writes
@@ -242,6 +259,7 @@ class MonitorCore(StepControl):
         if self._scaler is not None and "step" in vars(self._scaler):
             del self._scaler.step
         self._guard(self._drain, block=True)
+        self._worker.flush()
         self.history.meta["steps_taken"] = self._completed
         self.writer.update_meta({"steps_taken": self._completed})  # resume continues from here
         self._emit("on_meta", {"steps_taken": self._completed})
@@ -281,7 +299,7 @@ class MonitorCore(StepControl):
 
     def memory_bytes(self) -> int:
         """Bytes the monitor keeps on the devices between steps (samples and saved moments)."""
-        return kept_bytes(self.slots)
+        return self.collector.kept_bytes()
 
     def is_sampled(self, step: int) -> bool:
         """Whether ``step`` (1-based) is a sampled step."""
@@ -335,7 +353,10 @@ class MonitorCore(StepControl):
         declared = self.caps.group_lrs  # e.g. Adafactor's relative step
         lrs = declared() if declared is not None else [g.get("lr") for g in self.optimizer.param_groups]
         current.lrs = [math.nan if lr is None else float(lr) for lr in lrs]
-        current.state_bytes = self._state_bytes()
+        # the state's tensors now (the worker measures them), the slots' names
+        current.state_bytes = ([list(self.optimizer.state.get(s.param, {}).items())
+                                for s in self.slots], self._cuda_allocated())
+        current.scopes = self._scopes()
         current.skipped_host = self._skipped
         self._pending.append(current)
 
@@ -399,7 +420,23 @@ class MonitorCore(StepControl):
                     return
                 head.event.synchronize()
             self._pending.pop(0)
-            self._decode(head)
+            if self._skip_reasons is None and head.rows is not None:
+                self._worker.flush()  # the first sample reads the optimizer's state: here
+                self._decode(head)
+            else:
+                self._worker.submit(self._decode, head)
+        if block:
+            self._worker.flush()
+
+    @property
+    def history(self) -> RunHistory:
+        """Every record so far (the samples decoded on the worker thread included)."""
+        self._worker.flush()
+        return self._history
+
+    @history.setter
+    def history(self, value: RunHistory) -> None:
+        self._history = value
 
     def _decode(self, p: _Pending) -> None:
         values: dict[str, tuple[list[str], list[float]]] = {}
@@ -408,7 +445,7 @@ class MonitorCore(StepControl):
             if self._skip_reasons is None:
                 self._note_skipped(rows[p.active])
             # Tensors the step did not update (no gradient) have no values this step.
-            stepped = [self.slots[i].scope for i in p.active]
+            stepped = [p.scopes[i] for i in p.active]
             for metric in TENSOR_METRICS:
                 if metric.name in self._skip_reasons:
                     continue
@@ -418,9 +455,10 @@ class MonitorCore(StepControl):
                     continue
                 values[metric.name] = (["global"] + [s for s, k in zip(stepped, keep) if k],
                                        np.concatenate([[glob], per[keep]]))
-            per_tensor, per_key, shared, cuda = p.state_bytes
+            per_tensor, per_key, shared, cuda = state_bytes(*p.state_bytes,
+                                                             self.caps.shared_state_bytes)
             values["state_bytes"] = (
-                ["global"] + [s.scope for s in self.slots] + [f"key/{k}" for k in per_key],
+                ["global"] + p.scopes + [f"key/{k}" for k in per_key],
                 [sum(per_tensor) + shared, *per_tensor, *per_key.values()])
             if cuda is not None:
                 values["cuda_memory_allocated"] = (["global"], [cuda])
@@ -445,6 +483,7 @@ class MonitorCore(StepControl):
                 self._alert(alert)
 
     def _alert(self, alert: Alert) -> None:
+        self._worker.flush()  # after the samples before it (at once on the worker)
         self.history.alerts.append(alert)
         self.writer.write_alert(alert)
         self._emit("on_alert", alert)
@@ -484,6 +523,10 @@ class MonitorCore(StepControl):
         if np.isnan(rows[:, Col.TOPK_KEPT_SQ]).all() and self.collector.topk_density is None:
             reasons["topk_coverage"] = "off: topk_density=None"
         reasons.update(self.collector.compression.skip_reasons(rows, cls))
+        if not self.collector.range_probes:
+            reasons.update(dict.fromkeys((f"{q}_{fmt}_{what}" for q in RANGE_QUANTITIES
+                                          for fmt, what in RANGE_SHARES),
+                                         "off: range_probes=False"))
         self._skip_reasons = reasons
         self.history.meta["skipped_metrics"] = reasons
         self.writer.update_meta({"skipped_metrics": reasons})
@@ -523,6 +566,7 @@ class MonitorCore(StepControl):
         """A param group was added: track its tensors too, keeping what the others hold."""
         old = {id(s.param): s for s in self.slots}
         self.slots[:] = [old.get(id(s.param), s) for s in self._slots()]
+        self._scope_names = None
         self.topology.track([s.param for s in self.slots])
 
     def _watch_scaler(self, scaler) -> None:
@@ -542,23 +586,12 @@ class MonitorCore(StepControl):
 
         scaler.step = step
 
-    def _state_bytes(self) -> tuple[list[int], dict[str, int], int, int | None]:
-        """Bytes of each tensor's optimizer state (storages counted once), per key, shared."""
-        seen: set = set()
-        per_tensor, per_key = [], {}
-        for slot in self.slots:
-            total = 0
-            for key, value in self.optimizer.state.get(slot.param, {}).items():
-                if not isinstance(value, Tensor):
-                    continue
-                for ident, nbytes in storage_parts(value):  # a subclass: its inner tensors
-                    if ident in seen:
-                        continue
-                    seen.add(ident)
-                    total += nbytes
-                    per_key[key] = per_key.get(key, 0) + nbytes
-            per_tensor.append(total)
-        shared = self.caps.shared_state_bytes
+    def _scopes(self) -> list[str]:
+        """The slots' names (one list until the slots change)."""
+        if self._scope_names is None:
+            self._scope_names = [s.scope for s in self.slots]
+        return self._scope_names
+
+    def _cuda_allocated(self) -> int | None:
         device = local(self.slots[0].param).device if self.slots else torch.device("cpu")
-        cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        return per_tensor, per_key, int(shared()) if shared else 0, cuda
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else None

@@ -1,13 +1,21 @@
-"""A sampled step on its way to the host, and the copy that brings it there."""
+"""A sampled step on its way to the host, the copy that brings it there, and the thread that
+decodes it and writes its records."""
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["_Pending", "_to_host"]
+from optiscope.monitor.collect import storage_parts
+
+__all__ = ["_Pending", "_to_host", "Worker", "state_bytes"]
+
+log = logging.getLogger("optiscope.monitor")
 
 
 @dataclass
@@ -21,7 +29,8 @@ class _Pending:
     skipped_device: Tensor | None = None  # found_inf total of fused steps, host copy
     scalars: dict[str, object] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
-    state_bytes: tuple | None = None
+    state_bytes: tuple | None = None      # (each slot's state items, CUDA bytes allocated)
+    scopes: list[str] = field(default_factory=list)  # the slots' names at the step
     skipped_host: int = 0
     event: object = None                  # torch.cuda.Event once sealed, on CUDA
     sealed: bool = False
@@ -35,3 +44,82 @@ def _to_host(t: Tensor) -> Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t, non_blocking=True)
     return out
+
+
+class Worker:
+    """Runs the decoding of samples and the writing of their records (run log, sinks) in order,
+    on a thread of its own, so that the training thread only queues them.
+
+    Args:
+        threaded: False runs every call at once on the caller's thread (``strict`` monitors:
+            an error there must reach the caller).
+    """
+
+    def __init__(self, threaded: bool):
+        self.threaded = threaded
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._waiting = 0       # calls queued and not yet finished
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    def submit(self, fn, *args) -> None:
+        """Runs ``fn(*args)`` after every call submitted before it."""
+        if not self.threaded or self.on_worker():
+            fn(*args)
+            return
+        with self._idle:
+            self._waiting += 1
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="optiscope-records",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((fn, args))
+
+    def on_worker(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def flush(self) -> None:
+        """Waits until every submitted call has run (at once on the worker itself)."""
+        if self._thread is None or self.on_worker():
+            return
+        with self._idle:
+            while self._waiting:
+                self._idle.wait()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except BaseException:  # never kill the thread: training goes on
+                self.errors += 1
+                if self.errors <= 3:
+                    log.exception("optiscope: decoding or writing a sample failed; training goes "
+                                  "on%s", "" if self.errors < 3 else " (further errors not shown)")
+            finally:
+                with self._idle:
+                    self._waiting -= 1
+                    self._idle.notify_all()
+
+
+def state_bytes(states: list[list], cuda: int | None, shared
+                ) -> tuple[list[int], dict[str, int], int, int | None]:
+    """Bytes of each tensor's optimizer state (storages counted once), per key, and shared
+    (``shared``: the optimizer's `shared_state_bytes`, or None); ``states``: each tensor's state
+    items at the step, measured here, on the worker."""
+    seen: set = set()
+    per_tensor, per_key = [], {}
+    for items in states:
+        total = 0
+        for key, value in items:
+            if not isinstance(value, Tensor):
+                continue
+            for ident, nbytes in storage_parts(value):  # a subclass: its inner tensors
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                total += nbytes
+                per_key[key] = per_key.get(key, 0) + nbytes
+        per_tensor.append(total)
+    return per_tensor, per_key, int(shared()) if shared else 0, cuda

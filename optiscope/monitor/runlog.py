@@ -80,7 +80,16 @@ def _number(x: float) -> str:
 
 
 def _values_json(values) -> str:
-    return "[" + ",".join(_number(float(v)) for v in np.asarray(values).ravel()) + "]"
+    """The text `_number` gives each value, in one call: json writes a float as its repr (and
+    NaN, Infinity, -Infinity as `_number` does); the integral values become ints first. Per
+    value in Python, this was the largest cost of a sample of many tensors."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    items = a.tolist()
+    with np.errstate(invalid="ignore"):
+        integral = (a == np.trunc(a)) & (np.abs(a) < 2.0**53) & ~np.signbit(a)
+    for i in np.flatnonzero(integral).tolist():
+        items[i] = int(items[i])
+    return json.dumps(items, separators=(",", ":"))
 
 
 class NullWriter:

@@ -42,6 +42,7 @@ def run_meta(monitor, sample_size, topk_density, topk_block) -> dict:
         every=monitor.every, sample_size=sample_size, topk_density=topk_density,
         topk_block=topk_block, freeze_probe=monitor.freeze_probe,
         quant_probes=monitor.collector.compression.probes,
+        range_probes=monitor.collector.range_probes,
         second_moment_frozen_at=monitor.caps.freeze_step,
         produced_by_optimizer=sorted(c.name.lower() for c in monitor.collector.produced),
         world_size=monitor.topology.world, sharded=monitor.topology.sharded,

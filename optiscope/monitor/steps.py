@@ -80,7 +80,7 @@ class StepControl:
         if capture is not None and capture.step == self.step:
             columns = capture.columns(self.slots, self.collector.active)
             if columns is not None:  # the gradient before clipping
-                self.collector._pre.update(columns)
+                self.collector.override_pre(columns)
             self._current.scalars["clip_coef"] = _to_host(torch.as_tensor(capture.coef()))
         else:
             self._current.scalars["clip_coef"] = 1.0
@@ -105,6 +105,7 @@ class StepControl:
         """The next step is ``step + 1``; later records in the run log are void from here on."""
         self._current, self._capture, self._begin_pending = None, None, False
         self.step = self._completed = step
+        self._worker.flush()  # the samples before the resume mark are written before it
         self.writer.write_resume(step)
         drop_after(self.history, step)
 
@@ -196,7 +197,7 @@ class StepControl:
         if (self.on_nonfinite != "raise" or current is None or current.step != self.step
                 or self._begin_pending):
             return
-        column = self.collector._pre.get(Col.GRAD_NONFINITE)
+        column = self.collector.pre_column(Col.GRAD_NONFINITE)
         if column is None:  # computed by the bundled optimizer's update: checked after it
             return
         current.checked = True
