@@ -282,7 +282,7 @@ def train(optimizer: str, run_dir: str | Path, config: DemoConfig | None = None,
     freeze = max(2, config.steps // 4) if config.steps >= 8 else None
     start = time.perf_counter()
     mon = OptimizerMonitor(opt, model=model, every=config.every, log_dir=run_dir,
-                           freeze_probe=freeze,
+                           freeze_probe=freeze, quant_probes=True, range_probes=True,
                            console=ConsoleDashboard(console, total_steps=config.steps,
                                                     title=title or str(run_dir))
                            if dashboard else False)

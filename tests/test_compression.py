@@ -88,8 +88,8 @@ def _train(opt, model, steps, dtype=torch.float32, loss=None, **monitor_kwargs):
 
     opt.register_step_pre_hook(pre)
     opt.register_step_post_hook(post)
-    monitor_kwargs = dict(dict(every=1, sample_size=10**9, strict=True, console=False),
-                          **monitor_kwargs)
+    monitor_kwargs = dict(dict(every=1, sample_size=10**9, strict=True, console=False,
+                               quant_probes=True), **monitor_kwargs)
     mon = OptimizerMonitor(opt, model=model, **monitor_kwargs)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):

@@ -331,7 +331,8 @@ def _scenario_ddp(rank: int, world: int, root: Path) -> dict:
         # the foreign run gives every rank the same log_dir, the bundled run one per rank
         log_dir = root / ("ddp-foreign" if kind.startswith("torch") else f"ddp-bundled-rank{rank}")
         mon = OptimizerMonitor(opt, model=model, every=2, log_dir=log_dir, sample_size=EXACT,
-                               topk_density=TOPK_DENSITY, topk_block=TOPK_BLOCK, strict=True)
+                               topk_density=TOPK_DENSITY, topk_block=TOPK_BLOCK, strict=True,
+                               range_probes=True)
         calls = _train(model, opt, mon, 5, _data(rank))
         dist.barrier()  # both ranks have closed their monitors before rank 0 looks at the files
         out[kind] = dict(
@@ -384,7 +385,8 @@ def _scenario_sharded(rank: int, world: int, root: Path) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rec = _Recorder(opt, {id(p): n for n, p in model.named_parameters()})
     mon = OptimizerMonitor(opt, model=model, every=3, log_dir=root / "fsdp", sample_size=EXACT,
-                           topk_density=TOPK_DENSITY, topk_block=TOPK_BLOCK, strict=True)
+                           topk_density=TOPK_DENSITY, topk_block=TOPK_BLOCK, strict=True,
+                           range_probes=True)
     calls = _train(model, opt, mon, 7, _data(rank))
     out["fsdp"] = dict(
         recorded=_recorded(mon.history), calls=calls, sharded=mon.history.meta["sharded"],
@@ -398,7 +400,8 @@ def _scenario_sharded(rank: int, world: int, root: Path) -> dict:
     model = fully_shard(nn.Linear(4, 6))
     opt = AdamW(model.parameters(), lr=1e-2, backend="torch")
     rec = _Recorder(opt, {id(p): n for n, p in model.named_parameters()})
-    mon = OptimizerMonitor(opt, model=model, sample_size=EXACT, topk_density=None, strict=True)
+    mon = OptimizerMonitor(opt, model=model, sample_size=EXACT, topk_density=None, strict=True,
+                           range_probes=True)
     try:
         _train(model, opt, mon, 2, _data(rank, 4))
         out["bundled_fsdp"] = dict(recorded=_recorded(mon.history), error=None,
@@ -429,7 +432,7 @@ def _scenario_sharded(rank: int, world: int, root: Path) -> dict:
         {"params": [(n, params[n]) for n in ("replicate", "plain")], "lr": 3e-2}])
     rec = _Recorder(opt, {id(p): n for n, p in params.items()})
     mon = OptimizerMonitor(opt, every=3, sample_size=EXACT, topk_density=TOPK_DENSITY,
-                           topk_block=TOPK_BLOCK, strict=True)
+                           topk_block=TOPK_BLOCK, strict=True, range_probes=True)
     calls = {}
     for step in range(1, 8):
         gg = torch.Generator().manual_seed(step)

@@ -661,7 +661,8 @@ def test_adafactor_without_beta1_has_its_second_moment_read():
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = Adafactor(model.parameters(), backend="torch")
-    mon = OptimizerMonitor(opt, model=model, strict=True, console=False)
+    mon = OptimizerMonitor(opt, model=model, strict=True, console=False, quant_probes=True,
+                           range_probes=True)
     for x, y in batches(3):
         loss = loss_fn(model, x, y)
         opt.zero_grad()

@@ -110,7 +110,8 @@ def test_monitor_histograms_and_shares_match_whole_tensors(factory, tmp_path):
     opt = factory(model.parameters())
     # the monitor's hooks go first: the recorder sees θ as the optimizer does
     mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, log_dir=tmp_path,
-                           console=False, tensorboard=False, report=False, strict=True)
+                           console=False, tensorboard=False, report=False, strict=True,
+                           range_probes=True)
     rec = Recorder(model, opt)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -159,7 +160,8 @@ def test_tensorboard_histograms_and_report_heatmap(tmp_path):
     model = torch.nn.Linear(30, 20)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mon = OptimizerMonitor(opt, model=model, every=1, sample_size=10**9, log_dir=tmp_path,
-                           console=False, tensorboard=True, report=False, strict=True)
+                           console=False, tensorboard=True, report=False, strict=True,
+                           range_probes=True)
     gen = torch.Generator().manual_seed(3)
     grads = []
     for _ in range(2):

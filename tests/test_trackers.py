@@ -215,15 +215,12 @@ def test_mlflow_holds_every_chosen_value_at_its_step(tracked):
     assert {"grad_norm/global", "grad_norm/q.weight", "update_ratio/mlp.0.bias", "lr/group0",
             "state_bytes/key/exp_avg", "loss/global", "weight_norm/global"} <= all_keys
     assert "weight_norm/q.weight" not in all_keys  # not in the default per-tensor metrics
-    # The README's figure: AdamW sends 44 run-wide values (clip_coef, the 21 dynamic-range
-    # shares and the five int8/int4 probes among them) and 2 x 20 per tensor per sample.
-    assert max(len(k) for k in want_keys.values()) == 44 + 2 * 20
-    # ... where every value is 44 + 32 per tensor, 5 more (the probes) for a tensor of 256
-    # entries or more (the README's "32 values per tensor, 37 with ...").
+    # The README's figure: AdamW sends 18 run-wide values (clip_coef among them) and 2 x 20
+    # per tensor per sample (the readiness probes are off by default).
+    assert max(len(k) for k in want_keys.values()) == 18 + 2 * 20
+    # ... where every value is 18 + 11 per tensor (the README's "11 values per tensor").
     n_tensors = len(history.meta["params"])
-    n_probed = sum(p["numel"] >= 256 for p in history.meta["params"])
-    assert sum(len(history.scopes(m)) for m in history.metrics()) == (
-        44 + 32 * n_tensors + 5 * n_probed)
+    assert sum(len(history.scopes(m)) for m in history.metrics()) == 18 + 11 * n_tensors
     assert_mlflow_run_holds(sink.run_id, want_keys, values)
 
 

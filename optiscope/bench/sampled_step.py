@@ -181,7 +181,7 @@ def count_ops(kind: str, n_tensors: int, sinks: str = "runlog", steps: int = 3,
               probes: bool = True) -> dict:
     """Ops per sampled step: the last of ``steps`` (the first samples and their decoding, with
     their one-time work, come before it). ``probes``: the monitor's ``quant_probes`` and
-    ``range_probes`` (default on, as in the monitor)."""
+    ``range_probes`` (default on here; off by default in the monitor)."""
     shapes = shapes_for(n_tensors)
     with tempfile.TemporaryDirectory() as log_dir:
         opt, monitor, windows = _watched(kind, shapes, sinks, log_dir, None, probes)

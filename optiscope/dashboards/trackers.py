@@ -5,9 +5,9 @@
   tensor's scope is sent for the per-tensor ``metrics`` (glob patterns, default ``grad_norm`` and
   ``update_ratio``) when the tensor matches one of ``scopes`` (glob patterns, default none) or is
   among the ``top`` tensors by that sample's ``grad_norm`` (default 20; non-finite first). Every
-  metric of AdamW is 32 values per tensor per sample (37 with the int8/int4 probes of a tensor
-  of 256 entries or more), over 32,000 for a 1,000-tensor model; the default sends 84 (44
-  run-wide: 21 of them the dynamic-range shares, 5 the probes; 2 × 20 per tensor): the run-wide
+  metric of AdamW is 11 values per tensor per sample (32 with the range probes, 5 more with the
+  int8/int4 probes), over 11,000 for a 1,000-tensor model; the default sends 58 (18 run-wide;
+  84 with both probes on, whose globals are run-wide too; 2 × 20 per tensor): the run-wide
   series, and the two per-tensor series people read first for the tensors that dominate the
   gradient (all of them for a model of 20 tensors or fewer).
 * **Off the training thread.** The monitor's calls only queue records; one daemon thread

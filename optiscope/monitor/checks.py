@@ -60,8 +60,8 @@ def _is_real(value) -> bool:
 
 def check_args(optimizer, model, every, sample_size, topk_density, topk_block, freeze_probe,
                 spike_factor, update_ratio_band, seed=0, resume=False, strict=False,
-                log_dir=None, process_group=None, scaler=None, quant_probes=True,
-                range_probes=True) -> tuple:
+                log_dir=None, process_group=None, scaler=None, quant_probes=False,
+                range_probes=False) -> tuple:
     """Every constructor argument, before anything is attached or written: its type (numpy
     integers are integers, a bool is not), then its range. Returns the numbers as Python ints
     and floats: ``(every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,

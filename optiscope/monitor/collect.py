@@ -142,8 +142,8 @@ class Collector:
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
-                 freeze_step: int | None, seed: int, quant_probes: bool = True,
-                 range_probes: bool = True):
+                 freeze_step: int | None, seed: int, quant_probes: bool = False,
+                 range_probes: bool = False):
         self.optimizer = optimizer
         self.slots = slots
         self.caps = capabilities(optimizer) if caps is None else caps
