@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,10 +38,10 @@ def _seven_digits(x: float) -> str:
 
 
 def log_bytes(steps: int = 100) -> int:
-    return sum(bytes_by_kind(steps).values())
+    return sum(v for k, v in bytes_by_kind(steps).items() if not k.startswith("sample: "))
 
 
-def bytes_by_kind(steps: int = 100) -> dict[str, int]:
+def bytes_by_kind(steps: int = 100, range_probes: bool = False) -> dict[str, int]:
     """The run log's bytes per record kind (``sample``, ``histograms``, ``scopes``, ...), with
     the dynamic-range shares' part of the samples as ``sample: range shares``."""
     torch.manual_seed(0)
@@ -51,7 +52,8 @@ def bytes_by_kind(steps: int = 100) -> dict[str, int]:
     opt = AdamW(model.parameters(), lr=1e-3, backend="torch")
     x, y = torch.randn(32, 64), torch.randn(32, 64)
     with tempfile.TemporaryDirectory() as run:
-        with OptimizerMonitor(opt, model=model, every=1, log_dir=run, console=False) as mon:
+        with OptimizerMonitor(opt, model=model, every=1, log_dir=run, console=False,
+                              range_probes=range_probes) as mon:
             for _ in range(steps):
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
@@ -77,14 +79,21 @@ def main() -> None:
     exact = sum(v for k, v in sizes.items() if not k.startswith("sample: "))
     print("run log, 100 samples of 30 tensors, by record kind: " + ", ".join(
         f"{kind} {n / 1e3:.0f} kB" for kind, n in sorted(sizes.items())))
-    writer = runlog._number
-    runlog._number = _seven_digits
+    writer = runlog._values_json  # the one place the run log turns values into text
+    runlog._values_json = lambda values: "[" + ",".join(
+        _seven_digits(float(x)) for x in np.asarray(values, dtype=np.float64).ravel()) + "]"
     try:
         seven = log_bytes()
     finally:
-        runlog._number = writer
+        runlog._values_json = writer
     print(f"run log, 100 samples of 30 tensors: exact floats {exact / 1e3:.0f} kB, "
           f"7 digits {seven / 1e3:.0f} kB ({exact / seven:.2f}x)")
+    ranged = bytes_by_kind(range_probes=True)
+    hists = ranged.get("histograms", 0)
+    print(f"with range_probes=True: {sum(v for k, v in ranged.items() if ':' not in k) / 1e3:.0f}"
+          f" kB, of which histograms {hists / 1e3:.0f} kB ({hists / (100 * 30 * 3):.0f} B per "
+          f"tensor and quantity per sample) and the shares "
+          f"{ranged.get('sample: range shares', 0) / 1e3:.0f} kB")
 
 
 if __name__ == "__main__":
