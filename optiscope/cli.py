@@ -39,8 +39,8 @@ def _user_errors(*types: type[BaseException]):
 
 _EPILOG = """\
 examples:
-  optiscope demo                           train a small GPT on Python's own source for about a
-                                           minute, with the live dashboard; writes runs/demo-adamw
+  optiscope demo                           train a small GPT on Python's own source for about 2
+                                           minutes, with the live dashboard; writes runs/demo-adamw
   optiscope compare --optimizers adamw,adafactor
                                            the same model with each optimizer, one report
   optiscope watch runs/exp1                the live dashboard of a run another process is writing
@@ -55,7 +55,7 @@ examples:
 
 _DEMO_EPILOG = """\
 examples:
-  optiscope demo                           AdamW, {steps} steps, runs/demo-adamw (about 2½ minutes
+  optiscope demo                           AdamW, {steps} steps, runs/demo-adamw (about 2 minutes
                                            on a 2-core CPU)
   optiscope demo --optimizer adafactor --steps 2000 --out runs/adafactor
   optiscope demo --steps 50 > demo.log     off a terminal: one line per sample instead of the

@@ -2,7 +2,7 @@
 
 The model is a small character-level (byte-level) GPT; the text is the Python standard library's
 own source, which ships with every Python install, so the demo needs no download. One run trains
-for about 2½ minutes on a 2-core CPU with the live dashboard, and leaves a run directory with the
+for about 2 minutes on a 2-core CPU with the live dashboard, and leaves a run directory with the
 run log, TensorBoard events, ``report.html`` and ``trends.png``. ``compare`` trains the same
 model on the same batches with several optimizers and writes one report that overlays them: loss
 against step, and loss against the memory each optimizer's state takes.
@@ -94,7 +94,7 @@ def make_optimizer(name: str, params, lr: float | None = None) -> torch.optim.Op
 
 @dataclass
 class DemoConfig:
-    """What one demo run trains. The defaults take about 2½ minutes on a 2-core CPU."""
+    """What one demo run trains. The defaults take about 2 minutes on a 2-core CPU."""
 
     steps: int = 1500
     batch: int = 16
