@@ -29,7 +29,6 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
-import math
 import os
 import threading
 import time as _time
