@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"{n:5d} tensors  {kind:16s} {sinks:7s} probes {probes:3s} "
                       f"{row['ops']:5d} ops "
-                      f"{row['c_calls']:4d} C calls  +{row['added_ms']:7.2f} ms "
+                      f"{row['c_calls']:4d} C calls  +{row['added_ms']:7.2f} ms (mean +{row['added_mean_ms']:.2f}) "
                       f"(hooks {row['hooks_ms']:.2f} ms, step {row['plain_ms']:.2f} ms)",
                       flush=True)
     name = args.name or f"monitor-step-{device.get('slug', 'cpu')}.json"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,6 +73,11 @@ class StatsRows:
     def write(self, columns: dict[Stat, Tensor]) -> None:
         """Writes whole columns: ``columns[stat][i]`` goes to ``values[rows[i], stat]``."""
         if not columns:
+            return
+        if self.values.device.type == "cpu":  # numpy on the same memory: no torch op per column
+            values, rows = self.values.numpy(), np.array(self.rows, dtype=np.int64)
+            for stat, column in columns.items():
+                values[rows, int(stat)] = np.asarray(column)
             return
         index = self.row_index().long()
         for stat, column in columns.items():

@@ -12,6 +12,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +23,7 @@ from optiscope.monitor.flat import FlatPlan, flat_eligible
 from optiscope.monitor.pertensor import (dense as _dense, grad_stats as _grad_stats,
                                          segment_diff_sq as _segment_diff_sq,
                                          segment_sq as _segment_sq, sq_norms as _sq_norms,
-                                         sums_dtype)
+                                         sums_dtype, topk_sums as _topk)
 from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import ROW_COLS, Col
 from optiscope.monitor.ranges import RangeProbe
@@ -212,50 +213,6 @@ class Collector:
             t = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
         return t
 
-    def _topk(self, slots: list[TensorSlot], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """(kept, total) squared mass of a blockwise top-k of each gradient, scaled to its tensor.
-
-        The blocks of every tensor (its sampled blocks, or all of them for a small tensor) are
-        gathered into one ``[rows, B]`` matrix and selected with one top-k; a small tensor's
-        last, partial block goes with those of the same length. One top-k per tensor cost the
-        GPT-2-small sample (148 tensors) 4.5 ms of per-call overhead on a CPU.
-        """
-        block, rho = self.topk_block, self.topk_density
-        device = grads[0].device
-        wide = sums_dtype(device)
-        rows: list[Tensor] = []
-        counts: list[int] = []
-        scales: list[float] = []
-        tails: dict[int, list[tuple[int, Tensor]]] = {}
-        for j, (slot, g) in enumerate(zip(slots, grads)):
-            flat = _dense(g).detach().reshape(-1)
-            n_full = flat.numel() // block
-            full = flat[: n_full * block].view(n_full, block)
-            if slot.blocks is not None:  # sampled blocks
-                rows.append(torch.index_select(full, 0, slot.blocks).to(wide))
-                counts.append(slot.blocks.numel())
-                scales.append(flat.numel() / (slot.blocks.numel() * block))
-                continue
-            rows.append(full.to(wide))  # every block: exact
-            counts.append(n_full)
-            scales.append(1.0)
-            if flat.numel() > n_full * block:
-                tail = flat[n_full * block:]
-                tails.setdefault(tail.numel(), []).append((j, tail))
-        square = torch.cat(rows).square_()
-        kept_rows = square.topk(math.ceil(rho * block), dim=1, sorted=False).values.sum(dim=1)
-        lengths = self._on(counts, device)
-        scale = self._on(scales, device)
-        kept = torch.segment_reduce(kept_rows, "sum", lengths=lengths) * scale
-        total = torch.segment_reduce(square.sum(dim=1), "sum", lengths=lengths) * scale
-        for length, items in tails.items():
-            where = self._on([j for j, _ in items], device)
-            square = torch.stack([t for _, t in items]).to(wide).square_()
-            k = math.ceil(rho * length)
-            kept.index_add_(0, where, square.topk(k, dim=1, sorted=False).values.sum(dim=1))
-            total.index_add_(0, where, square.sum(dim=1))
-        return kept, total
-
     # ----------------------------------------------------------------------------- the step
     def note_step(self, kwargs: dict) -> None:
         """Every step, sampled or not: keeps a reference to a fused step's found_inf flag (no
@@ -372,7 +329,8 @@ class Collector:
         self._before = ([self.slots[i].sample.take(p) for i, p in zip(rest, params)]
                         if want_update else [])
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
-            kept, total = self._topk([self.slots[i] for i in rest], grads)
+            kept, total = _topk([self.slots[i] for i in rest], grads, self.topk_block,
+                                self.topk_density, self._on)
             self._pre[Col.TOPK_KEPT_SQ] = kept
             self._pre[Col.TOPK_TOTAL_SQ] = total
 
@@ -384,7 +342,7 @@ class Collector:
         if self._plan is not None and self._flat_pre:
             if col not in self._flat_pre:
                 return None
-            parts.append(self._flat_pre[col])
+            parts.append(torch.as_tensor(self._flat_pre[col]))  # numpy from the C sums
             order += self._plan.where
         if self._rest:
             if col not in self._pre:
@@ -401,11 +359,17 @@ class Collector:
         before clipping)."""
         self._override.update(columns)
 
-    def _put(self, rows: Tensor, where: Tensor, columns: dict[Col, Tensor]) -> None:
-        """Writes per-tensor ``columns`` into ``rows`` at ``where``: one stack, one index_put."""
+    def _put(self, rows: Tensor, where, columns: dict[Col, object]) -> None:
+        """Writes per-tensor ``columns`` into ``rows`` at ``where``: one stack, one index_put
+        (on the CPU in numpy, on the rows' memory: no torch op; the C sums give numpy arrays)."""
         if not columns:
             return
         cols = sorted(columns)
+        if rows.device.type == "cpu":
+            at = where.numpy() if isinstance(where, Tensor) else where
+            rows.numpy()[at[:, None], cols] = np.stack(
+                [np.asarray(columns[c], dtype=np.float64) for c in cols], axis=1)
+            return
         values = torch.stack([columns[c].to(rows.dtype) for c in cols], dim=1)
         rows[where[:, None], self._on([int(c) for c in cols], rows.device)[None, :]] = values
 
@@ -413,8 +377,12 @@ class Collector:
     def end(self, step: int) -> Tensor:
         """After the optimizer step: the ``[n_tensors, ROW_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
-        rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
-                          device=device)
+        if device.type == "cpu":  # numpy fills it without a torch op (`_put`)
+            rows = torch.from_numpy(np.full((len(self.slots), ROW_COLS), math.nan,
+                                            dtype=np.float64))
+        else:
+            rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
+                              device=device)
         if not self._active:
             return rows
         stats = self.caps.last_stats() if self.produced else None
@@ -426,7 +394,11 @@ class Collector:
             where = self._stats_where[1]
             produced = self._on(sorted(int(c) for c in self.produced), device)
             values = stats.values.to(device, rows.dtype)
-            rows[where[:, None], produced[None, :]] = values[:, produced]
+            if device.type == "cpu":  # numpy: no torch op
+                at = produced.numpy()
+                rows.numpy()[where.numpy()[:, None], at] = values.numpy()[:, at]
+            else:
+                rows[where[:, None], produced[None, :]] = values[:, produced]
 
         plan = self._plan
         if plan is not None:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from optiscope.contract import Stat
+from optiscope.monitor import flat_cpu
 from optiscope.monitor.metrics import Col
 
 __all__ = ["FLAT_MAX", "Segments", "FlatPlan", "StepData", "flat_eligible", "flatten"]
@@ -229,6 +231,18 @@ class FlatPlan:
         self.seg = Segments([s.param.numel() for s in slots], [s.sample for s in slots], device,
                             wide)
         self.topk = _TopK(self.seg, slots, topk[0], topk[1], device, wide) if topk else None
+        self.params = [s.param for s in slots]
+        # On the CPU, float32 tensors are summed in C where they lie (`flat_cpu`); any step whose
+        # tensors are not plain float32 takes the torch ops below.
+        self.host = self.host_topk = None
+        if (flat_cpu.host_sums_apply(device, wide)
+                and all(p.dtype == torch.float32 for p in self.params)):
+            numels = [p.numel() for p in self.params]
+            self.host = flat_cpu.HostSegments(numels, [s.sample for s in slots])
+            if topk:
+                self.host_topk = flat_cpu.HostTopK(numels, slots, topk[0], topk[1])
+        self.m_host = self.v_host = None
+        self.m_where_host = self.v_where_host = None
         self.step = StepData()
         self.moments_ready = False   # m and v partitions are found at the first end()
         self.m_where: Tensor | None = None
@@ -250,8 +264,14 @@ class FlatPlan:
                      want_update: bool) -> dict[Col, Tensor]:
         """Gradient statistics, Σθ² before, the top-k probe, θ's sample; Col -> per tensor."""
         wide, seg = self.wide, self.seg
-        params = [s.param for s in self.slots]
+        params = self.params
         want_topk = self.topk is not None and Stat.TOPK_KEPT_SQ not in produced
+        if self.host is not None:
+            columns = flat_cpu.grad_columns(self, grads, produced, grad_scale, want_update,
+                                            want_topk)
+            if columns is not None:
+                self.step.grads = None
+                return columns
         columns: dict[Col, Tensor] = {}
         g = self.step.grads = flatten(grads)
         x = g.to(wide)
@@ -280,11 +300,13 @@ class FlatPlan:
     # ------------------------------------------------------------------------- after the step
     def param_columns(self, produced) -> dict[Col, Tensor]:
         """Σθ² after the step and the update's Σ(Δθ)² at the samples."""
-        columns: dict[Col, Tensor] = {}
         want_after = Stat.PARAM_SQ_AFTER not in produced
         if not want_after and self.step.before is None:
+            return {}
+        if self.host is not None and (columns := flat_cpu.param_columns(self, produced)) is not None:
             return columns
-        p = flatten([s.param for s in self.slots])
+        columns: dict[Col, Tensor] = {}
+        p = flatten(self.params)
         if want_after:
             columns[Col.PARAM_SQ_AFTER] = self.seg.sq(p, self.wide)
         if self.step.before is not None:
@@ -318,6 +340,10 @@ class FlatPlan:
         self.v_keys = [k for _, _, k in v_rows]
         self.v_where = torch.tensor([r for r, _, _ in v_rows], dtype=torch.int64, device=device)
         self.v_seg = self._segments(self.v_slots)
+        if self.host is not None:
+            self.m_host, self.v_host = self._host_segments(self.m_slots), self._host_segments(self.v_slots)
+            self.m_where_host = np.array([r for r, _, _ in m_rows], dtype=np.int64)
+            self.v_where_host = np.array([r for r, _, _ in v_rows], dtype=np.int64)
         # samples saved by an earlier plan (or the per-tensor path): NaN where none, so that
         # tensor's drift stays unrecorded this step
         self.m_rows = {r for r, _, _ in m_rows}
@@ -336,6 +362,11 @@ class FlatPlan:
             return self.seg
         return Segments([s.param.numel() for s in slots], [s.sample for s in slots], self.device,
                         self.wide)
+
+    def _host_segments(self, slots: list) -> flat_cpu.HostSegments:
+        if len(slots) == len(self.slots):
+            return self.host
+        return flat_cpu.HostSegments([s.param.numel() for s in slots], [s.sample for s in slots])
 
     def _gather_saved(self, name: str) -> Tensor | None:
         saved = [getattr(s, name) for s in self.v_slots]
@@ -362,6 +393,9 @@ class FlatPlan:
     def moment_columns(self, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool
                        ) -> list[tuple[Tensor, dict[Col, Tensor]]]:
         """Σm², Σv² and the drift sums of v at the samples: [(row indices, Col -> values)]."""
+        if self.host is not None and (out := flat_cpu.moment_columns(
+                self, state, want_m1, want_m2, freeze_now)) is not None:
+            return out
         wide, out = self.wide, []
         if want_m1 and self.m_slots:
             m = flatten([state[s.param][k] for s, k in zip(self.m_slots, self.m_keys)])

@@ -13,7 +13,8 @@ from optiscope.kernels import cpu
 from optiscope.kernels.stats import SUM_ROW
 from optiscope.contract import Stat
 
-__all__ = ["sums_dtype", "sq_norms", "grad_stats", "dense", "segment_sq", "segment_diff_sq"]
+__all__ = ["sums_dtype", "sq_norms", "grad_stats", "dense", "segment_sq", "segment_diff_sq",
+           "topk_sums"]
 
 
 def sums_dtype(device: torch.device) -> torch.dtype:
@@ -95,3 +96,49 @@ def segment_diff_sq(a: list[Tensor], b: list[Tensor], lengths: Tensor) -> Tensor
     x, y = torch.cat(a), torch.cat(b)
     wide = sums_dtype(x.device)
     return torch.segment_reduce((x.to(wide) - y.to(wide)).square_(), "sum", lengths=lengths)
+
+
+def topk_sums(slots: list, grads: list[Tensor], block: int, rho: float, on
+              ) -> tuple[Tensor, Tensor]:
+    """(kept, total) squared mass of a blockwise top-k of each gradient, scaled to its tensor
+    (``on``: a list as a tensor on a device, `Collector._on`).
+
+    The blocks of every tensor (its sampled blocks, or all of them for a small tensor) are
+    gathered into one ``[rows, B]`` matrix and selected with one top-k; a small tensor's
+    last, partial block goes with those of the same length. One top-k per tensor cost the
+    GPT-2-small sample (148 tensors) 4.5 ms of per-call overhead on a CPU.
+    """
+    device = grads[0].device
+    wide = sums_dtype(device)
+    rows: list[Tensor] = []
+    counts: list[int] = []
+    scales: list[float] = []
+    tails: dict[int, list[tuple[int, Tensor]]] = {}
+    for j, (slot, g) in enumerate(zip(slots, grads)):
+        flat = dense(g).detach().reshape(-1)
+        n_full = flat.numel() // block
+        full = flat[: n_full * block].view(n_full, block)
+        if slot.blocks is not None:  # sampled blocks
+            rows.append(torch.index_select(full, 0, slot.blocks).to(wide))
+            counts.append(slot.blocks.numel())
+            scales.append(flat.numel() / (slot.blocks.numel() * block))
+            continue
+        rows.append(full.to(wide))  # every block: exact
+        counts.append(n_full)
+        scales.append(1.0)
+        if flat.numel() > n_full * block:
+            tail = flat[n_full * block:]
+            tails.setdefault(tail.numel(), []).append((j, tail))
+    square = torch.cat(rows).square_()
+    kept_rows = square.topk(math.ceil(rho * block), dim=1, sorted=False).values.sum(dim=1)
+    lengths = on(counts, device)
+    scale = on(scales, device)
+    kept = torch.segment_reduce(kept_rows, "sum", lengths=lengths) * scale
+    total = torch.segment_reduce(square.sum(dim=1), "sum", lengths=lengths) * scale
+    for length, items in tails.items():
+        where = on([j for j, _ in items], device)
+        square = torch.stack([t for _, t in items]).to(wide).square_()
+        k = math.ceil(rho * length)
+        kept.index_add_(0, where, square.topk(k, dim=1, sorted=False).values.sum(dim=1))
+        total.index_add_(0, where, square.sum(dim=1))
+    return kept, total

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -195,7 +196,8 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         write_back(pairs)
         if blocks is not None:
             table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
-            table[:, 1] = torch.where(table[:, 2] > 0, float("inf"), table[:, 1])
+            sums = table.numpy()  # the table's memory: numpy, no torch op per column
+            sums[:, 1] = np.where(sums[:, 2] > 0, np.inf, sums[:, 1])
             stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
         return
 

@@ -1,0 +1,209 @@
+"""The flat path's sums on the CPU in C, for float32 tensors: no concatenation, no torch op.
+
+`optiscope.monitor.flat` lays the small tensors end to end and reduces them with a few torch
+ops: on a GPU that is a few launches whatever the number of tensors. On a CPU each of those ops
+costs 100-300 us for GPT-2's 148 small tensors (44,000 entries), most of it fixed cost, which made
+a sampled step cost milliseconds. Here each quantity is one call into the C library
+(`optiscope.kernels.cpu_many`) that reads the tensors where they lie, and the per-tensor sums of
+the samples are numpy `bincount`s: a sampled step of 148 tensors does its arithmetic in tens of
+microseconds. The results are those of the torch path up to the order of additions (sums in
+double; Σx² per block of 4096 in float lanes, as the C kernels' other sums).
+
+Every tensor is checked before its address is read (`cpu_many.f32_addresses`): a tensor that is
+not a plain contiguous float32 CPU tensor of its plan's length sends that step to the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from optiscope.contract import Stat
+from optiscope.kernels import cpu_many
+from optiscope.monitor.metrics import Col
+
+__all__ = ["HostSegments", "HostTopK", "host_sums_apply"]
+
+
+def host_sums_apply(device, wide) -> bool:
+    """The C sums can run: the CPU, float64 sums, the library loaded."""
+    return device.type == "cpu" and wide == torch.float64 and cpu_many.available()
+
+
+class HostSegments:
+    """Tensors of one set (the plan's, or those with an m or a v) for the C calls: their lengths,
+    their samples' local indices end to end, and each sample entry's tensor (for `bincount`).
+
+    Args:
+        numels: the tensors' sizes.
+        samples: their `CoordinateSample`s.
+    """
+
+    def __init__(self, numels: list[int], samples: list):
+        self.n = len(numels)
+        self.numels = np.array(numels, dtype=np.int64)
+        parts = [np.arange(n, dtype=np.int32) if s.index is None
+                 else s.index.cpu().numpy().astype(np.int32) for n, s in zip(numels, samples)]
+        self.index = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        self.counts = np.array([len(p) for p in parts], dtype=np.int64)
+        self.sample_of = np.repeat(np.arange(self.n), self.counts)
+        self.scale = np.array([s.scale for s in samples], dtype=np.float64)
+        blocks = max([-(-n // 4096) for n in numels] + [1])
+        self.scratch = np.empty(blocks, dtype=np.float64)
+        self._numels = list(numels)
+        self._caches: dict[str, cpu_many.AddressCache] = {}
+
+    def addresses(self, tensors: list, kept: str | None = None) -> np.ndarray | None:
+        """The tensors' checked addresses (None: not all plain float32 of their lengths);
+        ``kept``: the name of a quantity whose tensors keep their storage between steps (θ, m,
+        v), checked again only when an address changes."""
+        if kept is None:
+            return cpu_many.f32_addresses(tensors, self._numels)
+        cache = self._caches.get(kept)
+        if cache is None:
+            cache = self._caches[kept] = cpu_many.AddressCache(self._numels)
+        return cache(tensors)
+
+    def sq(self, addresses: np.ndarray) -> np.ndarray:
+        return cpu_many.sq_sums(addresses, self.numels, self.scratch)
+
+    def take(self, addresses: np.ndarray) -> np.ndarray:
+        return cpu_many.take(addresses, self.index, self.counts)
+
+    def sample_sq(self, x: np.ndarray) -> np.ndarray:
+        """Σx² over each tensor's sample, scaled to the tensor."""
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(all="ignore"):  # inf and NaN entries give inf and NaN sums, silently
+            return np.bincount(self.sample_of, weights=x * x, minlength=self.n) * self.scale
+
+    def sample_diff_sq(self, a: np.ndarray, b) -> np.ndarray:
+        """Σ(a − b)² over each tensor's sample, scaled to the tensor."""
+        with np.errstate(all="ignore"):  # as `sample_sq`
+            d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+            return np.bincount(self.sample_of, weights=d * d, minlength=self.n) * self.scale
+
+
+class HostTopK:
+    """The top-k probe's rows as `flat._TopK` makes them (every full block of a tensor, or its
+    sampled blocks, and the tail of a tensor whose blocks are all used), for one C call."""
+
+    def __init__(self, numels: list[int], slots: list, block: int, rho: float):
+        of, starts, lengths, ks, scales = [], [], [], [], []
+        k_block = math.ceil(rho * block)
+        for j, (slot, n) in enumerate(zip(slots, numels)):
+            n_full = n // block
+            if slot.blocks is not None:
+                chosen = slot.blocks.tolist()
+                scales.append(n / (len(chosen) * block))
+            else:
+                chosen = list(range(n_full))
+                scales.append(1.0)
+                if n > n_full * block:
+                    of.append(j)
+                    starts.append(n_full * block)
+                    lengths.append(n - n_full * block)
+                    ks.append(math.ceil(rho * (n - n_full * block)))
+            for b in chosen:
+                of.append(j)
+                starts.append(b * block)
+                lengths.append(block)
+                ks.append(k_block)
+        self.n = len(numels)
+        self.of = np.array(of, dtype=np.int64)
+        self.starts = np.array(starts, dtype=np.int64)
+        self.lengths = np.array(lengths, dtype=np.int64)
+        self.ks = np.array(ks, dtype=np.int64)
+        self.scales = np.array(scales, dtype=np.float64)
+        self.scratch = np.empty(max(lengths + [1]), dtype=np.float64)
+
+    def __call__(self, addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, total) squared mass of each tensor's blockwise top-k, scaled to the tensor."""
+        kept, total = cpu_many.topk(addresses, self.of, self.starts, self.lengths, self.ks,
+                                    self.scratch)
+        with np.errstate(all="ignore"):  # inf and NaN rows
+            return (np.bincount(self.of, weights=kept, minlength=self.n) * self.scales,
+                    np.bincount(self.of, weights=total, minlength=self.n) * self.scales)
+
+
+def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, want_topk: bool
+                 ) -> dict[Col, np.ndarray] | None:
+    """`FlatPlan.grad_columns` in C (None: a tensor is not plain float32; the torch path runs)."""
+    seg: HostSegments = plan.host
+    g = seg.addresses(grads)
+    if g is None:
+        return None
+    want_before = Stat.PARAM_SQ_BEFORE not in produced
+    p = None
+    if want_before or want_update:
+        p = seg.addresses(plan.params, "param")
+        if p is None:
+            return None
+    columns: dict[Col, np.ndarray] = {}
+    if Stat.GRAD_SQ not in produced:
+        sums = cpu_many.grad_sums(g, seg.numels)
+        sq, absmax, nonfinite = sums[:, 0], sums[:, 1], sums[:, 2]
+        absmax = np.where(nonfinite > 0, math.inf, absmax)
+        if grad_scale is not None:
+            inv = 1.0 / float(grad_scale)
+            with np.errstate(all="ignore"):
+                sq, absmax = sq * inv * inv, absmax * inv
+        columns.update({Col.GRAD_SQ: sq, Col.GRAD_ABSMAX: absmax, Col.GRAD_NONFINITE: nonfinite})
+    if want_before:
+        columns[Col.PARAM_SQ_BEFORE] = seg.sq(p)
+    plan.step.before = torch.from_numpy(seg.take(p)) if want_update else None  # as the torch path's
+    if want_topk:
+        columns[Col.TOPK_KEPT_SQ], columns[Col.TOPK_TOTAL_SQ] = plan.host_topk(g)
+    return columns
+
+
+def param_columns(plan, produced) -> dict[Col, np.ndarray] | None:
+    """`FlatPlan.param_columns` in C (None: θ is not plain float32 now)."""
+    seg: HostSegments = plan.host
+    p = seg.addresses(plan.params, "param")
+    if p is None:
+        return None
+    columns: dict[Col, np.ndarray] = {}
+    if Stat.PARAM_SQ_AFTER not in produced:
+        columns[Col.PARAM_SQ_AFTER] = seg.sq(p)
+    if plan.step.before is not None:
+        columns[Col.UPDATE_SQ] = seg.sample_diff_sq(seg.take(p), plan.step.before.numpy())
+        plan.step.before = None
+    return columns
+
+
+def moment_columns(plan, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool
+                   ) -> list[tuple[np.ndarray, dict[Col, np.ndarray]]] | None:
+    """`FlatPlan.moment_columns` in C (None: a moment is not plain float32 now)."""
+    out = []
+    if want_m1 and plan.m_slots:
+        m = plan.m_host.addresses([state[s.param][k] for s, k in zip(plan.m_slots, plan.m_keys)],
+                                  "m")
+        if m is None:
+            return None
+        out.append((plan.m_where_host, {Col.MOMENT1_SQ: plan.m_host.sq(m)}))
+    if not plan.v_slots:
+        return out
+    seg: HostSegments = plan.v_host
+    v = seg.addresses([state[s.param][k] for s, k in zip(plan.v_slots, plan.v_keys)], "v")
+    if v is None:
+        return None
+    sample = seg.take(v)
+    plan.step.v_sample = torch.from_numpy(sample)
+    columns: dict[Col, np.ndarray] = {}
+    if want_m2:
+        columns[Col.MOMENT2_SQ] = seg.sq(v)
+    if plan.v_prev is not None:
+        prev = plan.v_prev.numpy()
+        columns[Col.DRIFT_DIFF_SQ] = seg.sample_diff_sq(sample, prev)
+        columns[Col.DRIFT_PREV_SQ] = seg.sample_sq(prev)
+    plan.v_prev = plan.step.v_sample
+    if freeze_now:
+        plan.v_frozen = plan.step.v_sample
+    if plan.v_frozen is not None:
+        frozen = plan.v_frozen.numpy()
+        columns[Col.FREEZE_DIFF_SQ] = seg.sample_diff_sq(sample, frozen)
+        columns[Col.FREEZE_REF_SQ] = seg.sample_sq(frozen)
+    out.append((plan.v_where_host, columns))
+    return out

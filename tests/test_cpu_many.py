@@ -1,0 +1,119 @@
+"""The C sums over many small float32 tensors (`optiscope.kernels.cpu_many`) against float64
+oracles computed here, and the checks that keep anything but a plain tensor from them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optiscope.kernels import cpu_many
+
+pytestmark = pytest.mark.skipif(not cpu_many.available(), reason="no C compiler here")
+
+
+def _tensors(rng):
+    sizes = [1, 5, 31, 4095, 4096, 4097, 10_000, 0, 65_536]
+    ts = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    ts[3][7] = math.inf
+    ts[6][3] = math.nan
+    ts[5][:] = 2.0  # all equal
+    return ts
+
+
+def test_gradient_sums_match_float64():
+    ts = _tensors(np.random.default_rng(0))
+    numels = [t.numel() for t in ts]
+    out = cpu_many.grad_sums(cpu_many.f32_addresses(ts, numels), np.array(numels))
+    for t, (sq, absmax, bad) in zip(ts, out):
+        x = t.double().numpy()
+        finite = np.isfinite(x)
+        want = (x * x).sum()
+        assert bad == (~finite).sum()
+        assert (math.isnan(sq) and math.isnan(want)) or sq == pytest.approx(want, rel=1e-6)
+        assert absmax == (np.abs(x[finite]).max() if finite.any() else 0.0)
+
+
+def test_square_sums_and_samples_match():
+    rng = np.random.default_rng(1)
+    ts = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in (3, 4096, 9000)]
+    numels = [t.numel() for t in ts]
+    addresses = cpu_many.f32_addresses(ts, numels)
+    sq = cpu_many.sq_sums(addresses, np.array(numels), np.empty(3))
+    for t, s in zip(ts, sq):
+        assert s == pytest.approx(float(t.double().square().sum()), rel=1e-6)
+    index = [np.sort(rng.choice(n, size=min(n, 50), replace=False)).astype(np.int32)
+             for n in numels]
+    got = cpu_many.take(addresses, np.concatenate(index),
+                        np.array([len(i) for i in index], dtype=np.int64))
+    assert np.array_equal(got, np.concatenate([t.numpy()[i] for t, i in zip(ts, index)]))
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "inf", "nan"])
+def test_topk_rows_match_a_sort(values):
+    rng = np.random.default_rng(2)
+    for trial in range(400):
+        n = int(rng.integers(1, 700))
+        # k up to n/8 takes the heap, above it quickselect
+        k = int(rng.integers(1, n + 1)) if trial % 2 else int(rng.integers(1, n // 8 + 2))
+        x = (rng.choice([0.0, 1.0, -1.0, 2.0, 3.5], size=n) if values == "ties"
+             else rng.standard_normal(n)).astype(np.float32)
+        if values == "inf":
+            x[rng.integers(n)] = -np.inf
+        if values == "nan":
+            x[rng.integers(n)] = np.nan
+        t = torch.from_numpy(x)
+        zero = np.zeros(1, dtype=np.int64)
+        kept, total = cpu_many.topk(cpu_many.f32_addresses([t], [n]), zero, zero,
+                                    np.array([n]), np.array([k]), np.empty(n))
+        squares = np.sort(x.astype(np.float64) ** 2)[::-1]
+        if values == "nan":
+            assert math.isnan(kept[0]) and math.isnan(total[0])
+            continue
+        assert kept[0] == pytest.approx(squares[:k].sum(), rel=1e-12)
+        assert total[0] == pytest.approx(squares.sum(), rel=1e-12)
+
+
+def test_rows_of_several_tensors_at_offsets():
+    rng = np.random.default_rng(3)
+    ts = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in (300, 1000)]
+    rows = [(0, 0, 100, 5), (0, 100, 200, 3), (1, 37, 900, 40)]
+    of, starts, lengths, ks = (np.array(c, dtype=np.int64) for c in zip(*rows))
+    kept, total = cpu_many.topk(cpu_many.f32_addresses(ts, [300, 1000]), of, starts, lengths,
+                                ks, np.empty(900))
+    for (j, start, length, k), a, b in zip(rows, kept, total):
+        sq = np.sort(ts[j].double().numpy()[start:start + length] ** 2)[::-1]
+        assert a == pytest.approx(sq[:k].sum(), rel=1e-12)
+        assert b == pytest.approx(sq.sum(), rel=1e-12)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("case", ["subclass", "float64", "bf16", "strided", "length", "list"])
+def test_only_plain_contiguous_float32_tensors_of_their_length_get_an_address(case):
+    good = torch.zeros(8)
+    bad = {"subclass": torch.zeros(8).as_subclass(_Subclass),
+           "float64": torch.zeros(8, dtype=torch.float64),
+           "bf16": torch.zeros(8, dtype=torch.bfloat16),
+           "strided": torch.zeros(16)[::2],
+           "length": torch.zeros(7),
+           "list": [0.0] * 8}[case]
+    assert cpu_many.f32_addresses([good, good], [8, 8]) is not None
+    if case == "list":
+        assert cpu_many.AddressCache([8, 8])([good, bad]) is None
+    else:
+        assert cpu_many.f32_addresses([good, bad], [8, 8]) is None
+
+
+def test_the_address_cache_checks_again_when_an_address_changes():
+    p = torch.nn.Parameter(torch.zeros(8))
+    cache = cpu_many.AddressCache([8])
+    assert cache([p]) is not None
+    p.data = torch.zeros(8, dtype=torch.float64)  # a new storage: checked, refused
+    assert cache([p]) is None
+    p.data = torch.ones(8)
+    assert cache([p])[0] == p.data_ptr()
