@@ -438,3 +438,19 @@ void optiscope_many_topk(const float *const *xs, const int64_t *of, const int64_
         kept[r] = top;
     }
 }
+
+/* Σx² of each of `count` small arrays, as optiscope_sq_sums_many sums them (float lanes per
+ * BLOCK, added in double in order), without its per-array OpenMP region: entering one, even for
+ * a team of one thread, cost about a microsecond per array. */
+void optiscope_many_sq_sums(const float *const *xs, const int64_t *ns, int64_t count,
+                            double *out) {
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t n = ns[k];
+        double total = 0.0, part;
+        for (int64_t start = 0; start < n; start += BLOCK) {
+            sq_block(xs[k] + start, n - start < BLOCK ? n - start : BLOCK, &part);
+            total += part;
+        }
+        out[k] = total;
+    }
+}

@@ -22,6 +22,7 @@ __all__ = ["available", "f32_addresses", "AddressCache", "grad_sums", "sq_sums",
 _P = ctypes.c_void_p
 _SIGNATURES = {
     "optiscope_many_grad_sums": [_P, _P, ctypes.c_int64, _P],
+    "optiscope_many_sq_sums": [_P, _P, ctypes.c_int64, _P],
     "optiscope_many_take": [_P, _P, _P, ctypes.c_int64, _P],
     "optiscope_many_topk": [_P] * 5 + [ctypes.c_int64] + [_P] * 3,
 }
@@ -92,11 +93,10 @@ def grad_sums(addresses: np.ndarray, numels: np.ndarray) -> np.ndarray:
     return out
 
 
-def sq_sums(addresses: np.ndarray, numels: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Σx² of each tensor, float64 (``scratch``: room for the largest tensor's blocks)."""
+def sq_sums(addresses: np.ndarray, numels: np.ndarray) -> np.ndarray:
+    """Σx² of each tensor, float64."""
     out = np.empty(len(numels), dtype=np.float64)
-    _lib.optiscope_sq_sums_many(_ptr(addresses), _ptr(numels), len(numels), _ptr(out),
-                                _ptr(scratch), 1)
+    _lib.optiscope_many_sq_sums(_ptr(addresses), _ptr(numels), len(numels), _ptr(out))
     return out
 
 

@@ -50,8 +50,6 @@ class HostSegments:
         self.counts = np.array([len(p) for p in parts], dtype=np.int64)
         self.sample_of = np.repeat(np.arange(self.n), self.counts)
         self.scale = np.array([s.scale for s in samples], dtype=np.float64)
-        blocks = max([-(-n // 4096) for n in numels] + [1])
-        self.scratch = np.empty(blocks, dtype=np.float64)
         self._numels = list(numels)
         self._caches: dict[str, cpu_many.AddressCache] = {}
 
@@ -67,7 +65,7 @@ class HostSegments:
         return cache(tensors)
 
     def sq(self, addresses: np.ndarray) -> np.ndarray:
-        return cpu_many.sq_sums(addresses, self.numels, self.scratch)
+        return cpu_many.sq_sums(addresses, self.numels)
 
     def take(self, addresses: np.ndarray) -> np.ndarray:
         return cpu_many.take(addresses, self.index, self.counts)
