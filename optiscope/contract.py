@@ -156,6 +156,10 @@ class MonitoredOptimizer(Protocol):
     def request_stats(self) -> None:
         """Asks the next step to write its `stat_columns` into `last_stats`."""
 
+    def request_ranges(self) -> None:
+        """With `request_stats`: asks the next step to count the dynamic range of g, θ⁺ − θ⁻
+        and v over every entry, in its pass, into ``last_stats.ranges``."""
+
     def group_lrs(self) -> list[float | None]:
         """The learning rate each param group used at the last step, when ``group["lr"]`` is
         not it (Adafactor's relative step)."""
@@ -181,6 +185,7 @@ class Capabilities:
     stat_columns: frozenset[Stat]
     state_layouts: tuple[MomentLayout, ...]
     request_stats: Callable[[], None] | None
+    request_ranges: Callable[[], None] | None
     last_stats: Callable[[], StepStats | None]
     group_lrs: Callable[[], list] | None
     shared_state_bytes: Callable[[], int] | None
@@ -202,6 +207,7 @@ def capabilities(optimizer) -> Capabilities:
         stat_columns=frozenset(member("stat_columns") or ()),
         state_layouts=layouts,
         request_stats=member("request_stats"),
+        request_ranges=member("request_ranges"),
         last_stats=lambda: getattr(optimizer, "last_stats", None),
         group_lrs=member("group_lrs"),
         shared_state_bytes=member("shared_state_bytes"),

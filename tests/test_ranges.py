@@ -17,6 +17,7 @@ import torch
 from optiscope import OptimizerMonitor
 from optiscope.monitor.metrics import EXP_MAX, EXP_MIN, HIST_BINS, RANGE_QUANTITIES, RANGE_SHARES
 from optiscope.dashboards.report import write_report
+from optiscope.kernels.cpu import kernel
 from optiscope.dashboards.report.ranges import range_figure
 from optiscope.monitor.ranges import range_counts
 from optiscope.monitor.runlog import load_run
@@ -99,19 +100,24 @@ class Recorder:
         self.after[self.step] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
-@pytest.mark.parametrize("factory", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1),
-    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-], ids=["torch-adamw", "optiscope-adamw", "torch-sgd"])
-def test_monitor_histograms_and_shares_match_whole_tensors(factory, tmp_path):
+@pytest.mark.parametrize("factory, sample_size, mode", [
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), 10**9, True),
+    (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1), 10**9, True),
+    (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), 10**9, True),
+    # a sample of 8 entries per tensor: only counts of every entry, in the C kernel's pass,
+    # match the whole tensors
+    (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1), 8, "exact"),
+], ids=["torch-adamw", "optiscope-adamw", "torch-sgd", "optiscope-adamw-exact"])
+def test_monitor_histograms_and_shares_match_whole_tensors(factory, sample_size, mode, tmp_path):
+    if mode == "exact" and kernel() is None:
+        pytest.skip("the C kernel is not available here (no compiler)")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 5))
     opt = factory(model.parameters())
     # the monitor's hooks go first: the recorder sees θ as the optimizer does
-    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=10**9, log_dir=tmp_path,
+    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=sample_size, log_dir=tmp_path,
                            console=False, tensorboard=False, report=False, strict=True,
-                           range_probes=True)
+                           range_probes=mode)
     rec = Recorder(model, opt)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -230,3 +236,40 @@ def test_the_decoder_checks_histogram_records():
     names, counts = sink.got[0][1]["grad"]
     assert names == ["a", "b"] and counts.shape == (2, HIST_BINS)
     assert counts[0, 5:8].tolist() == [1, 0, 2] and counts.sum() == 3
+
+
+@pytest.mark.skipif(kernel() is None, reason="the C kernel is not available here (no compiler)")
+@pytest.mark.parametrize("n", [1, 100, 4096, 5000, 100_000])
+def test_the_c_kernel_counts_every_entry_in_its_pass(n):
+    """Adam's C kernel with ``ranges``: the counts of g, θ⁺ − θ⁻ and v equal `range_counts`
+    of the whole tensors (100,000 entries: blocks on both threads), and the update is the one
+    without counts, bit for bit."""
+    from optiscope.kernels import cpu
+    from optiscope.kernels.ranges import range_levels
+    gen = torch.Generator().manual_seed(n)
+    p = torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen) * 1e-3
+    g[: n // 7] *= 1e-30  # subnormal and tiny
+    if n > 10:
+        g[3:8] = torch.tensor([0.0, math.inf, 7e4, -1e-40, math.nan])
+    m, v = torch.zeros(n), torch.rand(n, generator=gen) * 1e-8
+    p2, m2, v2, before = p.clone(), m.clone(), v.clone(), p.clone()
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3,
+              decoupled=True, maximize=False)
+    counts = cpu.range_buffer(1)
+    cpu.adam_f32(p, g, m, v, None, stats=cpu.BlockSums([n], 8), ranges=counts[0], **kw)
+    cpu.adam_f32(p2, g, m2, v2, None, **kw)
+    assert torch.equal(p.nan_to_num(7.0), p2.nan_to_num(7.0))
+    assert torch.equal(v.nan_to_num(7.0), v2.nan_to_num(7.0))
+    whole = torch.from_numpy(counts[0].astype(np.int64))
+    for q, x in enumerate((g, p - before, v)):
+        want = range_counts(x, torch.tensor([n]), torch.ones(1))
+        got = range_levels(whole[None, q, :cpu.RANGE_FIELDS], whole[None, q, cpu.RANGE_FIELDS:])
+        assert torch.equal(want, got), q
+
+
+def test_range_probes_takes_true_false_or_exact():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(TypeError, match='range_probes must be True, False or "exact"'):
+        OptimizerMonitor(opt, console=False, tensorboard=False, report=False,
+                         range_probes="approx")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from optiscope.kernels.launch import is_dense
+from optiscope.kernels.ranges import range_cuts
 
 __all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "library_path", "adam_f32", "BlockSums", "ADAM_STATS", "sums_apply", "sq_sums_f32",
            "sq_sums_small_f32", "grad_sums_f32", "take_f32", "microadam_f32",
@@ -183,7 +184,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     f = lib.optiscope_adam_f32
     f.restype = None
     f.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 9
-                  + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int])
+                  + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int])
+    lib.optiscope_range_cuts.restype = ctypes.c_int64
     lib.optiscope_block_size.restype = ctypes.c_int64
     lib.optiscope_microadam_f32.restype = ctypes.c_int
     lib.optiscope_microadam_f32.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
@@ -282,16 +284,38 @@ class BlockSums:
         return torch.from_numpy(sums)
 
 
+# The range counts' thresholds: kernels/ranges.py's, as the C code reads them (uint32 compares).
+_RANGE_CUTS = np.array(range_cuts(), dtype=np.int32)
+RANGE_FIELDS = 256
+RANGE_SHAPE = (3, RANGE_FIELDS + len(_RANGE_CUTS))
+
+
+def range_buffer(count: int) -> np.ndarray:
+    """Zeroed range counters for ``count`` tensors: ``[count, *RANGE_SHAPE]`` uint64; pass
+    ``buffer[i]`` to `adam_f32`."""
+    return np.zeros((count, *RANGE_SHAPE), dtype=np.uint64)
+
+
 def adam_f32(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, *, lr: float,
              beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
              decoupled: bool, maximize: bool, stats: BlockSums | None = None,
-             index: int = 0) -> None:
+             index: int = 0, ranges: np.ndarray | None = None) -> None:
     """One float32 tensor's Adam step in place; with ``stats``, its 8 statistics per block
     (`_CHUNK_STATS` order of `optiscope.optimizers.adam`, before the non-finite fix-up) go to
     the rows of tensor ``index`` there.
 
+    With ``stats`` and ``ranges`` (`range_buffer`: uint64 ``[3, RANGE_FIELDS + cuts]``, zeroed
+    by the caller), the dynamic range of g, θ⁺ − θ⁻ and v over every entry is added to it: per
+    quantity the histogram of |x|'s biased float32 exponent, then how many |x| (as bits) exceed
+    each of `kernels.ranges`' thresholds (`range_levels` turns them into its layout).
+
     All tensors float32 on the CPU, same size, dense with the same strides (walked flat).
     """
+    if ranges is not None and (ranges.dtype != np.uint64 or ranges.shape != RANGE_SHAPE
+                               or not ranges.flags.c_contiguous):
+        raise TypeError(f"optiscope.kernels.cpu.adam_f32: ranges must be a C-contiguous uint64 "
+                        f"array of shape {RANGE_SHAPE} (range_buffer), got {ranges.dtype} "
+                        f"{ranges.shape}")
     for name, t in (("p", p), ("g", g), ("m", m), ("v", v), ("vmax", vmax)):
         _require_plain("adam_f32", name, t, contiguous=False)
         if t is not None and (t.numel() != p.numel() or t.stride() != p.stride()):
@@ -308,7 +332,8 @@ def adam_f32(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, *,
         one_minus_b1, lerp_rest, beta2, 1.0 - beta2, eps, weight_decay,
         -lr / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5, int(decoupled),
         int(vmax is not None), int(maximize), stats.pointer(index) if stats is not None else None,
-        torch.get_num_threads())
+        ranges.ctypes.data if ranges is not None else None,
+        _RANGE_CUTS.ctypes.data if ranges is not None else None, torch.get_num_threads())
 
 
 def sums_apply(tensors: list[Tensor]) -> bool:

@@ -20,6 +20,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BLOCK 4096
 #define NSTATS 8
@@ -94,6 +95,64 @@ static __attribute__((noinline)) void block_update_plain(
     }
 }
 
+/* ---------------------------------------------------------------- dynamic range, in the pass
+ * With `ranges`, the statistics variant also counts the dynamic range of g, θ⁺ − θ⁻ and v over
+ * every element (kernels/ranges.py has the layout and the torch reference): per quantity, a
+ * histogram of the biased float32 exponent of |x| (256 fields) and, for each of the NCUTS
+ * thresholds `cuts` (bit patterns of |x|, from kernels/ranges.py), how many |x| lie above it.
+ * Counted per PIECE right after its update, while it is in L1: the threshold counts in vector
+ * lanes, the histogram as 4 interleaved sub-histograms (consecutive entries share a field, and
+ * one counter per field made every increment wait for the previous one). */
+#define NCUTS 9
+#define RANGE_FIELDS 256
+#define RANGE_OUT (RANGE_FIELDS + NCUTS)          /* per quantity, in the output */
+#define RANGE_WS (4 * RANGE_FIELDS + NCUTS)       /* per quantity, in a thread's workspace */
+
+static inline uint32_t abs_bits(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b & 0x7FFFFFFFu;
+}
+
+static __attribute__((noinline)) void range_count(const float *restrict x, int64_t n,
+                                                   const int32_t *restrict cuts,
+                                                   uint64_t *restrict ws) {
+    const uint32_t c0 = cuts[0], c1 = cuts[1], c2 = cuts[2], c3 = cuts[3], c4 = cuts[4],
+                   c5 = cuts[5], c6 = cuts[6], c7 = cuts[7], c8 = cuts[8];
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, a8 = 0;
+#pragma omp simd reduction(+:a0, a1, a2, a3, a4, a5, a6, a7, a8)
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t b = abs_bits(x[i]);
+        a0 += b > c0; a1 += b > c1; a2 += b > c2; a3 += b > c3; a4 += b > c4;
+        a5 += b > c5; a6 += b > c6; a7 += b > c7; a8 += b > c8;
+    }
+    uint64_t *gt = ws + 4 * RANGE_FIELDS;
+    gt[0] += a0; gt[1] += a1; gt[2] += a2; gt[3] += a3; gt[4] += a4;
+    gt[5] += a5; gt[6] += a6; gt[7] += a7; gt[8] += a8;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        ws[abs_bits(x[i]) >> 23]++;
+        ws[RANGE_FIELDS + (abs_bits(x[i + 1]) >> 23)]++;
+        ws[2 * RANGE_FIELDS + (abs_bits(x[i + 2]) >> 23)]++;
+        ws[3 * RANGE_FIELDS + (abs_bits(x[i + 3]) >> 23)]++;
+    }
+    for (; i < n; i++) ws[abs_bits(x[i]) >> 23]++;
+}
+
+/* A thread's workspace (3 quantities) added into one tensor's output (integers: the order of
+ * the threads does not change the result). */
+static void range_fold(const uint64_t *ws, uint64_t *out) {
+    for (int q = 0; q < 3; q++) {
+        const uint64_t *w = ws + q * RANGE_WS;
+        uint64_t *o = out + q * RANGE_OUT;
+        for (int f = 0; f < RANGE_FIELDS; f++)
+            o[f] += w[f] + w[RANGE_FIELDS + f] + w[2 * RANGE_FIELDS + f] + w[3 * RANGE_FIELDS + f];
+        for (int j = 0; j < NCUTS; j++) o[RANGE_FIELDS + j] += w[4 * RANGE_FIELDS + j];
+    }
+}
+
+int64_t optiscope_range_cuts(void) { return NCUTS; }
+
 /* The update with the statistics, in one loop: each element's sums are taken from the registers
  * the update already holds, into OpenMP SIMD reduction lanes, over pieces of PIECE elements
  * (32 per lane of an 8-wide vector: the float sums stay as accurate as the statistics' tests
@@ -112,7 +171,8 @@ static __attribute__((noinline)) void block_update_plain(
     p1_sq += pi * pi;                                                                            \
     d_sq += d * d;                                                                               \
     m_sq += mi * mi;                                                                             \
-    v_sq += vi * vi;
+    v_sq += vi * vi;                                                                             \
+    dbuf[i - s] = d;
 #define STATS_LOOP(LERP_LOW)                                                                     \
     _Pragma("omp simd reduction(+:g_sq, bad, p0_sq, p1_sq, d_sq, m_sq, v_sq) reduction(max:top)") \
     for (int64_t i = s; i < end; i++) {                                                          \
@@ -122,7 +182,9 @@ static __attribute__((noinline)) void block_update_plain(
 static inline __attribute__((always_inline)) void stats_loop(
     float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
     float *restrict vmax, int64_t n, HYPER_PARAMS, const int decoupled, const int amsgrad,
-    const int maximize, double *restrict out) {
+    const int maximize, double *restrict out, uint64_t *restrict ranges,
+    const int32_t *restrict cuts) {
+    float dbuf[PIECE];  /* θ⁺ − θ⁻ of the piece, for the range counts */
     for (int k = 0; k < NSTATS; k++) out[k] = 0.0;
     for (int64_t s = 0; s < n; s += PIECE) {
         const int64_t end = n - s < PIECE ? n : s + PIECE;
@@ -143,6 +205,11 @@ static inline __attribute__((always_inline)) void stats_loop(
         out[5] += d_sq;
         out[6] += finite && OUT_OF_FLOAT_RANGE(m_sq) ? sq_wide(m + s, len) : m_sq;
         out[7] += finite && OUT_OF_FLOAT_RANGE(v_sq) ? sq_wide(v + s, len) : v_sq;
+        if (ranges) {
+            range_count(g + s, len, cuts, ranges);
+            range_count(dbuf, len, cuts, ranges + RANGE_WS);
+            range_count(v + s, len, cuts, ranges + 2 * RANGE_WS);
+        }
     }
 }
 
@@ -151,16 +218,18 @@ static inline __attribute__((always_inline)) void stats_loop(
 #define STATS_VARIANT(D, A, M)                                                                   \
     static __attribute__((noinline)) void block_update_##D##A##M(                                \
         float *restrict p, const float *restrict g, float *restrict m, float *restrict v,        \
-        float *restrict vmax, int64_t n, HYPER_PARAMS, double *restrict out) {                  \
-        stats_loop(p, g, m, v, vmax, n, HYPER_ARGS, D, A, M, out);                               \
+        float *restrict vmax, int64_t n, HYPER_PARAMS, double *restrict out,                    \
+        uint64_t *restrict ranges, const int32_t *restrict cuts) {                               \
+        stats_loop(p, g, m, v, vmax, n, HYPER_ARGS, D, A, M, out, ranges, cuts);                 \
     }
 STATS_VARIANT(0, 0, 0) STATS_VARIANT(0, 0, 1) STATS_VARIANT(0, 1, 0) STATS_VARIANT(0, 1, 1)
 STATS_VARIANT(1, 0, 0) STATS_VARIANT(1, 0, 1) STATS_VARIANT(1, 1, 0) STATS_VARIANT(1, 1, 1)
 
 static inline __attribute__((always_inline)) void block_update(
     float *p, const float *g, float *m, float *v, float *vmax, int64_t n, HYPER_PARAMS,
-    const int decoupled, const int amsgrad, const int maximize, double *out) {
-#define CALL(D, A, M) block_update_##D##A##M(p, g, m, v, vmax, n, HYPER_ARGS, out)
+    const int decoupled, const int amsgrad, const int maximize, double *out, uint64_t *ranges,
+    const int32_t *cuts) {
+#define CALL(D, A, M) block_update_##D##A##M(p, g, m, v, vmax, n, HYPER_ARGS, out, ranges, cuts)
     if (decoupled) {
         if (amsgrad) { if (maximize) CALL(1, 1, 1); else CALL(1, 1, 0); }
         else { if (maximize) CALL(1, 0, 1); else CALL(1, 0, 0); }
@@ -175,23 +244,37 @@ int64_t optiscope_block_size(void) { return BLOCK; }
 
 static inline __attribute__((always_inline)) void run(
     float *p, const float *g, float *m, float *v, float *vmax, int64_t n, HYPER_PARAMS,
-    const int decoupled, const int amsgrad, const int maximize, double *stats, int nthreads) {
+    const int decoupled, const int amsgrad, const int maximize, double *stats, uint64_t *ranges,
+    const int32_t *cuts, int nthreads) {
     const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nblocks > 4)
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t start = b * BLOCK;
-        const int64_t len = n - start < BLOCK ? n - start : BLOCK;
-        float *vm = amsgrad ? vmax + start : 0;
-        if (stats)
-            block_update(p + start, g + start, m + start, v + start, vm, len, HYPER_ARGS,
-                         decoupled, amsgrad, maximize, stats + b * NSTATS);
-        else
-            block_update_plain(p + start, g + start, m + start, v + start, vm, len, HYPER_ARGS,
-                               decoupled, amsgrad, maximize);
+#pragma omp parallel num_threads(nthreads) if (nblocks > 4)
+    {
+        /* each thread counts into its own workspace, added into `ranges` at the end */
+        uint64_t ws[ranges ? 3 * RANGE_WS : 1];
+        if (ranges) memset(ws, 0, sizeof ws);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t start = b * BLOCK;
+            const int64_t len = n - start < BLOCK ? n - start : BLOCK;
+            float *vm = amsgrad ? vmax + start : 0;
+            if (stats)
+                block_update(p + start, g + start, m + start, v + start, vm, len, HYPER_ARGS,
+                             decoupled, amsgrad, maximize, stats + b * NSTATS,
+                             ranges ? ws : 0, cuts);
+            else
+                block_update_plain(p + start, g + start, m + start, v + start, vm, len,
+                                   HYPER_ARGS, decoupled, amsgrad, maximize);
+        }
+        if (ranges) {
+#pragma omp critical
+            range_fold(ws, ranges);
+        }
     }
 }
 
-/* One tensor. `stats`: NULL, or room for ceil(n / BLOCK) * NSTATS doubles. Constants as torch
+/* One tensor. `stats`: NULL, or room for ceil(n / BLOCK) * NSTATS doubles; `ranges` (with
+ * `stats` only): NULL, or 3 * RANGE_OUT zeroed counters the range counts of g, θ⁺ − θ⁻ and v
+ * are added to (`cuts`: NCUTS bit patterns, ascending). Constants as torch
  * rounds them: decay = 1 - lr wd, one_minus_b1/b2 = 1 - beta, lerp_rest = 1 - one_minus_b1
  * (in float), neg_step_size = -lr / (1 - b1^t), bc2_sqrt = sqrt(1 - b2^t).
  * The three flags select one of eight copies of the loop with the flags as constants. */
@@ -199,9 +282,10 @@ void optiscope_adam_f32(float *p, const float *g, float *m, float *v, float *vma
                         float decay, float one_minus_b1, float lerp_rest, float beta2,
                         float one_minus_b2, float eps, float wd, float neg_step_size,
                         float bc2_sqrt, int decoupled, int amsgrad, int maximize, double *stats,
-                        int nthreads) {
+                        uint64_t *ranges, const int32_t *cuts, int nthreads) {
     const int lerp_low = one_minus_b1 < 0.5f;
-#define RUN(D, A, M) run(p, g, m, v, vmax, n, HYPER_ARGS, D, A, M, stats, nthreads)
+    if (!stats) ranges = 0;
+#define RUN(D, A, M) run(p, g, m, v, vmax, n, HYPER_ARGS, D, A, M, stats, ranges, cuts, nthreads)
     if (decoupled) {
         if (amsgrad) { if (maximize) RUN(1, 1, 1); else RUN(1, 1, 0); }
         else { if (maximize) RUN(1, 0, 1); else RUN(1, 0, 0); }

@@ -1,6 +1,6 @@
 """The dynamic-range counts a sampled step takes of g, θ⁺ − θ⁻ and v: their layout, shared by
-the kernels that fill them in their pass (cpu_adam.c) and the monitor (monitor/ranges.py), and
-the torch reference computation.
+the kernel that fills them in its pass (Adam's C kernel, cpu_kernels.c: `range_cuts`,
+`range_levels`) and the monitor (monitor/ranges.py), and the torch reference computation.
 
 Per quantity, one block of `RANGE_BLOCK` counts: the entries counted; for each (format, what) of
 `RANGE_SHARES` the entries a cast to that format flushes to zero (nonzero → 0) or overflows; a
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX", "HIST_BINS", "RANGE_BLOCK",
-           "FORMAT_LIMITS", "range_counts"]
+           "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels"]
 
 RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
 RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
@@ -64,6 +64,36 @@ for _j, (_fmt, _what) in enumerate(RANGE_SHARES):
         if (_what == "underflow" and _CUTS[_level] <= _bits(_under)) or (
                 _what == "overflow" and _CUTS[_level - 1] >= _bits(_over) - 1):
             _SHARE_OF_LEVEL[_level, _j] = 1.0
+
+
+def range_cuts() -> list[int]:
+    """The thresholds of the share counts, as ascending bit patterns of |x| (float32): a
+    kernel that counts, for each, the entries whose |x| bits exceed it has every share
+    (`range_levels`)."""
+    return list(_CUTS)
+
+
+def range_levels(fields: Tensor, above: Tensor, scale: Tensor | None = None) -> Tensor:
+    """`range_counts`' layout from a kernel's whole-tensor counts (Adam's C kernel): per tensor
+    ``fields`` ``[n, 256]``, the histogram of |x|'s biased float32 exponent, and ``above``
+    ``[n, len(range_cuts())]``, how many |x| exceed each threshold; float64 ``[n, RANGE_BLOCK]``
+    (times ``scale`` per tensor, if given)."""
+    fields, above = fields.to(torch.float64), above.to(torch.float64)
+    entries = fields.sum(dim=1)
+    # level k: cuts[k-1] < bits <= cuts[k]; the first level (bits <= 0) is zero
+    level = torch.cat([(entries - above[:, 0])[:, None], above[:, :-1] - above[:, 1:],
+                       above[:, -1:]], dim=1)
+    shares = level @ _SHARE_OF_LEVEL
+    zeros = level[:, 0]
+    hist = torch.zeros(fields.shape[0], HIST_BINS, dtype=torch.float64)
+    hist[:, 0] = zeros
+    hist[:, 1] = fields[:, 0] - zeros  # subnormals
+    first = 127 + EXP_MIN - 2  # field of bin 0's neighbour, as in range_counts
+    for field in range(1, 255):
+        hist[:, min(max(field - first, 1), HIST_BINS - 2)] += fields[:, field]
+    hist[:, HIST_BINS - 1] = fields[:, 255]
+    out = torch.cat([entries[:, None], shares, hist], dim=1)
+    return out if scale is None else out * scale.to(torch.float64)[:, None]
 
 
 def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:

@@ -61,10 +61,13 @@ class StatsRows:
 
     values: Tensor
     rows: list[int]
+    # float64 [n_rows, 3, RANGE_BLOCK] (kernels/ranges.py) when the step was asked to count the
+    # dynamic range of g, θ⁺ − θ⁻ and v in its pass (`request_ranges`); NaN rows it did not count
+    ranges: Tensor | None = None
 
     def subset(self, indices: list[int]) -> "StatsRows":
         """The rows of the tensors ``indices`` of this step, for a launch over a subset of them."""
-        return StatsRows(self.values, [self.rows[i] for i in indices])
+        return StatsRows(self.values, [self.rows[i] for i in indices], self.ranges)
 
     def row_index(self) -> Tensor:
         """``rows`` as an int32 tensor on the buffer's device (for kernels and index_put)."""
@@ -94,12 +97,16 @@ class StepStats:
             columns the optimizer does not produce.
         produced: the columns the optimizer filled.
         step: the optimizer's step count after this step (the ``step`` state of its tensors).
+        ranges: float64 ``[len(params), 3, RANGE_BLOCK]``: the dynamic-range counts of g,
+            θ⁺ − θ⁻ and v over every entry (`optiscope.kernels.ranges` layout), when the step
+            was asked for them; NaN rows for tensors it did not count.
     """
 
     params: list[Tensor]
     values: Tensor
     produced: frozenset[Stat]
     step: int
+    ranges: Tensor | None = None  # `StatsRows.ranges`, when asked for (`request_ranges`)
 
     def column(self, stat: Stat) -> Tensor:
         """One column, a float32 vector with one entry per tensor."""

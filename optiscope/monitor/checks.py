@@ -96,10 +96,12 @@ def check_args(optimizer, model, every, sample_size, topk_density, topk_block, f
     if not (_is_int(seed) and 0 <= seed < 2**64):
         error = ValueError if _is_int(seed) else TypeError
         raise error(f"OptimizerMonitor: seed must be an integer in [0, 2**64), got {seed!r}")
-    for name, value in (("resume", resume), ("strict", strict), ("quant_probes", quant_probes),
-                        ("range_probes", range_probes)):
+    for name, value in (("resume", resume), ("strict", strict), ("quant_probes", quant_probes)):
         if not isinstance(value, bool):
             raise TypeError(f"OptimizerMonitor: {name} must be True or False, got {value!r}")
+    if not (isinstance(range_probes, bool) or range_probes == "exact"):
+        raise TypeError(f"OptimizerMonitor: range_probes must be True, False or \"exact\", got "
+                        f"{range_probes!r}")
     if log_dir is not None:
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"OptimizerMonitor: log_dir must be a directory path or None, got "

@@ -138,13 +138,15 @@ class Collector:
         freeze_step: the step T whose v the drift-since-freeze compares with, or None.
         seed: seeds the coordinate samples.
         quant_probes: run the int8/int4 probes of uncompressed moments (`CompressionProbes`).
-        range_probes: count the dynamic range of g, θ⁺ − θ⁻ and v (`RangeProbe`).
+        range_probes: count the dynamic range of g, θ⁺ − θ⁻ and v (`RangeProbe`) on the
+            samples; ``"exact"``: every entry of the tensors a bundled optimizer counts in its
+            pass (`request_ranges`), the samples elsewhere.
     """
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,
                  sample_size: int | None, topk_density: float | None, topk_block: int,
                  freeze_step: int | None, seed: int, quant_probes: bool = False,
-                 range_probes: bool = False):
+                 range_probes: bool | str = False):
         self.optimizer = optimizer
         self.slots = slots
         self.caps = capabilities(optimizer) if caps is None else caps
@@ -297,6 +299,8 @@ class Collector:
         """
         if self.produced and self.caps.request_stats is not None:
             self.caps.request_stats()
+            if self.range_probes == "exact" and self.caps.request_ranges is not None:
+                self.caps.request_ranges()  # every entry's range, in the update's pass
         self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
         for i in self._active:
             self._prepare(self.slots[i])
@@ -425,6 +429,8 @@ class Collector:
             self._override = {}
         self._moments(step, rows, device)
         self._end_probes(rows, device)
+        if stats is not None and stats.ranges is not None:
+            self.ranges.exact(rows, self._stats_where[1], stats.ranges)
         return rows
 
     def no_quant_error_reason(self, cls: str) -> str:

@@ -89,6 +89,9 @@ class MonitorCore(StepControl):
             would flush or overflow (``grad_fp16_underflow`` ...: `optiscope.monitor.ranges`;
             default False). Both gather each tensor's sample, so they are off by default: on,
             a sampled step of 148 small tensors costs about 3x (see the README).
+            ``"exact"``: as True, and a bundled Adam/AdamW stepping float32 CPU tensors counts
+            every entry in its update's pass instead of the sample (its sampled step then takes
+            about 4x as long: docs/readiness.md); other tensors keep the sample's counts.
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
@@ -116,7 +119,7 @@ class MonitorCore(StepControl):
                  console="auto", tensorboard: bool = True, report: bool = True,
                  sinks: Sequence[Sink] = (), start_step: int | None = None,
                  on_nonfinite: str = "warn", quant_probes: bool = False,
-                 range_probes: bool = False, background: bool = False):
+                 range_probes: bool | str = False, background: bool = False):
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's / Lightning's wrappers
         (every, sample_size, topk_density, topk_block, freeze_probe, spike_factor,
          update_ratio_band, seed) = check_args(

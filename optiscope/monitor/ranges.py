@@ -4,9 +4,10 @@ The counts (kernels/ranges.py: layout, bins, thresholds, the torch reference) ar
 concatenated coordinate samples of all stepped tensors (a handful of ops whatever the number of
 tensors, no host synchronisation), scaled by each tensor's sample scale (numel / sampled
 entries) so that they add across tensors and DDP/FSDP shards, and written into the per-tensor
-rows (`range_cols`); a sample covering the whole tensor gives exact counts. A bundled optimizer
-whose kernel counts the whole tensor in its pass (Adam's C kernel) replaces them
-(`StepStats.ranges`).
+rows (`range_cols`); a sample covering the whole tensor gives exact counts. With
+``range_probes="exact"`` a bundled optimizer whose kernel counts every entry in its pass (Adam
+and AdamW on float32 CPU tensors: cpu_kernels.c) replaces them (`StepStats.ranges`,
+`RangeProbe.exact`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ class RangeProbe:
         counts = range_counts(v, self._on(lengths, v.device),
                               self._on([float(s) for s in scales], v.device))
         write_counts(rows, self._on(where, rows.device), "moment2", counts)
+
+
+    def exact(self, rows: Tensor, where: Tensor, ranges: Tensor) -> None:
+        """Replaces the sample's counts by an optimizer's whole-tensor counts (``ranges``:
+        `StepStats.ranges`, the stats' tensors at rows ``where``), for the tensors it counted."""
+        counted = ~torch.isnan(ranges[:, 0, 0])
+        if not counted.any():
+            return
+        at = where.to(ranges.device)[counted]
+        for q, quantity in enumerate(RANGE_QUANTITIES):
+            write_counts(rows, at.to(rows.device), quantity, ranges[counted, q])
 
 
 def histograms_of(rows, scopes: list[str]) -> dict:

@@ -18,6 +18,7 @@ from torch import Tensor
 from optiscope.contract import Stat, StatsRows, StepStats
 from optiscope.kernels.backend import check_backend
 from optiscope.kernels.launch import is_sharded
+from optiscope.kernels.ranges import RANGE_BLOCK, RANGE_QUANTITIES
 from optiscope.kernels.stats import NUM_STATS
 
 __all__ = ["OptiscopeOptimizer", "StepStatsBuffer", "check_adam_hyperparameters", "check_range"]
@@ -68,19 +69,22 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
 class StepStatsBuffer:
     """The statistics buffer of one step: one row per parameter tensor that has a gradient."""
 
-    def __init__(self, params: list[Tensor], produced: frozenset[Stat]):
+    def __init__(self, params: list[Tensor], produced: frozenset[Stat], ranges: bool = False):
         self.params = params
         self.produced = produced
         self._row = {id(p): i for i, p in enumerate(params)}
         self.values = torch.full((len(params), NUM_STATS), math.nan,
                                  dtype=_stats_dtype(params[0].device), device=params[0].device)
+        # the dynamic-range counts, host memory: only the CPU kernel counts in its pass
+        self.ranges = (torch.full((len(params), len(RANGE_QUANTITIES), RANGE_BLOCK), math.nan,
+                                  dtype=torch.float64) if ranges else None)
         self._elsewhere: list[tuple[list[int], StatsRows]] = []
 
     def rows_for(self, params: list[Tensor]) -> StatsRows:
         """Where the statistics of ``params`` (one device) go."""
         rows = [self._row[id(p)] for p in params]
         if params[0].device == self.values.device:
-            return StatsRows(self.values, rows)
+            return StatsRows(self.values, rows, self.ranges)
         # A group on another device writes into its own buffer, copied over in `finish`.
         local = StatsRows(torch.full((len(params), NUM_STATS), math.nan,
                                      dtype=_stats_dtype(params[0].device),
@@ -92,7 +96,7 @@ class StepStatsBuffer:
         for rows, local in self._elsewhere:
             self.values[torch.tensor(rows, device=self.values.device)] = local.values.to(
                 self.values.device, non_blocking=True)
-        return StepStats(self.params, self.values, self.produced, step)
+        return StepStats(self.params, self.values, self.produced, step, self.ranges)
 
 
 class OptiscopeOptimizer(torch.optim.Optimizer):
@@ -228,9 +232,16 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
         """
         self._stats_requested = True
 
+    def request_ranges(self) -> None:
+        """With `request_stats`: asks the next step to count the dynamic range of g, θ⁺ − θ⁻
+        and v over every entry into ``last_stats.ranges`` (the float32 CPU kernel of Adam and
+        AdamW counts in its pass; tensors it does not step keep NaN rows)."""
+        self._ranges_requested = True
+
     def _stats_buffer(self, params: list[Tensor]) -> StepStatsBuffer | None:
-        """A statistics buffer for this step if one was requested (and clears the request)."""
+        """A statistics buffer for this step if one was requested (and clears the requests)."""
         requested, self._stats_requested = self._stats_requested, False
+        ranges, self._ranges_requested = getattr(self, "_ranges_requested", False), False
         if not requested or not params:
             return None
-        return StepStatsBuffer(params, self.stat_columns)
+        return StepStatsBuffer(params, self.stat_columns, ranges)

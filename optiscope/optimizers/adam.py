@@ -15,8 +15,10 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.cpu import ADAM_STATS, BlockSums, adam_f32, kernel
+from optiscope.kernels.cpu import (ADAM_STATS, RANGE_FIELDS, BlockSums, adam_f32, kernel,
+                                   range_buffer)
 from optiscope.kernels.launch import launch_groups, densify, local, write_back
+from optiscope.kernels.ranges import range_levels
 from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -188,12 +190,21 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     vmax = max_exp_avg_sqs if max_exp_avg_sqs is not None else []
     if _cpu_kernel_applies(params, grads, exp_avgs, exp_avg_sqs, vmax):
         blocks = BlockSums([p.numel() for p in params], ADAM_STATS) if stats is not None else None
+        ranges = (range_buffer(len(params))
+                  if stats is not None and stats.ranges is not None else None)
         for i, p in enumerate(params):
             adam_f32(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i] if vmax else None, lr=lr,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                      step=int(steps[i].item()), decoupled=decoupled_weight_decay,
-                     maximize=maximize, stats=blocks, index=i)
+                     maximize=maximize, stats=blocks, index=i,
+                     ranges=ranges[i] if ranges is not None else None)
         write_back(pairs)
+        if ranges is not None:  # the whole tensors' counts, in kernels/ranges.py's layout
+            counts = torch.from_numpy(ranges.astype(np.int64))
+            where = torch.tensor(stats.rows)
+            for q in range(counts.shape[1]):
+                stats.ranges[where, q] = range_levels(counts[:, q, :RANGE_FIELDS],
+                                                      counts[:, q, RANGE_FIELDS:])
         if blocks is not None:
             table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
             sums = table.numpy()  # the table's memory: numpy, no torch op per column
