@@ -107,7 +107,9 @@ class Recorder:
     # a sample of 8 entries per tensor: only counts of every entry, in the C kernel's pass,
     # match the whole tensors
     (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1), 8, "exact"),
-], ids=["torch-adamw", "optiscope-adamw", "torch-sgd", "optiscope-adamw-exact"])
+    (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton"), 8, "exact"),
+], ids=["torch-adamw", "optiscope-adamw", "torch-sgd", "optiscope-adamw-exact",
+        "optiscope-adamw-triton-exact"])
 def test_monitor_histograms_and_shares_match_whole_tensors(factory, sample_size, mode, tmp_path):
     if mode == "exact" and kernel() is None:
         pytest.skip("the C kernel is not available here (no compiler)")
@@ -273,3 +275,36 @@ def test_range_probes_takes_true_false_or_exact():
     with pytest.raises(TypeError, match='range_probes must be True, False or "exact"'):
         OptimizerMonitor(opt, console=False, tensorboard=False, report=False,
                          range_probes="approx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_kernel_counts_every_entry_in_its_pass(dtype):
+    """Adam's Triton kernel with ``StatsRows.ranges`` (under TRITON_INTERPRET here): the counts
+    of g, θ⁺ − θ⁻ and v equal `range_counts` of the whole tensors, for a tensor with a masked
+    last chunk, a small one, one of exactly one chunk, and a misaligned view. (bf16 without
+    subnormal gradients: the interpreter converts bf16 subnormals wrongly, 1e-39 to 4.4e-39.)"""
+    from optiscope.kernels.adam import adam_step
+    from optiscope.kernels.ranges import RANGE_BLOCK
+    from optiscope.kernels.stats import NUM_STATS, StatsRows
+    gen = torch.Generator().manual_seed(1)
+    sizes = [5000, 100, 4096]
+    ps = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    base = torch.randn(1001, generator=gen).to(dtype)
+    ps.append(base[1:])  # a view 2 or 4 bytes past an aligned address
+    sizes.append(1000)
+    gs = [(torch.randn(n, generator=gen) * 1e-3).to(dtype) for n in sizes]
+    gs[0][:700] *= 1e-30 if dtype == torch.float32 else 1e-20
+    gs[0][3:8] = torch.tensor([0.0, math.inf, 7e4, -1e-40 if dtype == torch.float32 else -1e-20,
+                               math.nan]).to(dtype)
+    ms = [torch.zeros(n, dtype=dtype) for n in sizes]
+    vs = [(torch.rand(n, generator=gen) * 1e-8).to(dtype) for n in sizes]
+    before = [p.float().clone() for p in ps]
+    ranges = torch.full((len(sizes), 3, RANGE_BLOCK), math.nan, dtype=torch.float64)
+    stats = StatsRows(torch.full((len(sizes), NUM_STATS), math.nan, dtype=torch.float64),
+                      list(range(len(sizes))), ranges)
+    adam_step(ps, gs, ms, vs, None, step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.01, decoupled_weight_decay=True, maximize=False, stats=stats)
+    for i, n in enumerate(sizes):
+        for q, x in enumerate((gs[i].float(), ps[i].float() - before[i], vs[i].float())):
+            want = range_counts(x, torch.tensor([n]), torch.ones(1))[0]
+            assert torch.equal(want, ranges[i, q]), (i, q)

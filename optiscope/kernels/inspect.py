@@ -113,6 +113,7 @@ def _cases():
     from optiscope.kernels.adam import adam_step
     from optiscope.kernels.microadam import microadam_step
     from optiscope.kernels.onebit import pack_signs_triton
+    from optiscope.kernels.ranges import RANGE_BLOCK
     from optiscope.kernels.stats import NUM_STATS, StatsRows
     from optiscope.kernels.microadam import blocks  # the launcher's own layout
 
@@ -121,17 +122,18 @@ def _cases():
             return torch.zeros(n + 1, dtype=dtype)[1:]
         return torch.zeros(n, dtype=dtype)
 
-    def rows(k):
-        return StatsRows(torch.zeros(k, NUM_STATS), list(range(k)))
+    def rows(k, ranges=False):
+        return StatsRows(torch.zeros(k, NUM_STATS), list(range(k)),
+                         torch.zeros(k, 3, RANGE_BLOCK, dtype=torch.float64) if ranges else None)
 
     def adam(dtype, *, stats, wd=0.0, decoupled=False, amsgrad=False, maximize=False,
-             misaligned=False):
+             misaligned=False, ranges=False):
         def thunk():
             p, g, m, v = (tensors(dtype, misaligned=misaligned) for _ in range(4))
             adam_step([p], [g], [m], [v], [tensors(dtype)] if amsgrad else None, step=1, lr=1e-3,
                       beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd,
                       decoupled_weight_decay=decoupled, maximize=maximize,
-                      stats=rows(1) if stats else None)
+                      stats=rows(1, ranges) if stats else None)
         return thunk
 
     def adafactor(dtype, *, stats, beta1=None, wd=0.0, scale=True, misaligned=False):
@@ -189,6 +191,13 @@ def _cases():
                 (f"microadam-fp32{s}", microadam(f32, stats=stats)),
                 (f"microadam-fp32-wd{s}", microadam(f32, stats=stats, wd=0.1)),
                 (f"microadam-bf16{s}", microadam(bf16, stats=stats, wd=0.1))]
+    # range_probes="exact": the statistics variant that also counts every entry's range
+    out += [("adamw-fp32+stats+ranges", adam(f32, stats=True, wd=0.1, decoupled=True,
+                                             ranges=True)),
+            ("adamw-bf16+stats+ranges", adam(bf16, stats=True, wd=0.1, decoupled=True,
+                                             ranges=True)),
+            ("adamw-fp32-misaligned+stats+ranges", adam(f32, stats=True, wd=0.1, decoupled=True,
+                                                        misaligned=True, ranges=True))]
     out.append(("onebit-pack-fp32", lambda: pack_signs_triton(torch.zeros(8 * 1024 + 8))))
     return out
 

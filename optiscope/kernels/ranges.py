@@ -83,15 +83,17 @@ def range_levels(fields: Tensor, above: Tensor, scale: Tensor | None = None) -> 
     # level k: cuts[k-1] < bits <= cuts[k]; the first level (bits <= 0) is zero
     level = torch.cat([(entries - above[:, 0])[:, None], above[:, :-1] - above[:, 1:],
                        above[:, -1:]], dim=1)
-    shares = level @ _SHARE_OF_LEVEL
+    shares = level @ _SHARE_OF_LEVEL.to(level.device)
     zeros = level[:, 0]
-    hist = torch.zeros(fields.shape[0], HIST_BINS, dtype=torch.float64)
+    # the bin of each exponent field, as range_counts bins |x|: field 0 (zeros and subnormals)
+    # into bin 1, the zeros moved to bin 0 below; field 255 (inf, NaN) the last bin
+    bins = torch.clamp(torch.arange(256, device=fields.device) - (127 + EXP_MIN - 2), 1,
+                       HIST_BINS - 2)
+    bins[255] = HIST_BINS - 1
+    hist = torch.zeros(fields.shape[0], HIST_BINS, dtype=torch.float64, device=fields.device)
+    hist.index_add_(1, bins, fields)
+    hist[:, 1] -= zeros
     hist[:, 0] = zeros
-    hist[:, 1] = fields[:, 0] - zeros  # subnormals
-    first = 127 + EXP_MIN - 2  # field of bin 0's neighbour, as in range_counts
-    for field in range(1, 255):
-        hist[:, min(max(field - first, 1), HIST_BINS - 2)] += fields[:, field]
-    hist[:, HIST_BINS - 1] = fields[:, 255]
     out = torch.cat([entries[:, None], shares, hist], dim=1)
     return out if scale is None else out * scale.to(torch.float64)[:, None]
 
