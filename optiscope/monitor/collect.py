@@ -272,11 +272,16 @@ class Collector:
         if not self._active:
             return
         grad_scale = _amp_arg(self.optimizer, kwargs, "grad_scale")
-        if self.range_probes:  # dynamic range, from every active tensor's sample
-            active = self._active
-            self.ranges.begin(active, [self.slots[i].sample for i in active],
-                              [local(self.slots[i].param.grad) for i in active],
-                              [local(self.slots[i].param) for i in active], grad_scale, None)
+        if self.range_probes:  # dynamic range, from the samples: the flat plan's taken already
+            rest, plan = self._rest, self._plan
+            self.ranges.begin(rest, [self.slots[i].sample for i in rest],
+                              [local(self.slots[i].param.grad) for i in rest],
+                              [local(self.slots[i].param) for i in rest], grad_scale, None)
+            if plan is not None and plan.step.g_sample is not None:
+                x = plan.step.g_sample
+                if grad_scale is not None:  # a fused step's gradients are still scaled
+                    x = x / grad_scale.detach().to(x.device, torch.float32).reshape(())
+                self.ranges.add("grad", plan.where, x, plan.sample_counts, plan.sample_scales)
         self.compression.begin(grad_scale)  # compressed moments before the step
 
     def _end_probes(self, rows: Tensor, device) -> None:
@@ -286,9 +291,13 @@ class Collector:
         if columns:
             self._put(rows, self._on(self._active, device), columns)
         if self.range_probes:
-            active = self._active
-            self.ranges.end(rows, active, [self.slots[i].sample for i in active],
-                            [local(self.slots[i].param) for i in active], None)
+            plan, rest = self._plan, self._rest
+            if plan is not None and plan.step.range_update is not None:
+                self.ranges.add("update", plan.where, plan.step.range_update, plan.sample_counts,
+                                plan.sample_scales)
+                plan.step.range_update = None
+            self.ranges.end(rows, rest, [self.slots[i].sample for i in rest],
+                            [local(self.slots[i].param) for i in rest], None)
 
     def _begin_sums(self, kwargs: dict) -> None:
         """Before the optimizer step: what needs the gradient or θ before the update.
@@ -310,6 +319,8 @@ class Collector:
         if not self._active:
             return
         plan = self._flat_plan()
+        if plan is not None:
+            plan.want_ranges = bool(self.range_probes)
         grad_scale = _amp_arg(self.optimizer, kwargs, "grad_scale")
         want_update = Stat.UPDATE_SQ not in self.produced
         if plan is not None:

@@ -207,7 +207,10 @@ class StepData:
     """One sampled step's concatenations (see the module: where additions read them)."""
 
     grads: Tensor | None = None      # gradients of FlatPlan.slots, end to end, their dtype
-    before: Tensor | None = None     # θ at the samples before the step, float32
+    before: Tensor | None = None     # θ at the samples before the step, float32 (update norms)
+    g_sample: Tensor | None = None   # g at the samples, float32 (the range probes)
+    range_before: Tensor | None = None  # θ at the samples before the step (the range probes)
+    range_update: Tensor | None = None  # θ⁺ − θ⁻ at the samples, float32 (the range probes)
     v: Tensor | None = None          # second moments of FlatPlan.v_slots, end to end
     v_sample: Tensor | None = None   # v at the samples of FlatPlan.v_slots, float32
 
@@ -232,6 +235,9 @@ class FlatPlan:
                             wide)
         self.topk = _TopK(self.seg, slots, topk[0], topk[1], device, wide) if topk else None
         self.params = [s.param for s in slots]
+        self.sample_counts = [s.sample.count for s in slots]
+        self.sample_scales = [s.sample.scale for s in slots]
+        self.want_ranges = False  # the collector's range probes: g and θ⁺ − θ⁻ at the samples
         # On the CPU, float32 tensors are summed in C where they lie (`flat_cpu`); any step whose
         # tensors are not plain float32 takes the torch ops below.
         self.host = self.host_topk = None
@@ -274,6 +280,7 @@ class FlatPlan:
                 return columns
         columns: dict[Col, Tensor] = {}
         g = self.step.grads = flatten(grads)
+        self.step.g_sample = seg.take(g) if self.want_ranges else None
         x = g.to(wide)
         if Stat.GRAD_SQ not in produced:
             sq = torch.segment_reduce(x * x, "sum", lengths=seg.lengths)
@@ -287,11 +294,14 @@ class FlatPlan:
                 absmax = absmax * inv
             columns.update({Col.GRAD_SQ: sq, Col.GRAD_ABSMAX: absmax,
                             Col.GRAD_NONFINITE: nonfinite})
-        if Stat.PARAM_SQ_BEFORE not in produced or want_update:
+        take_before = want_update or self.want_ranges
+        if Stat.PARAM_SQ_BEFORE not in produced or take_before:
             p = flatten(params)
             if Stat.PARAM_SQ_BEFORE not in produced:
                 columns[Col.PARAM_SQ_BEFORE] = seg.sq(p, wide)
-            self.step.before = seg.take(p) if want_update else None
+            before = seg.take(p) if take_before else None
+            self.step.before = before if want_update else None
+            self.step.range_before = before if self.want_ranges else None
         if want_topk:
             kept, total = self.topk(x, len(self.slots), wide)
             columns[Col.TOPK_KEPT_SQ], columns[Col.TOPK_TOTAL_SQ] = kept, total
@@ -301,7 +311,8 @@ class FlatPlan:
     def param_columns(self, produced) -> dict[Col, Tensor]:
         """Σθ² after the step and the update's Σ(Δθ)² at the samples."""
         want_after = Stat.PARAM_SQ_AFTER not in produced
-        if not want_after and self.step.before is None:
+        step = self.step
+        if not want_after and step.before is None and step.range_before is None:
             return {}
         if self.host is not None and (columns := flat_cpu.param_columns(self, produced)) is not None:
             return columns
@@ -309,10 +320,12 @@ class FlatPlan:
         p = flatten(self.params)
         if want_after:
             columns[Col.PARAM_SQ_AFTER] = self.seg.sq(p, self.wide)
-        if self.step.before is not None:
-            columns[Col.UPDATE_SQ] = self.seg.sample_diff_sq(self.seg.take(p), self.step.before,
-                                                             self.wide)
-            self.step.before = None
+        after = self.seg.take(p) if step.before is not None or step.range_before is not None else None
+        if step.before is not None:
+            columns[Col.UPDATE_SQ] = self.seg.sample_diff_sq(after, step.before, self.wide)
+            step.before = None
+        if step.range_before is not None:
+            step.range_update, step.range_before = after - step.range_before, None
         return columns
 
     def find_moments(self, collector) -> None:

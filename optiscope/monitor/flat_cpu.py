@@ -133,8 +133,9 @@ def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, wan
     if g is None:
         return None
     want_before = Stat.PARAM_SQ_BEFORE not in produced
+    take_before = want_update or plan.want_ranges
     p = None
-    if want_before or want_update:
+    if want_before or take_before:
         p = seg.addresses(plan.params, "param")
         if p is None:
             return None
@@ -150,7 +151,10 @@ def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, wan
         columns.update({Col.GRAD_SQ: sq, Col.GRAD_ABSMAX: absmax, Col.GRAD_NONFINITE: nonfinite})
     if want_before:
         columns[Col.PARAM_SQ_BEFORE] = seg.sq(p)
-    plan.step.before = torch.from_numpy(seg.take(p)) if want_update else None  # as the torch path's
+    before = torch.from_numpy(seg.take(p)) if take_before else None  # as the torch path's
+    plan.step.before = before if want_update else None
+    plan.step.range_before = before if plan.want_ranges else None
+    plan.step.g_sample = torch.from_numpy(seg.take(g)) if plan.want_ranges else None
     if want_topk:
         columns[Col.TOPK_KEPT_SQ], columns[Col.TOPK_TOTAL_SQ] = plan.host_topk(g)
     return columns
@@ -163,11 +167,16 @@ def param_columns(plan, produced) -> dict[Col, np.ndarray] | None:
     if p is None:
         return None
     columns: dict[Col, np.ndarray] = {}
+    step = plan.step
     if Stat.PARAM_SQ_AFTER not in produced:
         columns[Col.PARAM_SQ_AFTER] = seg.sq(p)
-    if plan.step.before is not None:
-        columns[Col.UPDATE_SQ] = seg.sample_diff_sq(seg.take(p), plan.step.before.numpy())
-        plan.step.before = None
+    after = seg.take(p) if step.before is not None or step.range_before is not None else None
+    if step.before is not None:
+        columns[Col.UPDATE_SQ] = seg.sample_diff_sq(after, step.before.numpy())
+        step.before = None
+    if step.range_before is not None:
+        step.range_update = torch.from_numpy(after - step.range_before.numpy())
+        step.range_before = None
     return columns
 
 

@@ -40,9 +40,10 @@ class RangeProbe:
         self._counts: list[tuple[list[int], str, Tensor]] = []
         self._before: list[Tensor] | None = None
 
-    def _add(self, quantity: str, where: list[int], x: Tensor, lengths: list[int],
-             scales: list[float]) -> None:
-        """Counts ``x``, the concatenated samples of the tensors ``where``."""
+    def add(self, quantity: str, where: list[int], x: Tensor, lengths: list[int],
+            scales: list[float]) -> None:
+        """Counts ``x``, the concatenated samples of the tensors ``where`` (after `begin`, before
+        `end`, which writes every count of the step)."""
         counts = range_counts(x, self._on(lengths, x.device),
                               self._on([float(s) for s in scales], x.device))
         self._counts.append((where, quantity, counts))
@@ -58,7 +59,7 @@ class RangeProbe:
             x = torch.cat(values)
             if grad_scale is not None:  # a fused step's gradients are still scaled
                 x = x / grad_scale.detach().to(x.device, torch.float32).reshape(())
-            self._add("grad", [active[j] for j in keep], x, [v.numel() for v in values],
+            self.add("grad", [active[j] for j in keep], x, [v.numel() for v in values],
                       [samples[j].scale for j in keep])
         self._before = before if before else [s.take(p) for s, p in zip(samples, params)]
 
@@ -67,7 +68,7 @@ class RangeProbe:
         """After the step: the updates' counts; then every count goes into ``rows``."""
         if self._before:
             after = after if after is not None else [s.take(p) for s, p in zip(samples, params)]
-            self._add("update", active, torch.cat(after) - torch.cat(self._before),
+            self.add("update", active, torch.cat(after) - torch.cat(self._before),
                       [a.numel() for a in after], [s.scale for s in samples])
         self._before = None
         for where, quantity, counts in self._counts:
