@@ -270,16 +270,16 @@ class RunLogWriter:
             arrays = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
             sizes = [a.size for a in arrays]
             flat = np.concatenate(arrays)
-        hists = None
-        if histograms:
-            hist_heads, counts = self._heads_of(histograms.items(), lines, seen)
+        hists, declared = None, []
+        if histograms:  # the lists they declare follow the sample's line
+            hist_heads, counts = self._heads_of(histograms.items(), declared, seen)
             counts = [np.array(c, dtype=np.float64) for c in counts]  # copies: the caller's stay
             for quantity, c in zip(histograms, counts):
                 if c.ndim != 2 or not np.isfinite(c).all():
                     raise ValueError(f"optiscope: the histograms of {quantity!r} must be a 2-D "
                                      f"array of finite counts, got {c!r:.200}")
             hists = list(zip(hist_heads, counts))
-        self._put(("sample", lines, step, time, heads, flat, sizes, hists))
+        self._put(("sample", lines, step, time, heads, flat, sizes, hists, declared))
 
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])

@@ -95,8 +95,9 @@ class Appender:
     """Appends records to the open run log ``fd`` (``path``) on a thread of its own.
 
     A queued record is ``("lines", [line, ...])``: whole lines (bytes), or ``("sample",
-    lines, step, time, heads, numbers, sizes, histograms)``: a sample, formatted on the thread
-    (`lines`), after the lines that declare its scope lists.
+    lines, step, time, heads, numbers, sizes, histograms, declared)``: a sample, formatted on
+    the thread (`lines`), after the lines that declare its scope lists, and its histograms
+    after the lines that declare theirs.
     """
 
     def __init__(self, fd: int, path: Path):
@@ -193,7 +194,7 @@ class Appender:
         return self._formatter
 
     def _sample_lines(self, step, time, heads: list[bytes], numbers: np.ndarray | None,
-                      sizes: list[int], histograms) -> list[bytes]:
+                      sizes: list[int], histograms, declared: list[bytes]) -> list[bytes]:
         """A sample's line, and its histograms' line when it has them."""
         text = self._format()
         if not heads:
@@ -211,6 +212,7 @@ class Appender:
             rows = [head + (text.histograms(counts) if text is not None
                             else histogram_rows(counts).encode()) + b"]"
                     for head, counts in histograms]
+            lines.extend(declared)
             lines.append(f'{{"type":"histograms","step":{step},"values":{{'.encode()
                          + b",".join(rows) + b"}}\n")
         return lines
