@@ -130,10 +130,9 @@ class RunLogWriter:
             raise RunLogError(f"optiscope: cannot write the run log {str(self.path)!r}: "
                               f"{exc.strerror or exc}; pass a writable log_dir") from exc
         self._scope_ids: dict[tuple[str, ...], int] = {}
-        # the scope lists of the last sample by id: each list, a copy of it and its scope id
-        self._lists: dict[int, tuple[list, list, int]] = {}
-        self._last_lists: dict[int, tuple[list, list, int]] = {}
-        self._heads: dict[str, tuple[int, bytes]] = {}  # a metric's entry up to its values
+        # per metric (histogram quantity): its scope id, its entry's text up to its values, and
+        # a copy of its scope names
+        self._heads: dict[str, tuple[int, bytes, list]] = {}
         self._next_scope_id = 0
         self._meta: dict = {}
         self._meta_failed = False
@@ -212,39 +211,39 @@ class RunLogWriter:
                               f"{exc.strerror or exc}") from exc
 
     def _scope_id(self, scopes, lines: list[bytes]) -> int:
-        """The id of a scope list, declared (a line added to ``lines``) the first time. A list
-        object the last sample gave too, unchanged, is recognised without hashing its names (a
-        caller passes the same list at every sample while the scopes do not change)."""
-        last = self._last_lists.get(id(scopes))
-        if last is not None and last[0] is scopes and last[1] == scopes:
-            scope_id = last[2]
-        else:
-            key = tuple(scopes)
-            scope_id = self._scope_ids.get(key)
-            if scope_id is None:
-                scope_id = self._scope_ids[key] = self._next_scope_id
-                self._next_scope_id += 1
-                lines.append(json.dumps({"type": "scopes", "id": scope_id,
-                                         "names": list(key)}).encode() + b"\n")
-            # the list is kept (its id is not reused while it is here), and a copy to compare
-            last = (scopes, list(key), scope_id)
-        self._lists[id(scopes)] = last
+        """The id of a scope list, declared (a line added to ``lines``) the first time."""
+        key = tuple(scopes)
+        scope_id = self._scope_ids.get(key)
+        if scope_id is None:
+            scope_id = self._scope_ids[key] = self._next_scope_id
+            self._next_scope_id += 1
+            lines.append(json.dumps({"type": "scopes", "id": scope_id,
+                                     "names": list(key)}).encode() + b"\n")
         return scope_id
 
     def _heads_of(self, entries, lines: list[bytes], seen: dict) -> tuple[list[bytes], list]:
         """For ``(name, (scopes, data))`` entries: each one's text up to its data,
-        ``"name":[k,`` (k the id of its scope list), and the data. ``seen``: the scope ids of
-        this sample's lists so far, by the id of the list (alive while the sample is written):
-        the metrics of a sample mostly share one list."""
+        ``"name":[k,`` (k the id of its scope list), and the data.
+
+        A metric's scopes are compared with a copy of its names of last time: the same names
+        (the same list, or a new one of the same str objects) compare in a pass of pointer
+        comparisons, without hashing them all. ``seen``: the scope ids of this sample's lists
+        so far, by the id of the list (alive while the sample is written): a list several
+        metrics share is compared once."""
         heads, data = [], []
         known = self._heads
         for name, (scopes, numbers) in entries:
+            head = known.get(name)
             scope_id = seen.get(id(scopes))
             if scope_id is None:
-                scope_id = seen[id(scopes)] = self._scope_id(scopes, lines)
-            head = known.get(name)
+                if head is not None and head[2] == scopes:
+                    scope_id = head[0]
+                else:
+                    scope_id = self._scope_id(scopes, lines)
+                seen[id(scopes)] = scope_id
             if head is None or head[0] != scope_id:
-                head = known[name] = (scope_id, f"{json.dumps(name)}:[{scope_id},".encode())
+                head = known[name] = (scope_id, f"{json.dumps(name)}:[{scope_id},".encode(),
+                                      list(scopes))
             heads.append(head[1])
             data.append(numbers)
         return heads, data
@@ -258,8 +257,6 @@ class RunLogWriter:
         The numbers are copied here and turned into text on the writer's thread."""
         lines: list[bytes] = []
         seen: dict[int, int] = {}
-        # the scope lists of this sample, and of the last one (lists it gives again)
-        self._last_lists, self._lists = self._lists, {}
         heads, arrays = self._heads_of(values.items(), lines, seen)
         try:  # lists and 1-D arrays (what the monitor gives) in one copy
             sizes = [len(a) for a in arrays]
