@@ -19,9 +19,11 @@
 
 Records are written by a thread of the writer's own (`optiscope.monitor.runlog_writer`): the
 training thread queues a sample's numbers and the thread turns them into text (in C, without the
-GIL) and appends the line, in the order the records were queued. In-process readers of the log
-(`read_records`, `load_run`) and `RunLogWriter.flush` wait for what is queued; a process killed
-outright (SIGKILL) loses what was queued and not yet written, a few milliseconds' worth.
+GIL) and appends the line, in the order the records were queued, within about
+`runlog_writer.GATHER_S` of the call. In-process readers of the log (`read_records`, `load_run`)
+and `RunLogWriter.flush` wait for what is queued; a process killed outright (SIGKILL) loses
+what was queued and not yet written (the samples of the last ``GATHER_S``), and an exit without
+`RunLogWriter.close` still writes it (atexit).
 
 A line is written with one ``write`` and a crash leaves at most the last line torn; the reader
 skips it with a warning, and ``resume=True`` cuts it off before appending (else the first new
@@ -93,6 +95,9 @@ class NullWriter:
         pass
 
     def write_resume(self, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:

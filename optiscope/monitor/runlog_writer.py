@@ -3,10 +3,11 @@ into lines and appends them to ``runlog.jsonl``, off the training thread.
 
 Why a thread helps although Python threads share the GIL: what it does with the GIL is short
 (a sample is one record object of a few arrays); its two costs release the GIL: the numbers are
-turned into text in C (`optiscope.kernels.cpu_format`, a ctypes call: 1,645 values of 148
-tensors were ~1.9 ms of ``json.dumps`` on the training thread), and the line reaches the file by
-``os.write``. Without the C library the thread formats in Python (it then holds the GIL that
-long, but still off the training thread's own call).
+turned into text in C (`optiscope.kernels.cpu_format`, a ctypes call: the ~2,000 values of a
+sample at 148 tensors were ~2 ms of ``json.dumps`` on the training thread), and the line
+reaches the file by ``os.write``. Without the C library the thread formats in Python (it then
+holds the GIL that long, but still off the training thread's own call). The thread is not woken
+at each record (`GATHER_S`): a wake-up is a context switch inside the caller's call.
 
 Records are written in the order they were queued, one ``os.write`` per line. A failed write
 keeps the line and every later one in memory (the backlog) and retries them at the next record;
@@ -34,10 +35,14 @@ import numpy as np
 __all__ = ["Appender", "values_json", "histogram_rows", "flush_live"]
 
 log = logging.getLogger("optiscope.monitor")
-# How often the writer's thread looks for records: a live log (`optiscope watch`) lags by at
-# most about this; flush() and close() do not wait for it. An idle thread wakes 10 times a
-# second for a moment.
-GATHER_S = 0.1
+# How often the writer's thread looks for records while they come: the log on disk lags by
+# about this (a SIGKILL loses what came since), and the thread takes the GIL 50 times a second
+# for a moment. Waking it at each record instead costs the training thread a context switch per
+# sample, 1-2 ms of write_sample at 148 tensors on a loaded 2-core machine. flush() and close()
+# wake it. After IDLE_S without a record it sleeps until the next one wakes it (a sample every
+# few seconds pays that wake-up; steady sampling does not).
+GATHER_S = 0.02
+IDLE_S = 1.0
 
 
 def values_json(values) -> str:
@@ -110,7 +115,8 @@ class Appender:
         self.failed_since: str | None = None
         self._cut_to: int | None = None  # a torn tail to cut off before the next write
         self._queue: deque = deque()  # records for the thread; None ends it
-        self._wake = threading.Event()  # set by flush and stop, never by put
+        self._wake = threading.Event()  # set by flush and stop; by put when the thread idles
+        self._idle = False
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._dirty = False  # something queued since the last flush
@@ -124,9 +130,7 @@ class Appender:
     def put(self, record: tuple) -> None:
         """Queues a record (written on the thread, after every record queued before it).
 
-        The thread is not woken: it looks every `GATHER_S` seconds. Waking it here is a
-        context switch inside the caller's call (on a loaded machine, a time slice: ~1.5 ms of
-        write_sample at 148 tensors)."""
+        The thread is not woken unless it idles: it looks every `GATHER_S` seconds."""
         if os.getpid() != self._pid:  # a forked child: no thread of ours runs here
             self._write(record)
         else:
@@ -136,6 +140,8 @@ class Appender:
                 self._thread.start()
             self._queue.append(record)
             self._dirty = True  # after the record: a concurrent flush then waits for it
+            if self._idle:  # read after the append; the thread looks again after setting it
+                self._wake.set()
         if self._warning is not None:
             self._warn()
 
@@ -189,9 +195,19 @@ class Appender:
                                       "training goes on%s", self.path,
                                       "" if self._errors < 3 else " (further errors not shown)")
             # Records gather (a flush or close cuts it short): one wake-up and one turn with the
-            # GIL for the samples of several steps.
-            self._wake.wait(GATHER_S)
-            self._wake.clear()
+            # GIL for what several steps gave.
+            waited = 0.0
+            while not queue and waited < IDLE_S:
+                if self._wake.wait(GATHER_S):
+                    self._wake.clear()
+                    break
+                waited += GATHER_S
+            if not queue:
+                self._idle = True
+                if not queue:  # looked at after idle is set: a put from now on wakes us
+                    self._wake.wait()
+                self._wake.clear()
+                self._idle = False
 
     def _write(self, record: tuple) -> None:
         self.backlog.extend(self.lines(record))
