@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import optiscope.kernels.cpu_format as cpu_format
 from optiscope.kernels import cpu
 from optiscope.monitor.history import Alert
 from optiscope.monitor.runlog import RUNLOG, RunLogWriter, load_run, read_records
+from optiscope.monitor import runlog_writer
 from optiscope.monitor.runlog_writer import histogram_rows, values_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +172,48 @@ def test_a_writer_never_closed_is_written_out_at_exit(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     steps = [r["step"] for r in read_records(tmp_path / RUNLOG) if r["type"] == "sample"]
     assert steps == list(range(1, 201))
+
+
+def lines_on_disk_within(log: Path, count: int, seconds: float) -> int:
+    """How many lines the file holds once it has ``count``, or after ``seconds`` (no flush: as
+    another process following the log sees it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        n = len(log.read_bytes().splitlines())
+        if n >= count or time.monotonic() > deadline:
+            return n
+        time.sleep(0.005)
+
+
+def test_records_reach_the_disk_without_a_flush_also_after_the_thread_idled(tmp_path):
+    writer = RunLogWriter(tmp_path)
+    log = tmp_path / RUNLOG
+    try:
+        writer.write_sample(1, 0.0, {"m": (["global"], [1.0])})  # scopes and the sample
+        assert lines_on_disk_within(log, 2, 5.0) == 2
+        time.sleep(runlog_writer.IDLE_S + 0.3)  # the thread sleeps until a record wakes it
+        writer.write_sample(2, 0.0, {"m": (["global"], [2.0])})
+        assert lines_on_disk_within(log, 3, 5.0) == 3
+    finally:
+        writer.close()
+
+
+def test_a_record_that_fails_to_format_is_logged_and_the_next_ones_are_written(
+        tmp_path, monkeypatch, caplog):
+    real, failed = runlog_writer.Appender._sample_lines, []
+
+    def fails_once(self, step, *args):
+        if step == 2 and not failed:
+            failed.append(step)
+            raise RuntimeError("formatting failed")
+        return real(self, step, *args)
+
+    monkeypatch.setattr(runlog_writer.Appender, "_sample_lines", fails_once)
+    writer = RunLogWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write_sample(step, 0.0, {"m": (["global"], [step / 3])})
+    writer.close()
+    assert failed == [2]
+    assert [r["step"] for r in read_records(tmp_path / RUNLOG) if r["type"] == "sample"] == [1, 3]
+    assert any("formatting failed" in r.getMessage() or "formatting failed" in str(r.exc_info)
+               for r in caplog.records)
