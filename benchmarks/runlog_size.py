@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from optiscope import OptimizerMonitor
-from optiscope.monitor import runlog
+import optiscope.kernels.cpu_format as cpu_format
+from optiscope.monitor import runlog, runlog_writer
 from optiscope.monitor.metrics import RANGE_SHARES
 from optiscope.optimizers import AdamW
 
@@ -79,13 +80,15 @@ def main() -> None:
     exact = sum(v for k, v in sizes.items() if not k.startswith("sample: "))
     print("run log, 100 samples of 30 tensors, by record kind: " + ", ".join(
         f"{kind} {n / 1e3:.0f} kB" for kind, n in sorted(sizes.items())))
-    writer = runlog._values_json  # the one place the run log turns values into text
-    runlog._values_json = lambda values: "[" + ",".join(
+    # The writer's Python formatting (the C one, byte-identical, off), with 7 digits
+    writer, text = runlog_writer.values_json, cpu_format.formatter
+    runlog_writer.values_json = lambda values: "[" + ",".join(
         _seven_digits(float(x)) for x in np.asarray(values, dtype=np.float64).ravel()) + "]"
+    cpu_format.formatter = lambda: None
     try:
         seven = log_bytes()
     finally:
-        runlog._values_json = writer
+        runlog_writer.values_json, cpu_format.formatter = writer, text
     print(f"run log, 100 samples of 30 tensors: exact floats {exact / 1e3:.0f} kB, "
           f"7 digits {seven / 1e3:.0f} kB ({exact / seven:.2f}x)")
     ranged = bytes_by_kind(range_probes=True)

@@ -246,6 +246,7 @@ def test_a_full_disk_at_close_does_not_end_the_script(tmp_path, monkeypatch, cap
     def training():
         with OptimizerMonitor(opt, model=model, log_dir=tmp_path, **QUIET, strict=strict) as mon:
             run(model, opt, mon, 2)
+            mon.writer.flush()  # what was given so far reaches the disk before it fills up
             disk.full = True
             run(model, opt, mon, 3, first=3)
         after.append("the model is saved")

@@ -202,6 +202,9 @@ def test_the_log_is_readable_while_the_monitor_writes_it(tmp_path):
     followed: list[dict] = []
 
     def read_now(step: int) -> None:
+        # Records reach the file from the writer's thread a moment after the step that gave
+        # them; a reader in the training process waits for them (load_run does it itself).
+        mon.writer.flush()
         new = follower.read()
         assert new == b"" or new.endswith(b"\n"), \
             f"after step {step} the log ends in a partial line: ...{new[-60:]!r}"
@@ -240,6 +243,9 @@ CHILD = textwrap.dedent("""
     def after_step(step):
         if step < last:
             return
+        # What the process must have on disk before it may die: a SIGKILL loses the records
+        # still queued for the writer's thread.
+        mon.writer.flush()
         h = mon.history
         series = {m: {s: [a.tolist() for a in h.series(m, s)] for s in h.scopes(m)}
                   for m in h.metrics()}
@@ -478,6 +484,7 @@ def test_a_full_disk_loses_nothing_and_training_goes_on(tmp_path, monkeypatch, c
     before: list[int] = []
 
     def weather(step: int) -> None:
+        mon.writer.flush()  # the records given so far meet the disk as it is until now
         if step == 2:  # samples 2..5 are written (and fail) during steps 3..6
             disk.mode = "full"
             before.extend(sample_steps(log))
@@ -513,6 +520,7 @@ def test_a_disk_still_full_at_close_raises_when_strict_and_keeps_the_history(tmp
     before: list[int] = []
 
     def fill(step: int) -> None:
+        mon.writer.flush()  # the records given so far meet the disk as it is until now
         if step == 2:
             disk.mode = "full"
             before.extend(sample_steps(log))
@@ -548,6 +556,7 @@ def test_a_short_write_leaves_the_log_line_complete(tmp_path, monkeypatch, cut_f
         return real_ftruncate(fd, length)
 
     def weather(step: int) -> None:
+        mon.writer.flush()  # the records given so far meet the disk as it is until now
         if step == 2:  # sample 2 is written during step 3: half of its line reaches the disk
             disk.mode = "short"
             before.extend(sample_steps(log))

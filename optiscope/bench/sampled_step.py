@@ -30,6 +30,7 @@ import io
 import random
 import statistics
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -150,20 +151,22 @@ def _watched(kind: str, shapes, sinks: str, log_dir: str, counter: OpCounter | N
 
 
 def _c_calls(windows: _Windows):
-    """Counts calls into the C kernel library (ctypes) inside the monitor's hooks."""
+    """Counts calls into the C kernel library (ctypes) inside the monitor's hooks, on the
+    calling (training) thread: the run log's writer thread formats in C too, at its own pace."""
     from optiscope.kernels import cpu
     lib = cpu.kernel()
     if lib is None:
         return contextlib.nullcontext(Counter()), Counter()
     calls: Counter = Counter()
     originals = {}
+    training = threading.get_ident()
     for name in dir(lib):
         if name.startswith("optiscope_"):
             f = getattr(lib, name)
             originals[name] = f
 
             def wrapped(*args, _f=f, _n=name):
-                if windows.inside:
+                if windows.inside and threading.get_ident() == training:
                     calls[_n] += 1
                 return _f(*args)
             setattr(lib, name, wrapped)

@@ -42,9 +42,10 @@ __all__ = ["kernel", "is_plain", "unavailable_reason", "compiler_command", "libr
            "microadam_v_at", "MICROADAM_STATS"]
 
 log = logging.getLogger("optiscope.kernels")
-# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_kernels.c), and
-# MicroAdam's step (cpu_microadam.c).
-SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_microadam.c"))
+# One library of the C kernels: Adam with statistics and the monitor's sums (cpu_kernels.c),
+# MicroAdam's step (cpu_microadam.c), and the run log's numbers as text (cpu_format.c).
+SOURCES = (Path(__file__).with_name("cpu_kernels.c"), Path(__file__).with_name("cpu_microadam.c"),
+           Path(__file__).with_name("cpu_format.c"))
 # Columns the kernels fill, Stat's first ADAM_STATS (gradient, parameter, update and moment
 # sums) and MICROADAM_STATS (those and the quantization and top-k sums); the Triton kernels
 # (kernels/adam.py, kernels/microadam.py) use the same names.
@@ -206,6 +207,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         f = getattr(lib, name)
         f.restype = None
         f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.optiscope_format_f64.restype = ctypes.c_int64  # kernels/cpu_format.py
+    lib.optiscope_format_f64.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.optiscope_format_f64_many.restype = None
+    lib.optiscope_format_f64_many.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_void_p]
+    lib.optiscope_format_histograms.restype = ctypes.c_int64
+    lib.optiscope_format_histograms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                ctypes.c_void_p]
     return lib
 
 

@@ -17,6 +17,14 @@
   samples and alerts of steps after k written before this record belong to an abandoned attempt
   and are void (the reader drops them; the log stays append-only).
 
+Records are written by a thread of the writer's own (`optiscope.monitor.runlog_writer`): the
+training thread queues a sample's numbers and the thread turns them into text (in C, without the
+GIL) and appends the line, in the order the records were queued, within about
+`runlog_writer.GATHER_S` of the call. In-process readers of the log (`read_records`, `load_run`)
+and `RunLogWriter.flush` wait for what is queued; a process killed outright (SIGKILL) loses
+what was queued and not yet written (the samples of the last ``GATHER_S``), and an exit without
+`RunLogWriter.close` still writes it (atexit).
+
 A line is written with one ``write`` and a crash leaves at most the last line torn; the reader
 skips it with a warning, and ``resume=True`` cuts it off before appending (else the first new
 line would be glued to it and lost as well). A failed write (disk full, file system gone) is
@@ -32,10 +40,8 @@ import errno
 import json
 import contextlib
 import logging
-import math
 import os
 import warnings
-from collections import deque
 
 try:
     import fcntl
@@ -48,6 +54,7 @@ import numpy as np
 from optiscope.atomicfile import atomic_file
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.records import RecordDecoder
+from optiscope.monitor.runlog_writer import Appender, flush_live, values_json
 
 __all__ = ["RUNLOG", "META", "LOCK", "RunLogError", "RunIdentityError", "RunLogWriter",
            "NullWriter", "check_resume", "open_run", "load_run", "read_records", "live_records"]
@@ -66,30 +73,7 @@ class RunIdentityError(ValueError):
     """``resume=True`` on the run log of another run (another optimizer or model)."""
 
 
-def _number(x: float) -> str:
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    if x.is_integer() and abs(x) < 2**53 and math.copysign(1.0, x) > 0:
-        return str(int(x))  # counts and byte sizes as integers
-    # The shortest text that reads back as the same float64 (repr's guarantee): `load_run` then
-    # returns the very values of `monitor.history`. 7 digits (float32's) lost the float64 the
-    # monitor derives from its sums (a norm's square root, a ratio) by up to 5e-7.
-    return repr(x)
-
-
-def _values_json(values) -> str:
-    """The text `_number` gives each value, in one call: json writes a float as its repr (and
-    NaN, Infinity, -Infinity as `_number` does); the integral values become ints first. Per
-    value in Python, this was the largest cost of a sample of many tensors."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    items = a.tolist()
-    with np.errstate(invalid="ignore"):
-        integral = (a == np.trunc(a)) & (np.abs(a) < 2.0**53) & ~np.signbit(a)
-    for i in np.flatnonzero(integral).tolist():
-        items[i] = int(items[i])
-    return json.dumps(items, separators=(",", ":"))
+_values_json = values_json  # the Python formatter, the C one's oracle (kernels/cpu_format.c)
 
 
 class NullWriter:
@@ -111,6 +95,9 @@ class NullWriter:
         pass
 
     def write_resume(self, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self) -> None:
@@ -148,9 +135,9 @@ class RunLogWriter:
             raise RunLogError(f"optiscope: cannot write the run log {str(self.path)!r}: "
                               f"{exc.strerror or exc}; pass a writable log_dir") from exc
         self._scope_ids: dict[tuple[str, ...], int] = {}
-        self._backlog: deque[bytes] = deque()
-        self._failed_since: str | None = None
-        self._cut_to: int | None = None  # a torn tail to cut off before the next write
+        # per metric (histogram quantity): its scope id, its entry's text up to its values, and
+        # a copy of its scope names
+        self._heads: dict[str, tuple[int, bytes, list]] = {}
         self._next_scope_id = 0
         self._meta: dict = {}
         self._meta_failed = False
@@ -170,6 +157,7 @@ class RunLogWriter:
                     self._next_scope_id = max(self._next_scope_id, record["id"] + 1)
                 elif record.get("type") == "meta":
                     self._meta.update((k, v) for k, v in record.items() if k != "type")
+        self._appender = Appender(self._fd, self.path)
 
     def _cut_torn_tail(self) -> None:
         """Cuts an unterminated last line (a crash while writing it) off a run log to resume."""
@@ -198,6 +186,8 @@ class RunLogWriter:
         try:
             self._write_meta_json()
         except RunLogError:
+            self._appender.stop()
+            self._appender.fd = None
             os.close(self._fd)
             self._fd = None
             self._lock = _unlock(self._lock)
@@ -225,46 +215,73 @@ class RunLogWriter:
             raise RunLogError(f"optiscope: cannot write {str(path)!r}: "
                               f"{exc.strerror or exc}") from exc
 
-    def _scope_id(self, scopes, lines: list[str]) -> int:
+    def _scope_id(self, scopes, lines: list[bytes]) -> int:
         """The id of a scope list, declared (a line added to ``lines``) the first time."""
         key = tuple(scopes)
-        if key not in self._scope_ids:
-            self._scope_ids[key] = self._next_scope_id
+        scope_id = self._scope_ids.get(key)
+        if scope_id is None:
+            scope_id = self._scope_ids[key] = self._next_scope_id
             self._next_scope_id += 1
-            lines.append(json.dumps({"type": "scopes", "id": self._scope_ids[key],
-                                     "names": list(key)}))
-        return self._scope_ids[key]
+            lines.append(json.dumps({"type": "scopes", "id": scope_id,
+                                     "names": list(key)}).encode() + b"\n")
+        return scope_id
+
+    def _heads_of(self, entries, lines: list[bytes], seen: dict) -> tuple[list[bytes], list]:
+        """For ``(name, (scopes, data))`` entries: each one's text up to its data,
+        ``"name":[k,`` (k the id of its scope list), and the data.
+
+        A metric's scopes are compared with a copy of its names of last time: the same names
+        (the same list, or a new one of the same str objects) compare in a pass of pointer
+        comparisons, without hashing them all. ``seen``: the scope ids of this sample's lists
+        so far, by the id of the list (alive while the sample is written): a list several
+        metrics share is compared once."""
+        heads, data = [], []
+        known = self._heads
+        for name, (scopes, numbers) in entries:
+            head = known.get(name)
+            scope_id = seen.get(id(scopes))
+            if scope_id is None:
+                if head is not None and head[2] == scopes:
+                    scope_id = head[0]
+                else:
+                    scope_id = self._scope_id(scopes, lines)
+                seen[id(scopes)] = scope_id
+            if head is None or head[0] != scope_id:
+                head = known[name] = (scope_id, f"{json.dumps(name)}:[{scope_id},".encode(),
+                                      list(scopes))
+            heads.append(head[1])
+            data.append(numbers)
+        return heads, data
 
     def write_sample(self, step: int, time: float, values: dict[str, tuple[list[str], object]],
                      histograms: dict | None = None) -> None:
-        """Appends one sampled step: ``values[metric] = (scopes, numbers)``, and its log2
-        histograms (``{quantity: (scopes, counts)}``) in the same write."""
-        lines, parts = [], []
-        for metric, (scopes, numbers) in values.items():
-            scope_id = self._scope_id(scopes, lines)
-            parts.append(f"{json.dumps(metric)}:[{scope_id},{_values_json(numbers)}]")
-        lines.append(f'{{"type":"sample","step":{step},"time":{time:.3f},'
-                     f'"values":{{{",".join(parts)}}}}}')
-        if histograms:
-            self._histogram_lines(step, histograms, lines)
-        self._append(lines)
+        """Writes one sampled step: for each metric ``values[metric] = (scopes, numbers)``
+        (``numbers`` a list or an array, one per scope), and its log2 histograms
+        (``{quantity: (scopes, counts)}``, whole numbers) in the same write.
 
-    def _histogram_lines(self, step: int, histograms: dict, lines: list[str]) -> None:
-        """Adds a sample's histograms record to ``lines``: each tensor's row as its nonzero
-        span (a trained tensor fills a few dozen of the 148 bins)."""
-        parts = []
-        for quantity, (scopes, counts) in histograms.items():
-            rows = []
-            for row in np.asarray(counts):
-                nonzero = np.flatnonzero(row)
-                if not len(nonzero):
-                    rows.append("[]")
-                    continue
-                span = row[nonzero[0]: nonzero[-1] + 1]
-                rows.append(f"[{nonzero[0]},{','.join(str(int(c)) for c in span)}]")
-            parts.append(f'{json.dumps(quantity)}:[{self._scope_id(scopes, lines)},'
-                         f'[{",".join(rows)}]]')
-        lines.append(f'{{"type":"histograms","step":{step},"values":{{{",".join(parts)}}}}}')
+        The numbers are copied here and turned into text on the writer's thread."""
+        lines: list[bytes] = []
+        seen: dict[int, int] = {}
+        heads, arrays = self._heads_of(values.items(), lines, seen)
+        try:  # lists and 1-D arrays (what the monitor gives) in one copy
+            sizes = [len(a) for a in arrays]
+            flat = np.concatenate(arrays, dtype=np.float64, casting="same_kind") if arrays else None
+            if flat is not None and flat.ndim != 1:
+                raise ValueError("not 1-D")
+        except (TypeError, ValueError):  # 0-d or n-d arrays, objects; and a bad number's error
+            arrays = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+            sizes = [a.size for a in arrays]
+            flat = np.concatenate(arrays)
+        hists, declared = None, []
+        if histograms:  # the lists they declare follow the sample's line
+            hist_heads, counts = self._heads_of(histograms.items(), declared, seen)
+            counts = [np.array(c, dtype=np.float64) for c in counts]  # copies: the caller's stay
+            for quantity, c in zip(histograms, counts):
+                if c.ndim != 2 or not np.isfinite(c).all():
+                    raise ValueError(f"optiscope: the histograms of {quantity!r} must be a 2-D "
+                                     f"array of finite counts, got {c!r:.200}")
+            hists = list(zip(hist_heads, counts))
+        self._put(("sample", lines, step, time, heads, flat, sizes, hists, declared))
 
     def write_alert(self, alert: Alert) -> None:
         self._append([json.dumps({"type": "alert", **alert.to_json()})])
@@ -274,66 +291,49 @@ class RunLogWriter:
         steps is superseded."""
         self._append([json.dumps({"type": "resume", "step": int(step)})])
 
+    def flush(self) -> None:
+        """Waits until every record given so far is written (or, on a failing disk, kept to
+        retry): before the log is read back, or where the process must have it."""
+        self._appender.flush()
+
     def close(self) -> None:
+        """Writes what is queued, retries what could not be written, and closes the log.
+
+        Raises:
+            RunLogError: records could not be written (they are in the monitor's history)."""
         if self._fd is None:
             return
-        self._flush_backlog()
+        appender = self._appender
+        appender.stop()
         fd, self._fd = self._fd, None
+        appender.fd = None
         self._lock = _unlock(self._lock)
         try:
             os.close(fd)
         except OSError as exc:  # network file systems report deferred write errors here
             raise RunLogError(f"optiscope: closing the run log {str(self.path)!r} failed: "
                               f"{exc.strerror or exc}; its last records may be lost") from exc
-        if self._backlog:
-            raise RunLogError(f"optiscope: {len(self._backlog)} records could not be written to "
-                              f"{str(self.path)!r} ({self._failed_since}); the log holds the "
-                              "run up to the first of them, and all of them are in "
+        if appender.backlog:
+            raise RunLogError(f"optiscope: {len(appender.backlog)} records could not be written "
+                              f"to {str(self.path)!r} ({appender.failed_since}); the log holds "
+                              "the run up to the first of them, and all of them are in "
                               "monitor.history")
 
     @property
     def unwritten(self) -> int:
-        """Records not (yet) written: kept in memory and retried at the next record."""
-        return len(self._backlog)
+        """Records not written (a full disk): kept in memory and retried at the next record."""
+        self._appender.flush()
+        return len(self._appender.backlog)
 
     # ------------------------------------------------------------------------------ writing
     def _append(self, lines: list[str]) -> None:
-        self._backlog.extend(line.encode() + b"\n" for line in lines)
-        self._flush_backlog()
+        self._put(("lines", [line.encode() + b"\n" for line in lines]))
 
-    def _flush_backlog(self) -> None:
-        while self._backlog and self._fd is not None:
-            data = self._backlog[0]
-            try:
-                if self._cut_to is not None:  # an earlier cut failed: never append to a torn line
-                    os.ftruncate(self._fd, self._cut_to)
-                    self._cut_to = None
-                size = os.fstat(self._fd).st_size
-                self._cut_to = size  # until the whole line is in
-                written = os.write(self._fd, data)
-                if written != len(data):
-                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
-                self._cut_to = None
-            except OSError as exc:
-                if self._cut_to is not None:
-                    try:  # cut the torn line off so the log stays line-complete
-                        os.ftruncate(self._fd, self._cut_to)
-                        self._cut_to = None
-                    except OSError:
-                        pass  # retried before the next write
-                if self._failed_since is None:
-                    self._failed_since = f"{exc.strerror or exc}"
-                    log.error("optiscope: writing the run log %s failed: %s. Training goes on; "
-                              "records are kept in memory and retried at each sample.",
-                              self.path, self._failed_since)
-                    warnings.warn(f"optiscope: writing the run log {self.path} failed: "
-                                  f"{self._failed_since}; records are kept in memory and retried",
-                                  RuntimeWarning, stacklevel=4)
-                return
-            self._backlog.popleft()
-        if not self._backlog and self._failed_since is not None:
-            log.warning("optiscope: the run log %s is writable again; nothing was lost", self.path)
-            self._failed_since = None
+    def _put(self, record: tuple) -> None:
+        if self._fd is None:  # closed: kept, as a record that could not be written
+            self._appender.backlog.extend(self._appender.lines(record))
+            return
+        self._appender.put(record)
 
 
 def _lock(log_dir: Path) -> tuple[int, Path] | None:
@@ -442,6 +442,7 @@ def read_records(path: str | os.PathLike, *, warn: bool = True):
     Reads line by line (a long run's log can be hundreds of MB). The last line is incomplete when
     the writer crashed in the middle of it, or is writing it right now.
     """
+    flush_live(path)  # this process's own writer of it: what it was given is in the file
     for _, record in _numbered_records(path, warn):
         yield record
 
@@ -514,6 +515,7 @@ def load_run(path: str | os.PathLike) -> RunHistory:
 
 def _resume_points(path) -> list[tuple[int, int]]:
     """(line number, step) of each resume record; only lines that mention it are parsed."""
+    flush_live(path)
     points = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
