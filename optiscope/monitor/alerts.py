@@ -161,7 +161,8 @@ class AlertRules:
         if "nonfinite_grads" in values:
             scopes, bad = values["nonfinite_grads"]
             bad = np.asarray(bad, dtype=np.float64)
-            hit = (np.flatnonzero(bad[1:] > 0) + 1).tolist()
+            positive = bad[1:] > 0
+            hit = (np.flatnonzero(positive) + 1).tolist() if positive.any() else []
             if hit:
                 named = [scopes[i] for i in hit]
                 alerts.append(Alert(step, "nonfinite_grads", "nonfinite_grads", named,
