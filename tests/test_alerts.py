@@ -1,5 +1,6 @@
-"""The alert rules judge a sample's scopes at once (numpy); the rule for one value, written out
-here plainly as it was before, is the oracle: same alerts, same messages, same order."""
+"""The alert rules keep their running averages in lists by position and judge a sample in one
+loop; the rules as they were, with dicts and one `observe` call per value, written out here
+plainly, are the oracle: same alerts, same messages, same order."""
 
 import math
 

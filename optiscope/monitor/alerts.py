@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
@@ -39,85 +38,65 @@ class _Baseline:
     that lasts ``persist`` samples is a new level, not an event (a LayerNorm bias settling, a new
     phase of training): the average restarts from there, and nothing more is reported.
 
-    The state is kept in arrays, one position per scope, and a sample's scopes are judged at
-    once (`observe_all`); `observe` is the same rule for one value.
+    The state is kept in lists, one position per scope (the positions of a scope list cached
+    while the same list comes back), and `observe` runs one loop over a sample's values: on a
+    sampled step this code meets cold caches (the training step ran in between), where a loop of
+    plain float arithmetic costs less than the two dozen numpy calls of the same rule.
     """
 
     def __init__(self, decay: float, warmup: int, persist: int):
         self.decay, self.warmup, self.persist = decay, warmup, persist
         self.position: dict[str, int] = {}
-        self.mean = np.zeros(0)                  # NaN: never seen
-        self.count = np.zeros(0, dtype=np.int64)
-        self.outside = np.zeros(0, dtype=np.int64)  # length of the current excursion
-        self._last: tuple = ([], np.zeros(0, np.intp), slice(0, 0), False)
+        self.mean: list[float] = []
+        self.count: list[int] = []      # 0: never seen
+        self.outside: list[int] = []    # length of the current excursion
+        self._last: tuple[list[str], list[int]] = ([], [])
 
-    def positions(self, scopes: list[str]) -> tuple[np.ndarray, object, bool]:
-        """The positions of ``scopes`` (new ones added): an index array, the same as a slice
-        when they follow each other, and whether a scope repeats (then the values are taken
-        one after the other). Cached for the last list of scopes."""
-        last, where, fast, repeats = self._last
-        if scopes == last:
-            return where, fast, repeats
+    def positions(self, scopes: list[str]) -> list[int]:
+        """The positions of ``scopes`` (new ones added); cached for the last list of scopes."""
+        last, where = self._last
+        if scopes == last:  # C-level: the same str objects compare by identity first
+            return where
         for s in scopes:
             if s not in self.position:
                 self.position[s] = len(self.position)
-        grow = len(self.position) - len(self.mean)
-        if grow > 0:
-            self.mean = np.concatenate([self.mean, np.full(grow, np.nan)])
-            self.count = np.concatenate([self.count, np.zeros(grow, np.int64)])
-            self.outside = np.concatenate([self.outside, np.zeros(grow, np.int64)])
-        where = np.array([self.position[s] for s in scopes], dtype=np.intp)
-        fast = where
-        if len(where) and np.array_equal(where, np.arange(where[0], where[0] + len(where))):
-            fast = slice(int(where[0]), int(where[0]) + len(where))
-        repeats = len(set(scopes)) < len(scopes)
-        self._last = (list(scopes), where, fast, repeats)
-        return where, fast, repeats
+                self.mean.append(0.0)
+                self.count.append(0)
+                self.outside.append(0)
+        where = [self.position[s] for s in scopes]
+        self._last = (list(scopes), where)
+        return where
 
-    def observe(self, k: int, value: float, out: Callable[[float, float], bool]) -> float | None:
-        """Takes a value of the scope at position ``k``; returns the baseline when ``value``
-        starts an excursion, else None.
-
-        ``out(value, mean)`` says whether a value is outside the band around the average.
-        """
-        mean = float(self.mean[k]) if self.count[k] else None
-        if mean is not None and self.count[k] >= self.warmup and out(value, mean):
-            run = self.outside[k] = self.outside[k] + 1
-            if run >= self.persist:
-                self.mean[k], self.count[k], self.outside[k] = value, 1, 0
-            return mean if run == 1 else None
-        self.outside[k] = 0
-        self.mean[k] = value if mean is None else self.decay * mean + (1 - self.decay) * value
-        self.count[k] += 1
-        return None
-
-    def observe_all(self, where, values: np.ndarray,
-                    out: Callable[[np.ndarray, np.ndarray], np.ndarray]
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """`observe` of ``values[i]`` at positions ``where[i]`` (an index array or a slice; no
-        position twice), at once.
-
-        Returns:
-            (indices into ``values`` that start an excursion, their baselines).
-        """
-        mean, count = self.mean[where], self.count[where]  # views when ``where`` is a slice
-        seen = count > 0
-        updated = np.where(seen, self.decay * mean + (1 - self.decay) * values, values)
-        outside = (count >= max(self.warmup, 1)) & out(values, mean)  # seen and warm
-        if not outside.any():  # the usual sample: every value enters its average
-            self.mean[where], self.count[where], self.outside[where] = updated, count + 1, 0
-            return _NONE, _NONE
-        run = np.where(outside, self.outside[where] + 1, 0)
-        restart = outside & (run >= self.persist)
-        starts = np.flatnonzero(outside & (run == 1))
-        baselines = mean[starts]  # before the writes below (``mean`` may be a view)
-        self.mean[where] = np.where(outside, np.where(restart, values, mean), updated)
-        self.count[where] = np.where(outside, np.where(restart, 1, count), count + 1)
-        self.outside[where] = np.where(restart, 0, run)
-        return starts, baselines
-
-
-_NONE = np.zeros(0, dtype=np.intp)
+    def observe(self, scopes: list[str], values: list[float], spike: float | None = None,
+                band: float | None = None) -> list[tuple[int, float]]:
+        """Takes a sample's values; returns (index, baseline) of those that start an
+        excursion, in order. ``values`` are judged against ``spike`` × the average (a value
+        above it, the average positive), or are logs judged against ``band`` around it (further
+        either way); NaN and ±inf are left out."""
+        mean, count, outside = self.mean, self.count, self.outside
+        warmup, persist, decay = self.warmup, self.persist, self.decay
+        keep = 1 - decay
+        found = []
+        for i, (k, x) in enumerate(zip(self.positions(scopes), values)):
+            if x - x != 0:  # NaN or ±inf
+                continue
+            c = count[k]
+            if c:
+                m = mean[k]
+                if c >= warmup and (m > 0 and x > spike * m if band is None
+                                    else abs(x - m) > band):
+                    run = outside[k] = outside[k] + 1
+                    if run >= persist:
+                        mean[k], count[k], outside[k] = x, 1, 0
+                    if run == 1:
+                        found.append((i, m))
+                    continue
+                mean[k] = decay * m + keep * x
+            else:
+                mean[k] = x
+            outside[k] = 0
+            count[k] = c + 1
+        return found
 
 
 class AlertRules:
@@ -152,17 +131,12 @@ class AlertRules:
                 ``nonfinite_grads``, ``grad_norm`` and ``update_ratio``.
             skipped_new: steps a GradScaler skipped since the last sample.
         """
-        with np.errstate(invalid="ignore", over="ignore"):
-            return self._check(step, values, skipped_new)
-
-    def _check(self, step: int, values: dict, skipped_new: int) -> list[Alert]:
         alerts = []
         lr = _lr(values)
         if "nonfinite_grads" in values:
             scopes, bad = values["nonfinite_grads"]
-            bad = np.asarray(bad, dtype=np.float64)
-            positive = bad[1:] > 0
-            hit = (np.flatnonzero(positive) + 1).tolist() if positive.any() else []
+            bad = _floats(bad)
+            hit = [i for i, v in enumerate(bad) if v > 0 and i]
             if hit:
                 named = [scopes[i] for i in hit]
                 alerts.append(Alert(step, "nonfinite_grads", "nonfinite_grads", named,
@@ -172,10 +146,9 @@ class AlertRules:
                                     float(bad[0])))
         if "grad_norm" in values:
             scopes, norms = values["grad_norm"]
-            spike = self.spike_factor
-            spiking = _observe(self._grad, scopes, norms, lambda v: np.isfinite(v), lambda v: v,
-                               lambda x, m: (m > 0) & (x > spike * m),
-                               lambda x, m: m > 0 and x > spike * m)
+            norms = _floats(norms)
+            spiking = [(scopes[i], norms[i], avg) for i, avg in
+                       self._grad.observe(scopes, norms, spike=self.spike_factor)]
             if spiking:
                 alerts.append(Alert(step, "grad_spike", "grad_norm", [s for s, _, _ in spiking],
                                     f"step {step}: gradient-norm spike in " + _listing(
@@ -183,12 +156,10 @@ class AlertRules:
                                          for s, v, a in spiking]), float(spiking[0][1])))
         if "update_ratio" in values and lr != 0:
             scopes, ratios = values["update_ratio"]
-            band = self.log_band
-            out = [(scope, r, math.exp(avg) * lr) for scope, r, avg in _observe(
-                self._ratio, scopes, ratios, lambda r: np.isfinite(r) & (r > 0),
-                # math.log, as the rule for one value: numpy's log may round otherwise
-                lambda r: np.fromiter(map(math.log, (r / lr).tolist()), np.float64, len(r)),
-                lambda x, m: np.abs(x - m) > band, lambda x, m: abs(x - m) > band)]
+            ratios = _floats(ratios)
+            logs = [math.log(r / lr) if r > 0 and r - r == 0 else math.nan for r in ratios]
+            out = [(scopes[i], ratios[i], math.exp(avg) * lr)
+                   for i, avg in self._ratio.observe(scopes, logs, band=self.log_band)]
             if out:
                 at = "" if lr == 1.0 else " at this lr"
                 alerts.append(Alert(step, "update_ratio_band", "update_ratio", [s for s, _, _ in out],
@@ -203,32 +174,9 @@ class AlertRules:
         return alerts
 
 
-def _observe(baseline: _Baseline, scopes: list[str], values, judged, of, out, out_one
-             ) -> list[tuple[str, float, float]]:
-    """(scope, value, baseline) of the values that start an excursion, in ``scopes``' order:
-    the values where ``judged`` holds, taken as ``of(values)``; ``out`` (arrays) and
-    ``out_one`` (one value) say what is outside the band."""
-    values = np.asarray(values, dtype=np.float64)
-    where, fast, repeats = baseline.positions(scopes)
-    ok = judged(values)
-    if ok.all():  # the usual sample: no index arrays
-        pick, at = slice(None), fast
-    else:
-        pick = np.flatnonzero(ok)
-        at = where[pick]
-    x = of(values[pick])
-    if repeats:  # a scope twice in one sample: one value after the other
-        found = []
-        for i, (k, v) in enumerate(zip(where[pick].tolist(), x.tolist())):
-            avg = baseline.observe(k, v, out_one)
-            if avg is not None:
-                found.append((i, avg))
-    else:
-        starts, avgs = baseline.observe_all(at, x, out)
-        found = list(zip(starts.tolist(), avgs.tolist()))
-    if isinstance(pick, np.ndarray):
-        found = [(int(pick[i]), avg) for i, avg in found]
-    return [(scopes[i], float(values[i]), avg) for i, avg in found]
+def _floats(values) -> list[float]:
+    """A recorded metric's numbers (a numpy row or a list) as Python floats."""
+    return values.tolist() if isinstance(values, np.ndarray) else [float(v) for v in values]
 
 
 def _lr(values: dict) -> float:
