@@ -38,9 +38,10 @@ def test_derive_all_is_derive_to_the_last_bit(seed):
             rows[:] = np.nan
         metrics = TENSOR_METRICS if trial % 2 else tuple(
             TENSOR_METRICS[i] for i in rng.permutation(len(TENSOR_METRICS))[:6])
-        out, missing = derive_all(rows, metrics)
+        out, missing, has_missing = derive_all(rows, metrics)
         assert out.shape == (len(metrics), n + 1)
         assert np.array_equal(missing, np.isnan(out[:, 1:]))
+        assert has_missing == missing.any(axis=1).tolist()
         for j, metric in enumerate(metrics):
             per, glob = derive(rows, metric)
             # bit for bit: the same float64, NaN where NaN

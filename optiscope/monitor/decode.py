@@ -25,7 +25,7 @@ class Decoder:
 
     def __init__(self):
         self._groups: list[str] = []
-        self._metrics: tuple = (None, (), np.zeros((0, 1), bool))  # (skipped, metrics, partial)
+        self._metrics: tuple = (None, ())  # (skip reasons, the metrics they leave)
         self._stepped: tuple = (None, None, [])  # (slot scopes, active, their scopes)
         # id(tensor scopes) -> (them, "global" + them, {keep mask: "global" + the kept ones})
         self._lists: dict[int, tuple[list[str], list[str], dict[bytes, list[str]]]] = {}
@@ -49,19 +49,17 @@ class Decoder:
         first; a partial metric's tensors without a value are left out (`Metric.partial`)."""
         if self._metrics[0] is not skipped:
             metrics = tuple(m for m in TENSOR_METRICS if m.name not in skipped)
-            self._metrics = (skipped, metrics, np.array([[m.partial] for m in metrics], bool))
-        _, metrics, partial = self._metrics
-        out, missing = derive_all(rows, metrics)  # [metric, global + tensors]
+            self._metrics = (skipped, metrics)
+        _, metrics = self._metrics
+        out, missing, has_missing = derive_all(rows, metrics)  # [metric, global + tensors]
         _, with_global, masked = self._lists_of(stepped)
-        n = len(stepped)
-        gaps = missing & partial  # a partial metric's tensors without a value
-        some_gaps = gaps.any(axis=1).tolist() if n else [True] * len(metrics)
         values = {}
         for j, metric in enumerate(metrics):
-            if not some_gaps[j]:
-                values[metric.name] = (with_global, out[j])
+            if not (metric.partial and has_missing[j]):
+                if stepped:  # else no tensor stepped: a NaN global, not recorded
+                    values[metric.name] = (with_global, out[j])
                 continue
-            kept = np.concatenate(([True], ~gaps[j]))
+            kept = np.concatenate(([True], ~missing[j]))
             if kept[1:].any() or not math.isnan(out[j, 0]):
                 values[metric.name] = (self._kept(with_global, masked, kept), out[j][kept])
         return values
