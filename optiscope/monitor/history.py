@@ -72,9 +72,6 @@ class _Series:
         self._last: tuple[list[str], object] = ([], slice(0, 0))
 
     def _columns(self, scopes: list[str]):
-        last, cols = self._last
-        if scopes == last:  # C-level: the same str objects compare by identity first
-            return cols
         index = self.scopes
         for s in scopes:
             if s not in index:
@@ -86,7 +83,9 @@ class _Series:
         return cols
 
     def add(self, step: int, scopes: list[str], values) -> None:
-        cols = self._columns(scopes)
+        last, cols = self._last
+        if scopes != last:  # C-level: the same str objects compare by identity first
+            cols = self._columns(scopes)
         rows, width = self.values.shape
         if width < len(self.scopes) or self.n == rows:
             cap = rows if self.n < rows else max(16, 2 * self.n)
@@ -193,6 +192,15 @@ class RunHistory:
         if series is None:
             series = self._series[metric] = _Series()
         series.add(step, scopes, values)
+
+    def add_sample(self, step: int, values: dict) -> None:
+        """`add` of every metric of one sample: ``values[metric] = (scopes, numbers)``."""
+        series = self._series
+        for metric, (scopes, numbers) in values.items():
+            one = series.get(metric)
+            if one is None:
+                one = series[metric] = _Series()
+            one.add(step, scopes, numbers)
 
     def add_histograms(self, step: int, histograms: dict) -> None:
         """Records one sample's histograms: ``{quantity: (scopes, counts [n, bins])}``."""
