@@ -34,6 +34,7 @@ error: it is dominated by v's large entries and understates what a zero does to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -245,13 +246,24 @@ class CompressionProbes:
         # the active tensors whose moments are compressed, while the state's tensors stay
         self._watch = StateWatch()
         self._compressed: tuple[tuple, list[tuple[int, tuple[str, str]]]] = ((), [])
+        # The monitor's word, when it has one, that the state's tensors are those it saw after
+        # the last step (its sampled post-hook looked): a version to compare instead of looking.
+        self.state_version: Callable[[], int | None] | None = None
+        self._version: int | None = None  # the version the cache was made at (None: the watch)
 
     def _compressed_moments(self) -> list[tuple[int, tuple[str, str]]]:
         """(active tensor, its moment keys) of the tensors whose m or v is compressed: looked
         up again when the active tensors or the state's tensors change (`StateWatch`)."""
         c = self.collector
         active = tuple(c.active)
-        if self._watch.changed(c.optimizer.state) or self._compressed[0] != active:
+        version = self.state_version() if self.state_version is not None else None
+        if version is not None:
+            changed = version != self._version
+            if changed:  # its last look is not the state the cache is about to hold
+                self._watch.reset()
+        else:
+            changed = self._watch.changed(c.optimizer.state)
+        if changed or self._compressed[0] != active:
             found = []
             for i in active:
                 state = c.optimizer.state.get(c.slots[i].param)
@@ -259,7 +271,7 @@ class CompressionProbes:
                 if keys is not None and (is_compressed(state[keys[0]])
                                          or is_compressed(state[keys[1]])):
                     found.append((i, keys))
-            self._compressed = (active, found)
+            self._compressed, self._version = (active, found), version
         return self._compressed[1]
 
     # ------------------------------------------------------------------ requantization error

@@ -158,6 +158,8 @@ class MonitorCore(StepControl):
         self._worker = Worker(threaded=background and not strict)
         self._scope_names: list[str] | None = None
         self._decoder, self._state_sizes = Decoder(), StateSizes()  # caches of the sampled steps
+        self.collector.compression.state_version = lambda: self._state_sizes.version_at(
+            self.optimizer.state, self._completed)  # no second look at the state before a step
         self._init_step_control(start_step, on_nonfinite)
 
         writes = log_dir is not None and self.topology.writes
@@ -355,8 +357,8 @@ class MonitorCore(StepControl):
         lrs = declared() if declared is not None else [g.get("lr") for g in self.optimizer.param_groups]
         current.lrs = [math.nan if lr is None else float(lr) for lr in lrs]
         # the state's bytes now (measured again when its tensors change), the slots' names
-        current.state_bytes = (self._state_sizes.at_step(self.optimizer.state, self.slots),
-                               self._cuda_allocated())
+        current.state_bytes = (self._state_sizes.at_step(self.optimizer.state, self.slots,
+                                                         self.step), self._cuda_allocated())
         current.scopes = self._scopes()
         current.skipped_host = self._skipped
         self._pending.append(current)
@@ -465,9 +467,7 @@ class MonitorCore(StepControl):
             values[name] = (self._decoder.GLOBAL,
                             [float(value.item()) if isinstance(value, Tensor) else float(value)])
 
-        add = self._history.add  # the property waits for the worker: this is the worker's turn
-        for metric, (scopes, numbers) in values.items():
-            add(p.step, metric, scopes, numbers)
+        self._history.add_sample(p.step, values)  # (the property would wait for the worker)
         hists = (histograms_of(stepped_rows, stepped)  # NaN columns when the probe is off
                  if p.rows is not None and self.collector.range_probes else {})
         self.writer.write_sample(p.step, p.time, values, hists)

@@ -149,16 +149,29 @@ class StateSizes:
     def __init__(self):
         self._watch = StateWatch()
         self._figures: StateFigures | None = None
+        self.version = 0  # counts the changes of the state's tensors seen
+        self._seen: tuple[int, int] | None = None  # (id of the state, step) of the last look
 
     def reset(self) -> None:
         """The slots changed: measure at the next sample."""
         self._watch.reset()
         self._figures = None
 
-    def at_step(self, state: dict, slots: list) -> StateFigures:
+    def version_at(self, state: dict, completed: int) -> int | None:
+        """`version` of ``state`` now, when it is the state of the last look (a state loaded
+        since replaces ``optimizer.state``), no tensor of it was freed since, and no optimizer
+        step has completed since (``completed``: the last step that did); else None. A state
+        tensor replaced by the user between two steps, without freeing the old one, escapes."""
+        if self._seen == (id(state), completed) and not self._watch.freed:
+            return self.version
+        return None
+
+    def at_step(self, state: dict, slots: list, step: int) -> StateFigures:
         """The figures of the ``slots``' (`TensorSlot`) entries of ``state``
-        (``optimizer.state``) now."""
+        (``optimizer.state``) after ``step``."""
+        self._seen = (id(state), step)
         if self._watch.changed(state) or self._figures is None:
+            self.version += 1
             per_tensor, per_key, _, _ = state_bytes(
                 [list(state.get(s.param, {}).items()) for s in slots], None, None)
             self._figures = StateFigures(per_tensor, per_key, sum(per_tensor),

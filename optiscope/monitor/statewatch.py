@@ -58,5 +58,10 @@ class StateWatch:
             self._refs, self._tensors = [], None
         return True
 
+    @property
+    def freed(self) -> bool:
+        """Whether a tensor of the last look has been freed since."""
+        return self._freed
+
     def _on_freed(self, _ref) -> None:
         self._freed = True
