@@ -33,7 +33,7 @@ from optiscope.monitor.collect import Collector, TensorSlot, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
 from optiscope.monitor.decode import Decoder
-from optiscope.monitor.metrics import RANGE_QUANTITIES, RANGE_SHARES, ROW_COLS, Col
+from optiscope.monitor.metrics import NUM_COLS, RANGE_QUANTITIES, RANGE_SHARES, ROW_COLS, Col
 from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
@@ -346,7 +346,8 @@ class MonitorCore(StepControl):
             raise failure
         if current is None:
             return
-        current.rows = _to_host(rows)
+        # the range probe's columns (17x the metrics' own) are NaN when it is off: not copied
+        current.rows = _to_host(rows if self.collector.range_probes else rows[:, :NUM_COLS])
         current.active = list(self.collector.active)
         fused_skips = self.collector.skipped_since_last()
         if fused_skips is not None:
