@@ -68,18 +68,23 @@ class _Baseline:
         return where
 
     def observe(self, scopes: list[str], values: list[float], spike: float | None = None,
-                band: float | None = None) -> list[tuple[int, float]]:
+                band: float | None = None, lr: float = 1.0) -> list[tuple[int, float]]:
         """Takes a sample's values; returns (index, baseline) of those that start an
         excursion, in order. ``values`` are judged against ``spike`` × the average (a value
-        above it, the average positive), or are logs judged against ``band`` around it (further
-        either way); NaN and ±inf are left out."""
+        above it, the average positive); or, with ``band``, the positive ones are taken as
+        log(value / lr) and judged against ``band`` around the average (further either way).
+        NaN and ±inf are left out."""
         mean, count, outside = self.mean, self.count, self.outside
         warmup, persist, decay = self.warmup, self.persist, self.decay
-        keep = 1 - decay
+        keep, log = 1 - decay, math.log
         found = []
         for i, (k, x) in enumerate(zip(self.positions(scopes), values)):
             if x - x != 0:  # NaN or ±inf
                 continue
+            if band is not None:
+                if not x > 0:
+                    continue
+                x = log(x / lr)  # per value: numpy's log may round otherwise
             c = count[k]
             if c:
                 m = mean[k]
@@ -136,7 +141,7 @@ class AlertRules:
         if "nonfinite_grads" in values:
             scopes, bad = values["nonfinite_grads"]
             bad = _floats(bad)
-            hit = [i for i, v in enumerate(bad) if v > 0 and i]
+            hit = [i for i, v in enumerate(bad) if v > 0 and i] if any(bad[1:]) else []
             if hit:
                 named = [scopes[i] for i in hit]
                 alerts.append(Alert(step, "nonfinite_grads", "nonfinite_grads", named,
@@ -157,9 +162,8 @@ class AlertRules:
         if "update_ratio" in values and lr != 0:
             scopes, ratios = values["update_ratio"]
             ratios = _floats(ratios)
-            logs = [math.log(r / lr) if r > 0 and r - r == 0 else math.nan for r in ratios]
             out = [(scopes[i], ratios[i], math.exp(avg) * lr)
-                   for i, avg in self._ratio.observe(scopes, logs, band=self.log_band)]
+                   for i, avg in self._ratio.observe(scopes, ratios, band=self.log_band, lr=lr)]
             if out:
                 at = "" if lr == 1.0 else " at this lr"
                 alerts.append(Alert(step, "update_ratio_band", "update_ratio", [s for s, _, _ in out],
