@@ -347,3 +347,53 @@ def test_code_tables_are_bitsandbytes_and_torchaos():
         for signed in (True, False):
             assert torch.equal(torch.tensor(compression.dynamic_map(signed)),
                                bnb_f.create_dynamic_map(signed=signed))
+
+
+def test_moments_compressed_during_the_run_are_found_at_the_next_sampled_step():
+    """Which tensors keep compressed moments is looked up again when the state's tensors
+    change: a moment replaced by a bf16 copy is measured from the next step on, whether the
+    replacement happened inside a step (every=1: the monitor's own look after the step) or
+    across unsampled steps (every=2: the probe's own look)."""
+
+    class Adam16(torch.optim.Optimizer):
+        """Adam with m and v in bf16 for param0 from the start, for param1 from step 3."""
+
+        def __init__(self, params):
+            super().__init__(params, dict(lr=1e-2, betas=(0.9, 0.99)))
+            self.calls = 0
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.calls += 1
+            for g in self.param_groups:
+                b1, b2 = g["betas"]
+                for j, p in enumerate(g["params"]):
+                    state = self.state[p]
+                    dtype = torch.bfloat16 if j == 0 or self.calls >= 3 else torch.float32
+                    if not state:
+                        state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if state[key].dtype != dtype:  # a new tensor: the old one is freed
+                            state[key] = state[key].to(dtype)
+                    m = state["exp_avg"].float().mul_(b1).add_(p.grad, alpha=1 - b1)
+                    v = state["exp_avg_sq"].float().mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    state["exp_avg"].copy_(m)
+                    state["exp_avg_sq"].copy_(v)
+                    p.sub_(m / (v.sqrt() + 1e-8), alpha=g["lr"])
+
+    for every in (1, 2):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64)) for _ in range(2)]
+        opt = Adam16(params)
+        mon = OptimizerMonitor(opt, every=every, strict=True)
+        for _ in range(7):
+            for p in params:
+                p.grad = torch.randn(64)
+            opt.step()
+        mon.close()
+        h = mon.history
+        sampled = list(range(1, 8, every))
+        assert list(h.series("moment1_quant_error", "group0.param0")[0]) == sampled[1:]
+        assert list(h.series("moment1_quant_error", "group0.param1")[0]) == [
+            s for s in sampled if s > 3], every

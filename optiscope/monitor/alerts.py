@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
@@ -38,29 +37,71 @@ class _Baseline:
     and kept out of the average, so a spike does not raise the bar for the next one. An excursion
     that lasts ``persist`` samples is a new level, not an event (a LayerNorm bias settling, a new
     phase of training): the average restarts from there, and nothing more is reported.
+
+    The state is kept in lists, one position per scope (the positions of a scope list cached
+    while the same list comes back), and `observe` runs one loop over a sample's values: on a
+    sampled step this code meets cold caches (the training step ran in between), where a loop of
+    plain float arithmetic costs less than the two dozen numpy calls of the same rule.
     """
 
     def __init__(self, decay: float, warmup: int, persist: int):
         self.decay, self.warmup, self.persist = decay, warmup, persist
-        self.mean: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-        self.outside: dict[str, int] = {}  # length of the current excursion
+        self.position: dict[str, int] = {}
+        self.mean: list[float] = []
+        self.count: list[int] = []      # 0: never seen
+        self.outside: list[int] = []    # length of the current excursion
+        self._last: tuple[list[str], list[int]] = ([], [])
 
-    def observe(self, scope: str, value: float, out: Callable[[float, float], bool]) -> float | None:
-        """Takes a value; returns the baseline when ``value`` starts an excursion, else None.
+    def positions(self, scopes: list[str]) -> list[int]:
+        """The positions of ``scopes`` (new ones added); cached for the last list of scopes."""
+        last, where = self._last
+        if scopes == last:  # C-level: the same str objects compare by identity first
+            return where
+        for s in scopes:
+            if s not in self.position:
+                self.position[s] = len(self.position)
+                self.mean.append(0.0)
+                self.count.append(0)
+                self.outside.append(0)
+        where = [self.position[s] for s in scopes]
+        self._last = (list(scopes), where)
+        return where
 
-        ``out(value, mean)`` says whether a value is outside the band around the average.
-        """
-        mean = self.mean.get(scope)
-        if mean is not None and self.count[scope] >= self.warmup and out(value, mean):
-            run = self.outside[scope] = self.outside.get(scope, 0) + 1
-            if run >= self.persist:
-                self.mean[scope], self.count[scope], self.outside[scope] = value, 1, 0
-            return mean if run == 1 else None
-        self.outside[scope] = 0
-        self.mean[scope] = value if mean is None else self.decay * mean + (1 - self.decay) * value
-        self.count[scope] = self.count.get(scope, 0) + 1
-        return None
+    def observe(self, scopes: list[str], values: list[float], spike: float | None = None,
+                band: float | None = None, lr: float = 1.0) -> list[tuple[int, float]]:
+        """Takes a sample's values; returns (index, baseline) of those that start an
+        excursion, in order. ``values`` are judged against ``spike`` × the average (a value
+        above it, the average positive); or, with ``band``, the positive ones are taken as
+        log(value / lr) and judged against ``band`` around the average (further either way).
+        NaN and ±inf are left out."""
+        mean, count, outside = self.mean, self.count, self.outside
+        warmup, persist, decay = self.warmup, self.persist, self.decay
+        keep, log = 1 - decay, math.log
+        found = []
+        for i, (k, x) in enumerate(zip(self.positions(scopes), values)):
+            if x - x != 0:  # NaN or ±inf
+                continue
+            if band is not None:
+                if not x > 0:
+                    continue
+                x = log(x / lr)  # per value: numpy's log may round otherwise
+            c = count[k]
+            if c:
+                m = mean[k]
+                if c >= warmup and (m > 0 and x > spike * m if band is None
+                                    else abs(x - m) > band):
+                    run = outside[k] = outside[k] + 1
+                    if run >= persist:
+                        mean[k], count[k], outside[k] = x, 1, 0
+                    if run == 1:
+                        found.append((i, m))
+                    continue
+                mean[k] = decay * m + keep * x
+            else:
+                mean[k] = x
+            outside[k] = 0
+            count[k] = c + 1
+        return found
 
 
 class AlertRules:
@@ -99,22 +140,20 @@ class AlertRules:
         lr = _lr(values)
         if "nonfinite_grads" in values:
             scopes, bad = values["nonfinite_grads"]
-            named = [s for s, v in zip(scopes[1:], bad[1:]) if v > 0]
-            if named:
+            bad = _floats(bad)
+            hit = [i for i, v in enumerate(bad) if v > 0 and i] if any(bad[1:]) else []
+            if hit:
+                named = [scopes[i] for i in hit]
                 alerts.append(Alert(step, "nonfinite_grads", "nonfinite_grads", named,
                                     f"step {step}: non-finite gradient entries in "
                                     f"{len(named)} tensor(s): " + _listing(
-                                        [f"{s} ({int(v)})" for s, v in zip(scopes[1:], bad[1:]) if v > 0]),
+                                        [f"{scopes[i]} ({int(bad[i])})" for i in hit]),
                                     float(bad[0])))
         if "grad_norm" in values:
             scopes, norms = values["grad_norm"]
-            spiking = []
-            for scope, v in zip(scopes, norms):
-                if not math.isfinite(v):
-                    continue
-                avg = self._grad.observe(scope, v, lambda x, m: m > 0 and x > self.spike_factor * m)
-                if avg is not None:
-                    spiking.append((scope, v, avg))
+            norms = _floats(norms)
+            spiking = [(scopes[i], norms[i], avg) for i, avg in
+                       self._grad.observe(scopes, norms, spike=self.spike_factor)]
             if spiking:
                 alerts.append(Alert(step, "grad_spike", "grad_norm", [s for s, _, _ in spiking],
                                     f"step {step}: gradient-norm spike in " + _listing(
@@ -122,14 +161,9 @@ class AlertRules:
                                          for s, v, a in spiking]), float(spiking[0][1])))
         if "update_ratio" in values and lr != 0:
             scopes, ratios = values["update_ratio"]
-            out = []
-            for scope, r in zip(scopes, ratios):
-                if not (math.isfinite(r) and r > 0):
-                    continue
-                avg = self._ratio.observe(scope, math.log(r / lr),
-                                          lambda x, m: abs(x - m) > self.log_band)
-                if avg is not None:
-                    out.append((scope, r, math.exp(avg) * lr))
+            ratios = _floats(ratios)
+            out = [(scopes[i], ratios[i], math.exp(avg) * lr)
+                   for i, avg in self._ratio.observe(scopes, ratios, band=self.log_band, lr=lr)]
             if out:
                 at = "" if lr == 1.0 else " at this lr"
                 alerts.append(Alert(step, "update_ratio_band", "update_ratio", [s for s, _, _ in out],
@@ -142,6 +176,11 @@ class AlertRules:
                                 "the last sample (inf/NaN gradients; the loss scale was lowered)",
                                 float(skipped_new)))
         return alerts
+
+
+def _floats(values) -> list[float]:
+    """A recorded metric's numbers (a numpy row or a list) as Python floats."""
+    return values.tolist() if isinstance(values, np.ndarray) else [float(v) for v in values]
 
 
 def _lr(values: dict) -> float:

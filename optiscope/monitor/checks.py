@@ -8,7 +8,6 @@ from __future__ import annotations
 import numbers
 import os
 import re
-import signal
 import threading
 from collections.abc import Sequence
 
@@ -17,6 +16,12 @@ import torch
 from torch import Tensor
 
 from optiscope.monitor.metrics import MONITOR_SERIES
+
+try:
+    import _signal
+except ImportError:  # not CPython
+    import signal as _signal
+_SIGINT = int(_signal.SIGINT)
 
 __all__ = ["DeferInterrupt", "check_args", "check_sink_args", "check_scalar_name",
            "check_scalar_value"]
@@ -28,6 +33,10 @@ class DeferInterrupt:
 
     Only in the main thread (where Python runs signal handlers), and only while SIGINT has
     Python's default handler: a handler of the user's (or a trainer's) is left alone.
+
+    It runs twice per sampled step: the handlers are read and set through `_signal`, the C
+    module under `signal`, whose wrappers convert every handler to an enum and back (a caught
+    ValueError for each function handler: most of the cost).
     """
 
     __slots__ = ("previous", "hit")
@@ -35,8 +44,8 @@ class DeferInterrupt:
     def __enter__(self) -> "DeferInterrupt":
         self.previous, self.hit = None, False
         if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self.previous = signal.signal(signal.SIGINT, self._note)
+                and _signal.getsignal(_SIGINT) is _signal.default_int_handler):
+            self.previous = _signal.signal(_SIGINT, self._note)
         return self
 
     def _note(self, signum, frame) -> None:
@@ -44,7 +53,7 @@ class DeferInterrupt:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+            _signal.signal(_SIGINT, self.previous)
             if self.hit:
                 raise KeyboardInterrupt
 

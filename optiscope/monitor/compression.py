@@ -34,6 +34,7 @@ error: it is dominated by v's large entries and understates what a zero does to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from optiscope.kernels.launch import local
 from optiscope.monitor.metrics import Col
+from optiscope.monitor.statewatch import StateWatch
 
 __all__ = ["BLOCK8", "BLOCK4", "dynamic_map", "LINEAR4", "LINEAR4_NO_ZERO", "quantize_blockwise",
            "stored_values_at", "is_compressed", "moment_keys", "decoded_state",
@@ -241,6 +243,36 @@ class CompressionProbes:
         self.generator = torch.Generator().manual_seed(collector.generator.initial_seed() + 1)
         self._pending: list[tuple[int, tuple[str, str], Tensor, Tensor, Tensor, float, float]] = []
         self.codes: dict[tuple, Tensor] = {}
+        # the active tensors whose moments are compressed, while the state's tensors stay
+        self._watch = StateWatch()
+        self._compressed: tuple[tuple, list[tuple[int, tuple[str, str]]]] = ((), [])
+        # The monitor's word, when it has one, that the state's tensors are those it saw after
+        # the last step (its sampled post-hook looked): a version to compare instead of looking.
+        self.state_version: Callable[[], int | None] | None = None
+        self._version: int | None = None  # the version the cache was made at (None: the watch)
+
+    def _compressed_moments(self) -> list[tuple[int, tuple[str, str]]]:
+        """(active tensor, its moment keys) of the tensors whose m or v is compressed: looked
+        up again when the active tensors or the state's tensors change (`StateWatch`)."""
+        c = self.collector
+        active = tuple(c.active)
+        version = self.state_version() if self.state_version is not None else None
+        if version is not None:
+            changed = version != self._version
+            if changed:  # its last look is not the state the cache is about to hold
+                self._watch.reset()
+        else:
+            changed = self._watch.changed(c.optimizer.state)
+        if changed or self._compressed[0] != active:
+            found = []
+            for i in active:
+                state = c.optimizer.state.get(c.slots[i].param)
+                keys = moment_keys(state) if state else None
+                if keys is not None and (is_compressed(state[keys[0]])
+                                         or is_compressed(state[keys[1]])):
+                    found.append((i, keys))
+            self._compressed, self._version = (active, found), version
+        return self._compressed[1]
 
     # ------------------------------------------------------------------ requantization error
     def begin(self, grad_scale: Tensor | None) -> None:
@@ -248,16 +280,16 @@ class CompressionProbes:
         each tensor whose moments are compressed and already exist."""
         c = self.collector
         self._pending = []
+        compressed = self._compressed_moments()
+        if not compressed:
+            return
         groups = {id(p): g for g in c.optimizer.param_groups for p in g["params"]}
-        for i in c.active:
+        for i, keys in compressed:
             slot = c.slots[i]
-            state = c.optimizer.state.get(slot.param)
-            keys = moment_keys(state) if state else None
+            state = c.optimizer.state[slot.param]
             group = groups.get(id(slot.param), {})
             betas = group.get("betas")
-            if keys is None or not isinstance(betas, (tuple, list)) or len(betas) < 2:
-                continue
-            if not (is_compressed(state[keys[0]]) or is_compressed(state[keys[1]])):
+            if not isinstance(betas, (tuple, list)) or len(betas) < 2:
                 continue
             index = slot.sample.index
             grad = local(slot.param.grad).detach().reshape(-1)
@@ -437,7 +469,7 @@ class CompressionProbes:
     def end(self) -> dict[Col, Tensor]:
         """After the step: this step's columns, one value per active tensor (NaN: none)."""
         c = self.collector
-        if not c.active:
+        if not c.active or not (self._pending or self.probes):
             return {}
         device = local(c.slots[c.active[0]].param).device
         position = {i: k for k, i in enumerate(c.active)}

@@ -67,11 +67,25 @@ class _Series:
         self.values = np.zeros((0, 0))
         self.recorded = np.zeros((0, 0), dtype=bool)  # NaN is a value; "no value" is False here
         self.n = 0
+        # The columns of the last scope list (a copy of it, and a slice when they follow each
+        # other): the monitor passes the same list while its tensors stay.
+        self._last: tuple[list[str], object] = ([], slice(0, 0))
+
+    def _columns(self, scopes: list[str]):
+        index = self.scopes
+        for s in scopes:
+            if s not in index:
+                index[s] = len(index)
+        cols = np.array([index[s] for s in scopes], dtype=np.intp)
+        if len(cols) and np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
+            cols = slice(int(cols[0]), int(cols[0]) + len(cols))
+        self._last = (list(scopes), cols)
+        return cols
 
     def add(self, step: int, scopes: list[str], values) -> None:
-        for s in scopes:
-            if s not in self.scopes:
-                self.scopes[s] = len(self.scopes)
+        last, cols = self._last
+        if scopes != last:  # C-level: the same str objects compare by identity first
+            cols = self._columns(scopes)
         rows, width = self.values.shape
         if width < len(self.scopes) or self.n == rows:
             cap = rows if self.n < rows else max(16, 2 * self.n)
@@ -87,7 +101,6 @@ class _Series:
             row = self.n
             self.n += 1
             self.steps[row] = step
-        cols = [self.scopes[s] for s in scopes]
         self.values[row, cols] = np.asarray(values, dtype=np.float64)
         self.recorded[row, cols] = True
 
@@ -175,7 +188,19 @@ class RunHistory:
 
     def add(self, step: int, metric: str, scopes: list[str], values) -> None:
         """Records ``values[i]`` for ``scopes[i]`` of ``metric`` at ``step``."""
-        self._series.setdefault(metric, _Series()).add(step, scopes, values)
+        series = self._series.get(metric)
+        if series is None:
+            series = self._series[metric] = _Series()
+        series.add(step, scopes, values)
+
+    def add_sample(self, step: int, values: dict) -> None:
+        """`add` of every metric of one sample: ``values[metric] = (scopes, numbers)``."""
+        series = self._series
+        for metric, (scopes, numbers) in values.items():
+            one = series.get(metric)
+            if one is None:
+                one = series[metric] = _Series()
+            one.add(step, scopes, numbers)
 
     def add_histograms(self, step: int, histograms: dict) -> None:
         """Records one sample's histograms: ``{quantity: (scopes, counts [n, bins])}``."""

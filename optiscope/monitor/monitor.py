@@ -32,12 +32,12 @@ from optiscope.kernels.launch import local
 from optiscope.monitor.collect import Collector, TensorSlot, sums_dtype
 from optiscope.monitor.distributed import Topology
 from optiscope.monitor.history import Alert, RunHistory
-from optiscope.monitor.metrics import (RANGE_QUANTITIES, RANGE_SHARES, ROW_COLS, TENSOR_METRICS,
-                                      Col, derive)
+from optiscope.monitor.decode import Decoder
+from optiscope.monitor.metrics import NUM_COLS, RANGE_QUANTITIES, RANGE_SHARES, ROW_COLS, Col
 from optiscope.monitor.ranges import histograms_of
 from optiscope.monitor.nonfinite import NonFiniteGradientError
 from optiscope.monitor.resume import unwrap_model, unwrap_optimizer
-from optiscope.monitor.pending import Worker, _Pending, _to_host, state_bytes
+from optiscope.monitor.pending import StateSizes, Worker, _Pending, _to_host
 from optiscope.monitor.steps import StepControl
 from optiscope.monitor.runlog import NullWriter, RunLogError, open_run
 from optiscope.monitor.runmeta import run_meta
@@ -160,6 +160,9 @@ class MonitorCore(StepControl):
                             f"{background!r}")
         self._worker = Worker(threaded=background and not strict)
         self._scope_names: list[str] | None = None
+        self._decoder, self._state_sizes = Decoder(), StateSizes()  # caches of the sampled steps
+        self.collector.compression.state_version = lambda: self._state_sizes.version_at(
+            self.optimizer.state, self._completed)  # no second look at the state before a step
         self._init_step_control(start_step, on_nonfinite)
 
         writes = log_dir is not None and self.topology.writes
@@ -346,7 +349,8 @@ class MonitorCore(StepControl):
             raise failure
         if current is None:
             return
-        current.rows = _to_host(rows)
+        # the range probe's columns (17x the metrics' own) are NaN when it is off: not copied
+        current.rows = _to_host(rows if self.collector.range_probes else rows[:, :NUM_COLS])
         current.active = list(self.collector.active)
         fused_skips = self.collector.skipped_since_last()
         if fused_skips is not None:
@@ -356,9 +360,9 @@ class MonitorCore(StepControl):
         declared = self.caps.group_lrs  # e.g. Adafactor's relative step
         lrs = declared() if declared is not None else [g.get("lr") for g in self.optimizer.param_groups]
         current.lrs = [math.nan if lr is None else float(lr) for lr in lrs]
-        # the state's tensors now (the worker measures them), the slots' names
-        current.state_bytes = ([list(self.optimizer.state.get(s.param, {}).items())
-                                for s in self.slots], self._cuda_allocated())
+        # the state's bytes now (measured again when its tensors change), the slots' names
+        current.state_bytes = (self._state_sizes.at_step(self.optimizer.state, self.slots,
+                                                         self.step), self._cuda_allocated())
         current.scopes = self._scopes()
         current.skipped_host = self._skipped
         self._pending.append(current)
@@ -442,38 +446,34 @@ class MonitorCore(StepControl):
         self._history = value
 
     def _decode(self, p: _Pending) -> None:
-        values: dict[str, tuple[list[str], list[float]]] = {}
+        # Scope lists come from `self._decoder`: the same objects while the tensors stay; numbers
+        # are numpy rows or lists. Neither is changed after it is handed on.
+        values: dict[str, tuple[list[str], object]] = {}
         if p.rows is not None:
-            rows = p.rows.numpy().astype(np.float64)
-            if self._skip_reasons is None:
-                self._note_skipped(rows[p.active])
+            rows = np.asarray(p.rows.numpy(), dtype=np.float64)  # a host copy of its own
             # Tensors the step did not update (no gradient) have no values this step.
-            stepped = [p.scopes[i] for i in p.active]
-            for metric in TENSOR_METRICS:
-                if metric.name in self._skip_reasons:
-                    continue
-                per, glob = derive(rows[p.active], metric)
-                keep = ~np.isnan(per) if metric.partial else np.ones(len(per), dtype=bool)
-                if not keep.any() and math.isnan(glob):
-                    continue
-                values[metric.name] = (["global"] + [s for s, k in zip(stepped, keep) if k],
-                                       np.concatenate([[glob], per[keep]]))
-            per_tensor, per_key, shared, cuda = state_bytes(*p.state_bytes,
-                                                             self.caps.shared_state_bytes)
-            values["state_bytes"] = (
-                ["global"] + p.scopes + [f"key/{k}" for k in per_key],
-                [sum(per_tensor) + shared, *per_tensor, *per_key.values()])
+            stepped_rows, stepped = self._decoder.stepped(rows, p.active, p.scopes)
+            if self._skip_reasons is None:
+                self._note_skipped(stepped_rows)
+            values.update(self._decoder.tensor_values(stepped_rows, stepped, self._skip_reasons))
+            figures, cuda = p.state_bytes
+            shared = self.caps.shared_state_bytes
+            values["state_bytes"] = (self._decoder.state_scopes(p.scopes, figures.per_key),
+                                     [figures.total + (int(shared()) if shared else 0),
+                                      *figures.tail])
+            glob = self._decoder.GLOBAL
             if cuda is not None:
-                values["cuda_memory_allocated"] = (["global"], [cuda])
-            values["lr"] = ([f"group{i}" for i in range(len(p.lrs))], p.lrs)
+                values["cuda_memory_allocated"] = (glob, [cuda])
+            values["lr"] = (self._decoder.group_scopes(len(p.lrs)), p.lrs)
             skipped = p.skipped_host + (int(p.skipped_device.item()) if p.skipped_device is not None else 0)
-            values["skipped_steps"] = (["global"], [skipped])
+            values["skipped_steps"] = (glob, [skipped])
         for name, value in p.scalars.items():
-            values[name] = (["global"], [float(value.item()) if isinstance(value, Tensor) else float(value)])
+            values[name] = (self._decoder.GLOBAL,
+                            [float(value.item()) if isinstance(value, Tensor) else float(value)])
 
-        for metric, (scopes, numbers) in values.items():
-            self.history.add(p.step, metric, scopes, numbers)
-        hists = histograms_of(rows[p.active], stepped) if p.rows is not None else {}
+        self._history.add_sample(p.step, values)  # (the property would wait for the worker)
+        hists = (histograms_of(stepped_rows, stepped)  # NaN columns when the probe is off
+                 if p.rows is not None and self.collector.range_probes else {})
         self.writer.write_sample(p.step, p.time, values, hists)
         self._emit("on_sample", p.step, p.time, values)
         if hists:  # monitor/ranges.py
@@ -570,6 +570,7 @@ class MonitorCore(StepControl):
         old = {id(s.param): s for s in self.slots}
         self.slots[:] = [old.get(id(s.param), s) for s in self._slots()]
         self._scope_names = None
+        self._state_sizes.reset()
         self.topology.track([s.param for s in self.slots])
 
     def _watch_scaler(self, scaler) -> None:

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from optiscope.monitor.collect import storage_parts
+from optiscope.monitor.statewatch import StateWatch
 
-__all__ = ["_Pending", "_to_host", "Worker", "state_bytes"]
+__all__ = ["_Pending", "_to_host", "Worker", "state_bytes", "StateSizes", "StateFigures"]
 
 log = logging.getLogger("optiscope.monitor")
 
@@ -29,7 +30,7 @@ class _Pending:
     skipped_device: Tensor | None = None  # found_inf total of fused steps, host copy
     scalars: dict[str, object] = field(default_factory=dict)
     lrs: list[float] = field(default_factory=list)
-    state_bytes: tuple | None = None      # (each slot's state items, CUDA bytes allocated)
+    state_bytes: tuple | None = None      # (`StateFigures` at the step, CUDA bytes allocated)
     scopes: list[str] = field(default_factory=list)  # the slots' names at the step
     skipped_host: int = 0
     event: object = None                  # torch.cuda.Event once sealed, on CUDA
@@ -123,3 +124,56 @@ def state_bytes(states: list[list], cuda: int | None, shared
                 per_key[key] = per_key.get(key, 0) + nbytes
         per_tensor.append(total)
     return per_tensor, per_key, int(shared()) if shared else 0, cuda
+
+
+@dataclass(frozen=True)
+class StateFigures:
+    """`state_bytes` of the slots' state at a step (shared between samples: never changed)."""
+
+    per_tensor: list[int]
+    per_key: dict[str, int]
+    total: int              # sum of per_tensor
+    tail: list[int]         # per_tensor, then per_key's values: the record after the global
+
+
+class StateSizes:
+    """The slots' `StateFigures`, measured again only when the state holds other tensors than at
+    the last sample (`StateWatch`; what escapes it is said there: a tensor resized in place).
+
+    Measuring walks every state tensor's storages; it runs on the training thread, at the step
+    whose state it measures, and at most when the state's tensors change (the first sample, a
+    state created or replaced, a new param group): so the decoding, on the worker thread or
+    later, never reads a state that has moved on.
+    """
+
+    def __init__(self):
+        self._watch = StateWatch()
+        self._figures: StateFigures | None = None
+        self.version = 0  # counts the changes of the state's tensors seen
+        self._seen: tuple[int, int] | None = None  # (id of the state, step) of the last look
+
+    def reset(self) -> None:
+        """The slots changed: measure at the next sample."""
+        self._watch.reset()
+        self._figures = None
+
+    def version_at(self, state: dict, completed: int) -> int | None:
+        """`version` of ``state`` now, when it is the state of the last look (a state loaded
+        since replaces ``optimizer.state``), no tensor of it was freed since, and no optimizer
+        step has completed since (``completed``: the last step that did); else None. A state
+        tensor replaced by the user between two steps, without freeing the old one, escapes."""
+        if self._seen == (id(state), completed) and not self._watch.freed:
+            return self.version
+        return None
+
+    def at_step(self, state: dict, slots: list, step: int) -> StateFigures:
+        """The figures of the ``slots``' (`TensorSlot`) entries of ``state``
+        (``optimizer.state``) after ``step``."""
+        self._seen = (id(state), step)
+        if self._watch.changed(state) or self._figures is None:
+            self.version += 1
+            per_tensor, per_key, _, _ = state_bytes(
+                [list(state.get(s.param, {}).items()) for s in slots], None, None)
+            self._figures = StateFigures(per_tensor, per_key, sum(per_tensor),
+                                         [*per_tensor, *per_key.values()])
+        return self._figures
