@@ -493,17 +493,34 @@ void optiscope_many_topk(const float *const *xs, const int64_t *of, const int64_
 #pragma omp simd reduction(+:sum)
         for (int64_t i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
         if (sum != sum) { kept[r] = total[r] = NAN; continue; }  /* squares >= 0: only a NaN */
-        if (k > 0 && k <= n / 8) {
-            for (int64_t i = 0; i < k; i++) scratch[i] = (double)x[i] * (double)x[i];
-            for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(scratch, k, i);
-            for (int64_t i = k; i < n;) {
-                /* 16 entries at a time: their largest |x| (vectorised) rarely beats the heap's
-                 * least, and then none of them can */
-                const int64_t end = i + 16 < n ? i + 16 : n;
-                float most = 0.0f;
-                for (int64_t j = i; j < end; j++) most = fabsf(x[j]) > most ? fabsf(x[j]) : most;
-                if ((double)most * (double)most <= scratch[0]) { i = end; continue; }
-                for (; i < end; i++) {
+        if (k > 0 && k <= n / 8 && n >= 256) {
+            /* A threshold from every 8th entry: the j-th largest of those, j about twice k/8,
+             * has about 2k entries of the row at or above it. Those entries (kept without a
+             * branch) hold the row's k largest whenever there are at least k of them (the k-th
+             * largest is then at or above the threshold), and only they are selected among. */
+            const int64_t m = (n + 7) / 8, j0 = 2 * ((k + 7) / 8) + 2, j = j0 < m ? j0 : m;
+            for (int64_t i = 0; i < j; i++) scratch[i] = (double)x[8 * i] * (double)x[8 * i];
+            for (int64_t i = j / 2 - 1; i >= 0; i--) sift_down(scratch, j, i);
+            for (int64_t i = j; i < m; i++) {
+                const double s = (double)x[8 * i] * (double)x[8 * i];
+                if (s > scratch[0]) {
+                    scratch[0] = s;
+                    sift_down(scratch, j, 0);
+                }
+            }
+            const double t = scratch[0];
+            int64_t c = 0;
+            for (int64_t i = 0; i < n; i++) {
+                const double s = (double)x[i] * (double)x[i];
+                scratch[c] = s;
+                c += s >= t;
+            }
+            if (c >= k) {
+                if (c > k) select_largest(scratch, c, k);
+            } else {  /* rare: the threshold was too high; the heap over every entry */
+                for (int64_t i = 0; i < k; i++) scratch[i] = (double)x[i] * (double)x[i];
+                for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(scratch, k, i);
+                for (int64_t i = k; i < n; i++) {
                     const double s = (double)x[i] * (double)x[i];
                     if (s > scratch[0]) {
                         scratch[0] = s;

@@ -25,7 +25,7 @@ from optiscope.monitor.pertensor import (dense as _dense, grad_stats as _grad_st
                                          segment_sq as _segment_sq, sq_norms as _sq_norms,
                                          sums_dtype, topk_sums as _topk)
 from optiscope.monitor.layouts import find_layout
-from optiscope.monitor.metrics import ROW_COLS, Col
+from optiscope.monitor.metrics import NUM_COLS, ROW_COLS, Col
 from optiscope.monitor.ranges import RangeProbe
 from optiscope.monitor.sampling import CoordinateSample, sample_count
 
@@ -168,6 +168,7 @@ class Collector:
         self._override: dict[Col, Tensor] = {}
         self._stats_where: tuple | None = None
         self._constants: dict[tuple, Tensor] = {}
+        self._rows: Tensor | None = None  # the CPU rows' buffer (`_host_rows`)
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
@@ -374,16 +375,28 @@ class Collector:
         before clipping)."""
         self._override.update(columns)
 
+    def _host_rows(self) -> Tensor:
+        """The CPU rows, one buffer kept from step to step (the monitor copies what it reads
+        before the next step: `pending._to_host`), NaN again where this step may write: a fresh
+        buffer of 148 tensors' rows (588 KB with the range columns) cost more than the sums."""
+        n = len(self.slots)
+        if self._rows is None or self._rows.shape[0] != n:
+            self._rows = torch.from_numpy(np.full((n, ROW_COLS), math.nan, dtype=np.float64))
+        else:  # the range columns stay NaN while nothing writes them
+            self._rows.numpy()[:, :ROW_COLS if self.range_probes else NUM_COLS] = math.nan
+        return self._rows
+
     def _put(self, rows: Tensor, where, columns: dict[Col, object]) -> None:
         """Writes per-tensor ``columns`` into ``rows`` at ``where``: one stack, one index_put
         (on the CPU in numpy, on the rows' memory: no torch op; the C sums give numpy arrays)."""
         if not columns:
             return
         cols = sorted(columns)
-        if rows.device.type == "cpu":
+        if rows.device.type == "cpu":  # a column at a time: no stacked copy
             at = where.numpy() if isinstance(where, Tensor) else where
-            rows.numpy()[at[:, None], cols] = np.stack(
-                [np.asarray(columns[c], dtype=np.float64) for c in cols], axis=1)
+            host = rows.numpy()
+            for c in cols:
+                host[at, c] = columns[c]
             return
         values = torch.stack([columns[c].to(rows.dtype) for c in cols], dim=1)
         rows[where[:, None], self._on([int(c) for c in cols], rows.device)[None, :]] = values
@@ -393,8 +406,7 @@ class Collector:
         """After the optimizer step: the ``[n_tensors, ROW_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
         if device.type == "cpu":  # numpy fills it without a torch op (`_put`)
-            rows = torch.from_numpy(np.full((len(self.slots), ROW_COLS), math.nan,
-                                            dtype=np.float64))
+            rows = self._host_rows()
         else:
             rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                               device=device)
