@@ -217,3 +217,28 @@ def test_a_record_that_fails_to_format_is_logged_and_the_next_ones_are_written(
     assert [r["step"] for r in read_records(tmp_path / RUNLOG) if r["type"] == "sample"] == [1, 3]
     assert any("formatting failed" in r.getMessage() or "formatting failed" in str(r.exc_info)
                for r in caplog.records)
+
+
+def test_the_monitors_state_dict_leaves_the_log_in_step_with_the_checkpoint(tmp_path,
+                                                                             monkeypatch):
+    """`state_dict()` (taken for a checkpoint) returns only when what the writer thread holds is
+    on disk: the file, read raw, has every sample the monitor decoded so far."""
+    import torch
+
+    from optiscope import OptimizerMonitor
+
+    monkeypatch.setattr(runlog_writer, "GATHER_S", 30.0)  # the thread would hold them 30 s
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, tensorboard=False,
+                           report=False)
+    for _ in range(5):
+        model(torch.randn(2, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    decoded = mon.history.series("grad_norm")[0].tolist()
+    mon.state_dict()
+    lines = (tmp_path / RUNLOG).read_text().splitlines()
+    on_disk = [json.loads(line)["step"] for line in lines if '"type":"sample"' in line]
+    mon.close()
+    assert decoded and on_disk == decoded

@@ -88,7 +88,12 @@ class StepControl:
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume the run log in step with it: save it with the
         model and optimizer, and pass it to `load_state_dict` of the monitor of the resumed run
-        (made with ``resume=True`` and the same ``log_dir``)."""
+        (made with ``resume=True`` and the same ``log_dir``). The records handed to the run
+        log's writer thread so far are on disk when it returns, so a process killed right after
+        saving the checkpoint leaves a log in step with it."""
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.flush()
         return {"step": self.step, "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:
