@@ -264,7 +264,7 @@ class Collector:
     def kept_bytes(self) -> int:
         """Bytes kept between steps: the slots' samples and saved moments, the flat plan's."""
         extra = self._plan.buffers() if self._plan is not None else []
-        return kept_bytes(self.slots, extra)
+        return kept_bytes(self.slots, extra + self.compression.buffers())
 
     @torch.no_grad()
     def begin(self, kwargs: dict) -> None:

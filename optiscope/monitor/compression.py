@@ -42,6 +42,7 @@ from torch import Tensor
 
 from optiscope.kernels.launch import local
 from optiscope.monitor.metrics import Col
+from optiscope.monitor.probes_flat import ProbeLayout, flat_values, takes
 from optiscope.monitor.statewatch import StateWatch
 
 __all__ = ["BLOCK8", "BLOCK4", "dynamic_map", "LINEAR4", "LINEAR4_NO_ZERO", "quantize_blockwise",
@@ -243,6 +244,7 @@ class CompressionProbes:
         self.generator = torch.Generator().manual_seed(collector.generator.initial_seed() + 1)
         self._pending: list[tuple[int, tuple[str, str], Tensor, Tensor, Tensor, float, float]] = []
         self.codes: dict[tuple, Tensor] = {}
+        self._layouts: dict[tuple, ProbeLayout] = {}  # the small tensors' blocks (probes_flat)
         # the active tensors whose moments are compressed, while the state's tensors stay
         self._watch = StateWatch()
         self._compressed: tuple[tuple, list[tuple[int, tuple[str, str]]]] = ((), [])
@@ -365,7 +367,7 @@ class CompressionProbes:
 
     def _probe(self, columns: dict[Col, Tensor], position: dict[int, int], device) -> None:
         c = self.collector
-        m_rows, v_rows = [], []  # (row, slot, blocks [k, 256], rank-1 normaliser or None)
+        m_rows, v_rows = [], []  # (row, slot, probed block index or None, the moment)
         for i in c.active:
             slot = c.slots[i]
             state = c.optimizer.state.get(slot.param)
@@ -373,43 +375,72 @@ class CompressionProbes:
             if keys is None:
                 continue
             p = local(slot.param)
-            n256 = p.numel() // BLOCK8
-            if n256 == 0:
+            if p.numel() // BLOCK8 == 0:
                 continue
             index = self._block_index(slot)
             for key, out in ((keys[0], m_rows), (keys[1], v_rows)):
                 t = local(state[key])
                 if (is_compressed(t) or not t.is_floating_point() or t.numel() != p.numel()):
                     continue
-                full = t.detach().reshape(-1)[: n256 * BLOCK8].view(n256, BLOCK8)
-                blocks = full if index is None else torch.index_select(full, 0, index)
-                out.append((position[i], slot, blocks, index, t))
-        wide = torch.float64
+                out.append((position[i], slot, index, t))
         for rows, kind in ((m_rows, "m"), (v_rows, "v")):
-            if not rows:
-                continue
-            x = torch.cat([b for _, _, b, _, _ in rows]).to(wide)
-            counts = [b.shape[0] for _, _, b, _, _ in rows]
-            lengths = torch.tensor(counts, device=x.device)
-            scale = torch.tensor([local(s.param).numel() // BLOCK8 / n for (_, s, _, _, _), n
-                                  in zip(rows, counts)], dtype=wide, device=x.device)
-            where = torch.tensor([r for r, _, _, _, _ in rows], device=device)
-
-            def put(col, per_row):
-                total = torch.segment_reduce(per_row, "sum", lengths=lengths) * scale
-                columns.setdefault(col, self._nan(len(position), device))[where] = total.to(device)
-
-            if kind == "m":
-                put(Col.PROBE_M_REF_SQ, x.square().sum(dim=1))
-                put(Col.PROBE_INT8_M_SQ, _absmax_error_sq(x, BLOCK8, self._code("dyn8s", x.device, wide)))
-                put(Col.PROBE_INT4_M_SQ, _absmax_error_sq(x, BLOCK4, self._code("dyn4s", x.device, wide)))
+            # small tensors laid end to end (probes_flat), the others one by one
+            small = [r for r in rows if takes(r[3])]
+            large = [r for r in rows if not takes(r[3])]
+            if len(small) > 1:
+                tensors = [t for *_, t in small]
+                layout = self._layouts.get((kind, tuple(id(r[1]) for r in small)))
+                if layout is None or not layout.fits(tensors):
+                    layout = ProbeLayout(tensors, [r[2] for r in small], BLOCK8, tensors[0].device)
+                    self._layouts[(kind, tuple(id(r[1]) for r in small))] = layout
+                flat = flat_values(tensors)
+                x = layout.blocks(flat)
+                norm = layout.rank1(flat) if kind == "v" else None
+                self._probe_columns(columns, position, device, small, layout.counts, x, norm, kind)
             else:
-                put(Col.PROBE_V_REF_SQ, x.square().sum(dim=1))
-                put(Col.PROBE_INT8_V_SQ, _absmax_error_sq(x, BLOCK8, self._code("dyn8u", x.device, wide)))
-                put(Col.PROBE_INT4_V_SQ, _absmax_error_sq(x, BLOCK4, self._code("lin4", x.device, wide)))
-                norm = self._rank1(rows, x.device, wide)
-                q = quantize_blockwise(x, self._code("lin4nz", x.device, wide), norm)
-                put(Col.PROBE_INT4_V_RANK1_SQ, (x - q).square_().sum(dim=1))
+                large = small + large
+            if large:
+                blocks = []
+                for _, slot, index, t in large:
+                    n256 = t.numel() // BLOCK8
+                    full = t.detach().reshape(-1)[: n256 * BLOCK8].view(n256, BLOCK8)
+                    blocks.append(full if index is None else torch.index_select(full, 0, index))
+                x = torch.cat(blocks).to(torch.float64)
+                norm = (self._rank1([(r, s, b, i, t) for (r, s, i, t), b in zip(large, blocks)],
+                                    x.device, torch.float64) if kind == "v" else None)
+                self._probe_columns(columns, position, device, large,
+                                    [b.shape[0] for b in blocks], x, norm, kind)
+
+    def _probe_columns(self, columns, position, device, rows, counts, x, norm, kind) -> None:
+        """The probes' sums of the blocks ``x`` ([Σ counts, 256] float64) of the tensors
+        ``rows``, per tensor scaled to all its blocks, into ``columns``; ``norm``: v's rank-1
+        normaliser of each entry (None for m)."""
+        wide = torch.float64
+        lengths = torch.tensor(counts, device=x.device)
+        scale = torch.tensor([local(s.param).numel() // BLOCK8 / n for (_, s, _, _), n
+                              in zip(rows, counts)], dtype=wide, device=x.device)
+        where = torch.tensor([r[0] for r in rows], device=device)
+
+        def put(col, per_row):
+            total = torch.segment_reduce(per_row, "sum", lengths=lengths) * scale
+            columns.setdefault(col, self._nan(len(position), device))[where] = total.to(device)
+
+        if kind == "m":
+            put(Col.PROBE_M_REF_SQ, x.square().sum(dim=1))
+            put(Col.PROBE_INT8_M_SQ, _absmax_error_sq(x, BLOCK8, self._code("dyn8s", x.device, wide)))
+            put(Col.PROBE_INT4_M_SQ, _absmax_error_sq(x, BLOCK4, self._code("dyn4s", x.device, wide)))
+        else:
+            put(Col.PROBE_V_REF_SQ, x.square().sum(dim=1))
+            put(Col.PROBE_INT8_V_SQ, _absmax_error_sq(x, BLOCK8, self._code("dyn8u", x.device, wide)))
+            put(Col.PROBE_INT4_V_SQ, _absmax_error_sq(x, BLOCK4, self._code("lin4", x.device, wide)))
+            q = quantize_blockwise(x, self._code("lin4nz", x.device, wide), norm.reshape(x.shape))
+            put(Col.PROBE_INT4_V_RANK1_SQ, (x - q).square_().sum(dim=1))
+
+    def buffers(self) -> list[Tensor]:
+        """What the probes keep between steps (the flat layouts' index tensors)."""
+        return [t for layout in self._layouts.values()
+                for t in (layout.gather, layout.row_of, layout.col_of, layout.probe_row,
+                          layout.probe_col)]
 
     @staticmethod
     def _rank1(rows, device, wide) -> Tensor:
