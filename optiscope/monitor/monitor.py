@@ -87,11 +87,9 @@ class MonitorCore(StepControl):
             would (``probe_int8_m`` ...: `optiscope.monitor.compression`; default False).
         range_probes: log2 histograms of g, θ⁺ − θ⁻ and v and the shares low-precision formats
             would flush or overflow (``grad_fp16_underflow`` ...: `optiscope.monitor.ranges`;
-            default False). Both gather each tensor's sample, so they are off by default: on,
-            a sampled step of 148 small tensors costs about 3x (see the README).
-            ``"exact"``: as True, and a bundled Adam/AdamW stepping float32 CPU tensors counts
-            every entry in its update's pass instead of the sample (its sampled step then takes
-            about 4x as long: docs/readiness.md); other tensors keep the sample's counts.
+            default False; both cost a sampled step more: see the README). ``"exact"``: a
+            bundled Adam/AdamW counts every entry in its update's pass instead of the sample
+            (that pass then takes about 3.5x as long: docs/readiness.md).
         process_group: the data-parallel group for sharded parameters (default: the world).
         strict: raise errors from inside the hooks instead of logging them and carrying on
             (default False: a monitor bug never stops training).
