@@ -3,7 +3,9 @@
 What a demanding user and an operator would try, each case judged "held" or "not held":
 
 * crash: a writer subprocess SIGKILLed at random moments; the log must load, its samples run
-  1, 2, ... without a gap, and ``resume=True`` must continue it;
+  1, 2, ... without a gap, at most the last two steps lost and those the run log's writer
+  thread was still gathering (`runlog_writer.GATHER_S`, at the child's step rate), and
+  ``resume=True`` must continue it;
 * interrupt: SIGINT at random moments; the log must load, with ``steps_taken`` written and a
   sample for every step taken;
 * disk full (simulated: the run log's ``os.write`` and ``meta.json``'s ``write_text`` raise
@@ -47,7 +49,7 @@ from torch import nn
 from optiscope import OptimizerMonitor, load_run
 from optiscope.bench.machine import load_average
 from optiscope.bench.results import script_command, write_script_results
-from optiscope.monitor import runlog
+from optiscope.monitor import runlog, runlog_writer
 from optiscope.monitor.metrics import TENSOR_METRICS
 
 SCHEMA = "optiscope-bench-reliability/1"
@@ -109,30 +111,36 @@ def signalled(run: Path, rng: random.Random, sig: int) -> tuple:
     stderr, the run loaded after it, the warnings loading gave and the sampled steps."""
     proc = child(run, 100_000)
     wait_started(proc)
+    started = time.perf_counter()
     time.sleep(rng.uniform(0.05, 1.5))
     proc.send_signal(sig)
+    elapsed = time.perf_counter() - started
     stdout, stderr = proc.communicate(timeout=120)
     history, warned = quiet_load(run)
     steps = history.series("grad_norm")[0] if "grad_norm" in history.metrics() else []
-    return stdout, stderr, history, warned, steps
+    return stdout, stderr, history, warned, steps, elapsed
 
 
 def crash_cases(tmp: Path, rng: random.Random, repeats: int) -> list[dict]:
     out = []
     for i in range(repeats):
         run = tmp / f"crash{i}"
-        stdout, _, _, warned, steps = signalled(run, rng, signal.SIGKILL)
+        stdout, _, _, warned, steps, elapsed = signalled(run, rng, signal.SIGKILL)
         taken = max([int(line.split()[1]) for line in stdout.split("\n")
                      if line.startswith("step")] or [0])
         lost = taken - len(steps)
+        # the last sample (decoded at the next step) and the records the run log's writer
+        # thread gathers before it writes them (GATHER_S): the steps taken in that time
+        allowed = 2 + math.ceil(runlog_writer.GATHER_S * taken / max(elapsed, 1e-9))
         resumed = child(run, 3, resume=True)
         rout, rerr = resumed.communicate(timeout=120)
         after, _ = quiet_load(run)
         after_steps = after.series("grad_norm")[0]
-        held = (consecutive(steps) and lost <= 2 and resumed.returncode == 0
+        held = (consecutive(steps) and lost <= allowed and resumed.returncode == 0
                 and consecutive(after_steps) and len(after_steps) == len(steps) + 3)
         out.append(dict(case=f"crash: SIGKILL after {taken} steps, then resume=True", held=held,
-                        detail=f"{len(steps)} samples loaded ({lost} of the last steps lost), "
+                        detail=f"{len(steps)} samples loaded ({lost} of the last steps lost, "
+                               f"{allowed} allowed), "
                                f"{len(warned)} warnings; resumed to step {after_steps[-1]}"
                                + ("" if resumed.returncode == 0 else f"; resume: {rerr[-300:]}")))
     return out
@@ -142,7 +150,7 @@ def interrupt_cases(tmp: Path, rng: random.Random, repeats: int) -> list[dict]:
     out = []
     for i in range(repeats):
         run = tmp / f"sigint{i}"
-        _, stderr, history, warned, steps = signalled(run, rng, signal.SIGINT)
+        _, stderr, history, warned, steps, _ = signalled(run, rng, signal.SIGINT)
         taken = history.meta.get("steps_taken")
         held = ("KeyboardInterrupt" in stderr and taken is not None and consecutive(steps)
                 and len(steps) == taken and not warned)
@@ -230,7 +238,9 @@ def disk_cases(tmp: Path) -> list[dict]:
         tracebacks = sum(r.exc_info is not None for r in errors)
         history, _ = quiet_load(run)
         in_memory = mon.history.series("grad_norm")[0].tolist()
-        on_disk = history.series("grad_norm")[0].tolist()
+        # the writer thread may not have written a sample before the disk filled at step 3
+        on_disk = (history.series("grad_norm")[0].tolist() if "grad_norm" in history.metrics()
+                   else [])
         leftovers = [p.name for p in run.glob("*.tmp")]
         held = (bool(after) and in_memory == list(range(1, 9)) and not leftovers
                 and tracebacks == 0 and consecutive(on_disk)
