@@ -264,21 +264,33 @@ class BlockSums:
         width: sums per row.
     """
 
+    # (numels) -> (counts, offsets, empty tensors' rows, one block each): the layout of a set of
+    # tensors, the same at every sampled step; a few sets kept
+    _layouts: dict[tuple, tuple] = {}
+
     def __init__(self, numels: list[int], width: int):
-        size = kernel().optiscope_block_size()
-        self.counts = [max(1, -(-n // size)) for n in numels]
+        key = tuple(numels)
+        layout = BlockSums._layouts.get(key)
+        if layout is None:
+            size = kernel().optiscope_block_size()
+            counts = [max(1, -(-n // size)) for n in numels]
+            offsets = [0]
+            for c in counts[:-1]:
+                offsets.append(offsets[-1] + c)
+            empty = [o for n, o in zip(numels, offsets) if n == 0]
+            if len(BlockSums._layouts) > 16:
+                BlockSums._layouts.clear()
+            layout = BlockSums._layouts[key] = (counts, offsets, empty,
+                                                all(c == 1 for c in counts))
+        self.counts, self.offsets, empty, self._single = layout
         self.width = width
-        self.offsets = [0]
-        for c in self.counts[:-1]:
-            self.offsets.append(self.offsets[-1] + c)
         # numpy: zeroed rows and the per-tensor reduction without a torch op (each costs ~100 us
         # on a CPU, more than the sums of a model's small tensors themselves)
         self.array = np.empty((sum(self.counts), width), dtype=np.float64)
         self.buffer = torch.from_numpy(self.array)
         self._base = self.array.ctypes.data
-        for n, offset in zip(numels, self.offsets):
-            if n == 0:
-                self.array[offset] = 0.0
+        if empty:
+            self.array[empty] = 0.0
 
     def pointer(self, i: int) -> int:
         """Where tensor ``i``'s rows start, for the C functions."""
@@ -287,6 +299,8 @@ class BlockSums:
     def reduce(self, max_columns: tuple[int, ...] = ()) -> Tensor:
         """``[n_tensors, width]`` float64: each tensor's rows summed in a fixed order (the same
         inputs give the same sums whatever the thread count), the ``max_columns`` maximised."""
+        if self._single:  # one block per tensor (tensors of up to 4096 entries): the rows
+            return torch.from_numpy(self.array.copy())
         sums = np.add.reduceat(self.array, self.offsets, axis=0)
         for col in max_columns:
             sums[:, col] = np.maximum.reduceat(self.array[:, col], self.offsets)
