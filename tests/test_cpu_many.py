@@ -117,3 +117,18 @@ def test_the_address_cache_checks_again_when_an_address_changes():
     assert cache([p]) is None
     p.data = torch.ones(8)
     assert cache([p])[0] == p.data_ptr()
+
+
+def test_topk_falls_back_when_the_threshold_passes_fewer_than_k():
+    """Every 8th entry large: the threshold from those entries lets only them through (20 < k),
+    so the heap over every entry runs; the result is still the sort's."""
+    n, k = 4096, 41
+    x = np.full(n, 0.01, dtype=np.float32)
+    x[0:160:8] = 5.0
+    x[1] = 3.0
+    zero = np.zeros(1, dtype=np.int64)
+    kept, total = cpu_many.topk(cpu_many.f32_addresses([torch.from_numpy(x)], [n]), zero, zero,
+                                np.array([n]), np.array([k]), np.empty(n))
+    squares = np.sort(x.astype(np.float64) ** 2)[::-1]
+    assert kept[0] == pytest.approx(squares[:k].sum(), rel=1e-12)
+    assert total[0] == pytest.approx(squares.sum(), rel=1e-12)

@@ -475,6 +475,20 @@ static inline void sift_down(double *h, int64_t k, int64_t i) {
     h[i] = v;
 }
 
+/* heap[0..k) <- the k largest squares of x[0], x[stride], ..., x[(m - 1) stride], as a min-heap
+ * (heap[0] the least of them); k <= m. */
+static void largest_squares(const float *x, int64_t m, int64_t stride, int64_t k, double *heap) {
+    for (int64_t i = 0; i < k; i++) heap[i] = (double)x[stride * i] * (double)x[stride * i];
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, k, i);
+    for (int64_t i = k; i < m; i++) {
+        const double s = (double)x[stride * i] * (double)x[stride * i];
+        if (s > heap[0]) {
+            heap[0] = s;
+            sift_down(heap, k, 0);
+        }
+    }
+}
+
 /* The top-k probe's rows: row r is entries [starts[r], starts[r] + lengths[r]) of array
  * of[r]; kept[r] = the sum of its ks[r] largest squares, total[r] = the sum of all its squares,
  * both in double (squares of float32 values in double are exact). A row with a NaN gives NaN
@@ -499,15 +513,7 @@ void optiscope_many_topk(const float *const *xs, const int64_t *of, const int64_
              * branch) hold the row's k largest whenever there are at least k of them (the k-th
              * largest is then at or above the threshold), and only they are selected among. */
             const int64_t m = (n + 7) / 8, j0 = 2 * ((k + 7) / 8) + 2, j = j0 < m ? j0 : m;
-            for (int64_t i = 0; i < j; i++) scratch[i] = (double)x[8 * i] * (double)x[8 * i];
-            for (int64_t i = j / 2 - 1; i >= 0; i--) sift_down(scratch, j, i);
-            for (int64_t i = j; i < m; i++) {
-                const double s = (double)x[8 * i] * (double)x[8 * i];
-                if (s > scratch[0]) {
-                    scratch[0] = s;
-                    sift_down(scratch, j, 0);
-                }
-            }
+            largest_squares(x, m, 8, j, scratch);
             const double t = scratch[0];
             int64_t c = 0;
             for (int64_t i = 0; i < n; i++) {
@@ -518,15 +524,7 @@ void optiscope_many_topk(const float *const *xs, const int64_t *of, const int64_
             if (c >= k) {
                 if (c > k) select_largest(scratch, c, k);
             } else {  /* rare: the threshold was too high; the heap over every entry */
-                for (int64_t i = 0; i < k; i++) scratch[i] = (double)x[i] * (double)x[i];
-                for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(scratch, k, i);
-                for (int64_t i = k; i < n; i++) {
-                    const double s = (double)x[i] * (double)x[i];
-                    if (s > scratch[0]) {
-                        scratch[0] = s;
-                        sift_down(scratch, k, 0);
-                    }
-                }
+                largest_squares(x, n, 1, k, scratch);
             }
         } else if (k < n) {
             for (int64_t i = 0; i < n; i++) scratch[i] = (double)x[i] * (double)x[i];

@@ -438,9 +438,7 @@ class CompressionProbes:
 
     def buffers(self) -> list[Tensor]:
         """What the probes keep between steps (the flat layouts' index tensors)."""
-        return [t for layout in self._layouts.values()
-                for t in (layout.gather, layout.row_of, layout.col_of, layout.probe_row,
-                          layout.probe_col)]
+        return [t for layout in self._layouts.values() for t in layout.buffers()]
 
     @staticmethod
     def _rank1(rows, device, wide) -> Tensor:

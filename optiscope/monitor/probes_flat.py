@@ -72,6 +72,10 @@ class ProbeLayout:
         """``[blocks, block]`` float64: the probed blocks of `flatten` of the tensors."""
         return flat.index_select(0, self.gather).to(torch.float64).view(-1, self.block)
 
+    def buffers(self) -> list[Tensor]:
+        """The index tensors it keeps (for the monitor's memory figure)."""
+        return [self.gather, self.row_of, self.col_of, self.probe_row, self.probe_col]
+
     def rank1(self, flat: Tensor) -> Tensor:
         """min(row max, column max) of each probed entry (float64, the blocks' shape)."""
         x = flat.to(torch.float64)
@@ -80,10 +84,6 @@ class ProbeLayout:
         top_col = torch.zeros(self.n_cols, dtype=x.dtype, device=x.device).scatter_reduce_(
             0, self.col_of, x, "amax", include_self=False)
         return torch.minimum(top_row[self.probe_row], top_col[self.probe_col]).view(-1, self.block)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gather, self.row_of, self.col_of,
-                                                          self.probe_row, self.probe_col))
 
 
 def flat_values(tensors: list[Tensor]) -> Tensor:
