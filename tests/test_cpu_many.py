@@ -132,3 +132,57 @@ def test_topk_falls_back_when_the_threshold_passes_fewer_than_k():
     squares = np.sort(x.astype(np.float64) ** 2)[::-1]
     assert kept[0] == pytest.approx(squares[:k].sum(), rel=1e-12)
     assert total[0] == pytest.approx(squares.sum(), rel=1e-12)
+
+
+@pytest.mark.parametrize("amsgrad, maximize, decoupled", [(False, False, True), (True, True, False)])
+def test_adam_over_many_tensors_is_the_one_tensor_kernel_bit_for_bit(amsgrad, maximize, decoupled):
+    """The many-tensor entry against `cpu.adam_f32` called per tensor (the slow reference):
+    tensors of 0 to 10,000 entries (several blocks), each at its own step count, with the
+    statistics and the range counts."""
+    from optiscope.kernels import cpu
+
+    rng = np.random.default_rng(3)
+    sizes = [1, 0, 31, 4096, 4097, 10_000, 7]
+    steps = [1, 2, 5, 1, 9, 3, 2]
+    kwargs = dict(lr=3e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05,
+                  decoupled=decoupled, maximize=maximize)
+
+    def state():
+        return [[torch.empty(n).copy_(torch.from_numpy((rng.standard_normal(n) * s)
+                                                       .astype(np.float32)))
+                 for n in sizes] for s in (1.0, 0.1, 0.01, 1e-4, 1e-4)]
+
+    one = state()
+    for v, w in zip(one[3], one[4]):
+        v.abs_()
+        torch.maximum(w.abs(), v, out=w)
+    many = [[t.clone() for t in role] for role in one]
+    vmax = (lambda r: r[4] if amsgrad else None)
+    blocks_one = cpu.BlockSums(sizes, cpu.ADAM_STATS)
+    blocks_many = cpu.BlockSums(sizes, cpu.ADAM_STATS)
+    ranges_one, ranges_many = cpu.range_buffer(len(sizes)), cpu.range_buffer(len(sizes))
+    for i in range(len(sizes)):
+        cpu.adam_f32(*(r[i] for r in one[:4]), vmax(one)[i] if amsgrad else None,
+                     step=steps[i], stats=blocks_one, index=i, ranges=ranges_one[i], **kwargs)
+    assert cpu_many.adam_f32_many(*many[:4], vmax(many), steps, stats=blocks_many,
+                                  ranges=ranges_many, **kwargs)
+    for role_one, role_many in zip(one, many):
+        for a, b in zip(role_one, role_many):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert np.array_equal(blocks_one.array, blocks_many.array, equal_nan=True)
+    assert np.array_equal(ranges_one, ranges_many)
+    assert ranges_many[5, 0, :cpu.RANGE_FIELDS].sum() == 10_000  # each entry of g in one field
+
+
+def test_adam_over_many_tensors_refuses_what_it_cannot_read():
+    """Anything but plain contiguous float32 tensors of the parameter's length: False, nothing
+    written (the caller steps them one by one)."""
+    p = [torch.ones(8), torch.ones(6)]
+    good = [torch.ones(8), torch.ones(6)]
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                  maximize=False)
+    strided = torch.ones(12)[::2]
+    for grads in ([torch.ones(8), strided], [torch.ones(8), torch.ones(6, dtype=torch.float64)],
+                  [torch.ones(8), torch.ones(5)], [torch.ones(8)]):
+        assert not cpu_many.adam_f32_many(p, grads, good, good, None, [1, 1], **kwargs)
+        assert all(torch.equal(x, torch.ones_like(x)) for x in p)

@@ -296,6 +296,10 @@ class BlockSums:
         """Where tensor ``i``'s rows start, for the C functions."""
         return self._base + 8 * self.width * self.offsets[i]
 
+    def row_offsets(self) -> np.ndarray:
+        """Each tensor's first row, int64 (for the C functions over many tensors)."""
+        return np.array(self.offsets, dtype=np.int64)
+
     def reduce(self, max_columns: tuple[int, ...] = ()) -> Tensor:
         """``[n_tensors, width]`` float64: each tensor's rows summed in a fixed order (the same
         inputs give the same sums whatever the thread count), the ``max_columns`` maximised."""
@@ -311,6 +315,11 @@ class BlockSums:
 _RANGE_CUTS = np.array(range_cuts(), dtype=np.int32)
 RANGE_FIELDS = 256
 RANGE_SHAPE = (3, RANGE_FIELDS + len(_RANGE_CUTS))
+
+
+def range_cuts_pointer() -> int:
+    """The address of the range thresholds' array the C kernels read (kept for the process)."""
+    return _RANGE_CUTS.ctypes.data
 
 
 def range_buffer(count: int) -> np.ndarray:

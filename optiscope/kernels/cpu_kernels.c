@@ -296,6 +296,30 @@ void optiscope_adam_f32(float *p, const float *g, float *m, float *v, float *vma
 #undef RUN
 }
 
+/* Many tensors' steps in one call: `optiscope_adam_f32` on each, so that the arithmetic, and
+ * with it every result, is the one-tensor call's. A model of hundreds of small tensors paid a
+ * validated ctypes call per tensor, more than their arithmetic. Tensor i: the addresses p[i],
+ * g[i], m[i], v[i] (vmax[i] with amsgrad) of numels[i] floats each; its step's constants
+ * neg_step_size[i] and bc2_sqrt[i]; with `stats`, its rows from stats_rows[i] (rows of NSTATS
+ * doubles); with `ranges`, its counters at ranges + i * ranges_stride. */
+void optiscope_adam_f32_many(const uint64_t *p, const uint64_t *g, const uint64_t *m,
+                             const uint64_t *v, const uint64_t *vmax, const int64_t *numels,
+                             int64_t count, float decay, float one_minus_b1, float lerp_rest,
+                             float beta2, float one_minus_b2, float eps, float wd,
+                             const float *neg_step_size, const float *bc2_sqrt, int decoupled,
+                             int amsgrad, int maximize, double *stats, const int64_t *stats_rows,
+                             uint64_t *ranges, int64_t ranges_stride, const int32_t *cuts,
+                             int nthreads) {
+    for (int64_t i = 0; i < count; i++)
+        optiscope_adam_f32((float *)(uintptr_t)p[i], (const float *)(uintptr_t)g[i],
+                           (float *)(uintptr_t)m[i], (float *)(uintptr_t)v[i],
+                           amsgrad ? (float *)(uintptr_t)vmax[i] : 0, numels[i], decay,
+                           one_minus_b1, lerp_rest, beta2, one_minus_b2, eps, wd,
+                           neg_step_size[i], bc2_sqrt[i], decoupled, amsgrad, maximize,
+                           stats ? stats + stats_rows[i] * NSTATS : 0,
+                           ranges ? ranges + i * ranges_stride : 0, cuts, nthreads);
+}
+
 /* ---------------------------------------------------------------- the monitor's sums
  * For optimizers without statistics of their own, the monitor reads the tensors once more on a
  * sampled step. torch's CPU reductions take one pass per statistic (Σg², max|g|, the non-finite

@@ -17,7 +17,8 @@ import torch
 
 from optiscope.kernels import cpu
 
-__all__ = ["available", "f32_addresses", "AddressCache", "grad_sums", "sq_sums", "take", "topk"]
+__all__ = ["available", "f32_addresses", "AddressCache", "grad_sums", "sq_sums", "take", "topk",
+           "adam_f32_many"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
@@ -25,6 +26,9 @@ _SIGNATURES = {
     "optiscope_many_sq_sums": [_P, _P, ctypes.c_int64, _P],
     "optiscope_many_take": [_P, _P, _P, ctypes.c_int64, _P],
     "optiscope_many_topk": [_P] * 5 + [ctypes.c_int64] + [_P] * 3,
+    "optiscope_adam_f32_many": ([_P] * 6 + [ctypes.c_int64] + [ctypes.c_float] * 7 + [_P] * 2
+                                + [ctypes.c_int] * 3 + [_P] * 3 + [ctypes.c_int64, _P,
+                                                                   ctypes.c_int]),
 }
 _lib = None
 
@@ -119,3 +123,58 @@ def topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths: np.
     _lib.optiscope_many_topk(_ptr(addresses), _ptr(of), _ptr(starts), _ptr(lengths), _ptr(ks),
                              rows, _ptr(kept), _ptr(total), _ptr(scratch))
     return kept, total
+
+
+def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
+                  max_exp_avg_sqs: list | None, steps: list[int], *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
+                  stats: "cpu.BlockSums | None" = None, ranges: np.ndarray | None = None) -> bool:
+    """`cpu.adam_f32` on every tensor, in one C call: the same arithmetic, bit for bit.
+
+    Returns False, having done nothing, unless every tensor of every role is a plain
+    contiguous float32 CPU tensor of its parameter's length (`f32_addresses`); the caller then
+    steps them one by one. ``steps``: each tensor's step count after this step's increment;
+    ``stats``, ``ranges``: as `cpu.adam_f32`'s (``ranges``: a `cpu.range_buffer` of the
+    tensors, row i for tensor i).
+    """
+    if not available() or not params:
+        return False
+    numels = [p.numel() for p in params]
+    roles = [params, grads, exp_avgs, exp_avg_sqs]
+    if max_exp_avg_sqs is not None:
+        roles.append(max_exp_avg_sqs)
+    addresses = []
+    for role in roles:
+        a = f32_addresses(role, numels)
+        if a is None:
+            return False
+        addresses.append(a)
+    if max_exp_avg_sqs is None:
+        addresses.append(addresses[3])  # not read without amsgrad
+    if ranges is not None and (ranges.dtype != np.uint64 or ranges.shape != (len(params),
+                                                                              *cpu.RANGE_SHAPE)
+                               or not ranges.flags.c_contiguous):
+        raise TypeError(f"optiscope.kernels.cpu_many.adam_f32_many: ranges must be a "
+                        f"C-contiguous uint64 array of shape {(len(params), *cpu.RANGE_SHAPE)} "
+                        f"(cpu.range_buffer), got {ranges.dtype} {ranges.shape}")
+    # The step's constants as `cpu.adam_f32` computes them, in double (Python's pow), then
+    # rounded to float by numpy as ctypes rounds them there; once per distinct step.
+    constants = {}
+    for s in steps:
+        if s not in constants:
+            constants[s] = (-lr / (1.0 - beta1 ** s), (1.0 - beta2 ** s) ** 0.5)
+    neg_step_size = np.array([constants[s][0] for s in steps], dtype=np.float32)
+    bc2_sqrt = np.array([constants[s][1] for s in steps], dtype=np.float32)
+    one_minus_b1 = 1.0 - beta1
+    lerp_rest = 1.0 - ctypes.c_float(one_minus_b1).value
+    n = np.array(numels, dtype=np.int64)
+    rows = stats.row_offsets() if stats is not None else None
+    _lib.optiscope_adam_f32_many(
+        *(_ptr(a) for a in addresses), _ptr(n), len(params), 1.0 - lr * weight_decay,
+        one_minus_b1, lerp_rest, beta2, 1.0 - beta2, eps, weight_decay, _ptr(neg_step_size),
+        _ptr(bc2_sqrt), int(decoupled), int(max_exp_avg_sqs is not None), int(maximize),
+        stats.array.ctypes.data if stats is not None else None,
+        _ptr(rows) if rows is not None else None,
+        _ptr(ranges) if ranges is not None and stats is not None else None,
+        int(np.prod(cpu.RANGE_SHAPE)), cpu.range_cuts_pointer(), torch.get_num_threads())
+    return True

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
+from optiscope.kernels import cpu_many
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.cpu import (ADAM_STATS, RANGE_FIELDS, BlockSums, adam_f32, kernel,
                                    range_buffer)
@@ -172,6 +173,11 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     device = params[0].device
     torch._foreach_add_(state_steps, 1)
+    if device.type == "cpu" and kernel() is not None and _adam_cpu_many(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, stats=stats):
+        return
     # torch's fused kernel walks each tensor's storage flat: a gradient laid out unlike its
     # parameter (a contiguous gradient of a transposed parameter) silently gets the wrong
     # entries paired (torch.optim.AdamW(fused=True) has this bug on CPU). Such columns run on
@@ -199,17 +205,7 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                      maximize=maximize, stats=blocks, index=i,
                      ranges=ranges[i] if ranges is not None else None)
         write_back(pairs)
-        if ranges is not None:  # the whole tensors' counts, in kernels/ranges.py's layout
-            counts = torch.from_numpy(ranges.astype(np.int64))
-            where = torch.tensor(stats.rows)
-            for q in range(counts.shape[1]):
-                stats.ranges[where, q] = range_levels(counts[:, q, :RANGE_FIELDS],
-                                                      counts[:, q, RANGE_FIELDS:])
-        if blocks is not None:
-            table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
-            sums = table.numpy()  # the table's memory: numpy, no torch op per column
-            sums[:, 1] = np.where(sums[:, 2] > 0, np.inf, sums[:, 1])
-            stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
+        _write_cpu_stats(stats, blocks, ranges)
         return
 
     if stats is None:
@@ -229,6 +225,40 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     table = torch.stack(rows)
     columns = {stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)}
     stats.write(columns)
+
+
+def _adam_cpu_many(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr,
+                   beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
+                   stats) -> bool:
+    """Every tensor's step in one call of the C kernel, when all are plain contiguous float32
+    (else False, nothing done): the one-tensor kernel's arithmetic, without a validated call per
+    tensor, which at hundreds of small tensors cost more than their arithmetic."""
+    blocks = BlockSums([p.numel() for p in params], ADAM_STATS) if stats is not None else None
+    ranges = (range_buffer(len(params))
+              if stats is not None and stats.ranges is not None else None)
+    steps = [int(s) for s in torch.stack(state_steps).tolist()] if state_steps else []
+    if not cpu_many.adam_f32_many(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                                  lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, decoupled=decoupled_weight_decay,
+                                  maximize=maximize, stats=blocks, ranges=ranges):
+        return False
+    _write_cpu_stats(stats, blocks, ranges)
+    return True
+
+
+def _write_cpu_stats(stats, blocks, ranges) -> None:
+    """The C kernel's per-block sums and range counts into the step's statistics rows."""
+    if ranges is not None:  # the whole tensors' counts, in kernels/ranges.py's layout
+        counts = torch.from_numpy(ranges.astype(np.int64))
+        where = torch.tensor(stats.rows)
+        for q in range(counts.shape[1]):
+            stats.ranges[where, q] = range_levels(counts[:, q, :RANGE_FIELDS],
+                                                  counts[:, q, RANGE_FIELDS:])
+    if blocks is not None:
+        table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
+        sums = table.numpy()  # the table's memory: numpy, no torch op per column
+        sums[:, 1] = np.where(sums[:, 2] > 0, np.inf, sums[:, 1])
+        stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
 
 
 def _cpu_kernel_applies(*tensor_lists) -> bool:
