@@ -164,8 +164,10 @@ def test_adam_over_many_tensors_is_the_one_tensor_kernel_bit_for_bit(amsgrad, ma
     for i in range(len(sizes)):
         cpu.adam_f32(*(r[i] for r in one[:4]), vmax(one)[i] if amsgrad else None,
                      step=steps[i], stats=blocks_one, index=i, ranges=ranges_one[i], **kwargs)
-    assert cpu_many.adam_f32_many(*many[:4], vmax(many), steps, stats=blocks_many,
+    counters = [torch.tensor(float(s - 1)) for s in steps]  # incremented by the call
+    assert cpu_many.adam_f32_many(*many[:4], vmax(many), counters, stats=blocks_many,
                                   ranges=ranges_many, **kwargs)
+    assert [c.item() for c in counters] == steps
     for role_one, role_many in zip(one, many):
         for a, b in zip(role_one, role_many):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
@@ -182,7 +184,13 @@ def test_adam_over_many_tensors_refuses_what_it_cannot_read():
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
                   maximize=False)
     strided = torch.ones(12)[::2]
+    counters = [torch.tensor(0.0), torch.tensor(0.0)]
     for grads in ([torch.ones(8), strided], [torch.ones(8), torch.ones(6, dtype=torch.float64)],
                   [torch.ones(8), torch.ones(5)], [torch.ones(8)]):
-        assert not cpu_many.adam_f32_many(p, grads, good, good, None, [1, 1], **kwargs)
-        assert all(torch.equal(x, torch.ones_like(x)) for x in p)
+        assert not cpu_many.adam_f32_many(p, grads, good, good, None, counters, **kwargs)
+    # step counters that are not float32 CPU scalars
+    for steps in ([torch.tensor(0.0), torch.tensor(0, dtype=torch.int64)], [torch.tensor(0.0)],
+                  [torch.tensor(0.0), torch.zeros(2)]):
+        assert not cpu_many.adam_f32_many(p, good, good, good, None, steps, **kwargs)
+    assert all(torch.equal(x, torch.ones_like(x)) for x in p)
+    assert [c.item() for c in counters] == [0.0, 0.0]

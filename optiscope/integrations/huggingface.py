@@ -70,6 +70,11 @@ class OptimizerMonitorCallback(TrainerCallback):
                       self.monitor.stopped)
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        # the run log in step with the checkpoint just saved (`OptimizerMonitor.state_dict`)
+        if self.monitor is not None:
+            self.monitor.state_dict()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         record_logs(self.monitor, logs, state.global_step)
 

@@ -112,6 +112,12 @@ class OptimizerMonitorCallback(Callback):
             log.error("optiscope: stopping the trainer at step %d: %s", trainer.global_step,
                       self.monitor.stopped)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # the run log in step with the checkpoint: a crash after it loses only later steps,
+        # which the resumed run records again (`OptimizerMonitor.state_dict`)
+        if self.monitor is not None:
+            self.monitor.state_dict()
+
     def on_train_end(self, trainer, pl_module):
         if self._connector is not None and "log_metrics" in vars(self._connector):
             del self._connector.log_metrics

@@ -303,12 +303,17 @@ class BlockSums:
     def reduce(self, max_columns: tuple[int, ...] = ()) -> Tensor:
         """``[n_tensors, width]`` float64: each tensor's rows summed in a fixed order (the same
         inputs give the same sums whatever the thread count), the ``max_columns`` maximised."""
-        if self._single:  # one block per tensor (tensors of up to 4096 entries): the rows
-            return torch.from_numpy(self.array.copy())
+        return torch.from_numpy(self.reduce_numpy(max_columns, copy=True))
+
+    def reduce_numpy(self, max_columns: tuple[int, ...] = (), copy: bool = False) -> np.ndarray:
+        """`reduce` as a numpy array; with one block per tensor (tensors of up to 4096
+        entries) the rows themselves unless ``copy``."""
+        if self._single:
+            return self.array.copy() if copy else self.array
         sums = np.add.reduceat(self.array, self.offsets, axis=0)
         for col in max_columns:
             sums[:, col] = np.maximum.reduceat(self.array[:, col], self.offsets)
-        return torch.from_numpy(sums)
+        return sums
 
 
 # The range counts' thresholds: kernels/ranges.py's, as the C code reads them (uint32 compares).

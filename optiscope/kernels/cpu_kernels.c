@@ -296,6 +296,17 @@ void optiscope_adam_f32(float *p, const float *g, float *m, float *v, float *vma
 #undef RUN
 }
 
+/* Adds 1 to each of `count` float32 step counters (0-d tensors, as torch's float32 `+ 1`) and
+ * writes the new counts into `out`: torch's _foreach_add_ over hundreds of CPU scalars cost
+ * more than the step of their tensors. */
+void optiscope_steps_add_one(const uint64_t *steps, int64_t count, double *out) {
+    for (int64_t i = 0; i < count; i++) {
+        float *s = (float *)(uintptr_t)steps[i];
+        *s = *s + 1.0f;
+        out[i] = *s;
+    }
+}
+
 /* Many tensors' steps in one call: `optiscope_adam_f32` on each, so that the arithmetic, and
  * with it every result, is the one-tensor call's. A model of hundreds of small tensors paid a
  * validated ctypes call per tensor, more than their arithmetic. Tensor i: the addresses p[i],
@@ -520,46 +531,49 @@ static void largest_squares(const float *x, int64_t m, int64_t stride, int64_t k
  * For k up to 1/8 of the row (the probe's 1%), a min-heap of the k largest seen: one compare per
  * entry, rarely taken, where quickselect's partitions mispredict half their branches (4096
  * entries: 7 ns an entry with quickselect). */
+/* One row of the top-k probe: the sum of the k largest squares of x[0..n) and of all of them. */
+static void topk_row(const float *x, int64_t n, int64_t k_wanted, double *scratch, double *kept,
+                     double *total) {
+    const int64_t k = k_wanted < n ? k_wanted : n;
+    double sum = 0.0, top = 0.0;
+#pragma omp simd reduction(+:sum)
+    for (int64_t i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
+    if (sum != sum) { *kept = *total = NAN; return; }  /* squares >= 0: only a NaN */
+    if (k > 0 && k <= n / 8 && n >= 256) {
+        /* A threshold from every 8th entry: the j-th largest of those, j about twice k/8,
+         * has about 2k entries of the row at or above it. Those entries (kept without a
+         * branch) hold the row's k largest whenever there are at least k of them (the k-th
+         * largest is then at or above the threshold), and only they are selected among. */
+        const int64_t m = (n + 7) / 8, j0 = 2 * ((k + 7) / 8) + 2, j = j0 < m ? j0 : m;
+        largest_squares(x, m, 8, j, scratch);
+        const double t = scratch[0];
+        int64_t c = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const double s = (double)x[i] * (double)x[i];
+            scratch[c] = s;
+            c += s >= t;
+        }
+        if (c >= k) {
+            if (c > k) select_largest(scratch, c, k);
+        } else {  /* rare: the threshold was too high; the heap over every entry */
+            largest_squares(x, n, 1, k, scratch);
+        }
+    } else if (k < n) {
+        for (int64_t i = 0; i < n; i++) scratch[i] = (double)x[i] * (double)x[i];
+        select_largest(scratch, n, k);
+    } else {
+        for (int64_t i = 0; i < n; i++) scratch[i] = (double)x[i] * (double)x[i];
+    }
+    for (int64_t i = 0; i < k; i++) top += scratch[i];
+    *total = sum;
+    *kept = top;
+}
+
 void optiscope_many_topk(const float *const *xs, const int64_t *of, const int64_t *starts,
                          const int64_t *lengths, const int64_t *ks, int64_t rows, double *kept,
                          double *total, double *scratch) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *x = xs[of[r]] + starts[r];
-        const int64_t n = lengths[r];
-        const int64_t k = ks[r] < n ? ks[r] : n;
-        double sum = 0.0, top = 0.0;
-#pragma omp simd reduction(+:sum)
-        for (int64_t i = 0; i < n; i++) sum += (double)x[i] * (double)x[i];
-        if (sum != sum) { kept[r] = total[r] = NAN; continue; }  /* squares >= 0: only a NaN */
-        if (k > 0 && k <= n / 8 && n >= 256) {
-            /* A threshold from every 8th entry: the j-th largest of those, j about twice k/8,
-             * has about 2k entries of the row at or above it. Those entries (kept without a
-             * branch) hold the row's k largest whenever there are at least k of them (the k-th
-             * largest is then at or above the threshold), and only they are selected among. */
-            const int64_t m = (n + 7) / 8, j0 = 2 * ((k + 7) / 8) + 2, j = j0 < m ? j0 : m;
-            largest_squares(x, m, 8, j, scratch);
-            const double t = scratch[0];
-            int64_t c = 0;
-            for (int64_t i = 0; i < n; i++) {
-                const double s = (double)x[i] * (double)x[i];
-                scratch[c] = s;
-                c += s >= t;
-            }
-            if (c >= k) {
-                if (c > k) select_largest(scratch, c, k);
-            } else {  /* rare: the threshold was too high; the heap over every entry */
-                largest_squares(x, n, 1, k, scratch);
-            }
-        } else if (k < n) {
-            for (int64_t i = 0; i < n; i++) scratch[i] = (double)x[i] * (double)x[i];
-            select_largest(scratch, n, k);
-        } else {
-            for (int64_t i = 0; i < n; i++) scratch[i] = (double)x[i] * (double)x[i];
-        }
-        for (int64_t i = 0; i < k; i++) top += scratch[i];
-        total[r] = sum;
-        kept[r] = top;
-    }
+    for (int64_t r = 0; r < rows; r++)
+        topk_row(xs[of[r]] + starts[r], lengths[r], ks[r], scratch, kept + r, total + r);
 }
 
 /* Σx² of each of `count` small arrays, as optiscope_sq_sums_many sums them (float lanes per
@@ -575,5 +589,78 @@ void optiscope_many_sq_sums(const float *const *xs, const int64_t *ns, int64_t c
             total += part;
         }
         out[k] = total;
+    }
+}
+
+/* ---------------------------------------------------------------- into the monitor's rows
+ * The flat path's sums on the CPU, written where the monitor reads them: tensor k's value of a
+ * column `col` goes to rows[where[k] * stride + col] (a column < 0 is not written). A sampled
+ * step meets cold caches and cold code after the optimizer's step, where each numpy call that
+ * scattered, scaled or binned a result cost tens of microseconds: these leave nothing to do. */
+
+/* The gradient's sums of each tensor (optiscope_many_grad_sums'), max |g| inf when a non-finite
+ * entry was met, both divided by the loss scale (`inv`: 1 / scale, with `scaled`). */
+void optiscope_rows_grad(const float *const *xs, const int64_t *ns, int64_t count, int scaled,
+                         double inv, const int64_t *where, double *rows, int64_t stride,
+                         int64_t col_sq, int64_t col_max, int64_t col_bad) {
+    double s[3];
+    for (int64_t k = 0; k < count; k++) {
+        optiscope_many_grad_sums(xs + k, ns + k, 1, s);
+        double sq = s[0], top = s[2] > 0 ? INFINITY : s[1];
+        if (scaled) { sq = sq * inv * inv; top = top * inv; }
+        double *row = rows + where[k] * stride;
+        row[col_sq] = sq; row[col_max] = top; row[col_bad] = s[2];
+    }
+}
+
+/* Σx² of each tensor (optiscope_many_sq_sums'). */
+void optiscope_rows_sq(const float *const *xs, const int64_t *ns, int64_t count,
+                       const int64_t *where, double *rows, int64_t stride, int64_t col) {
+    double s;
+    for (int64_t k = 0; k < count; k++) {
+        optiscope_many_sq_sums(xs + k, ns + k, 1, &s);
+        rows[where[k] * stride + col] = s;
+    }
+}
+
+/* Over each tensor's counts[k] sample entries (a and b end to end, float32), in double and in
+ * order: col_diff gets scales[k] Σ(a − b)² (Σa² without b), col_ref scales[k] Σb². */
+void optiscope_rows_sample_sums(const float *a, const float *b, const int64_t *counts,
+                                const double *scales, int64_t count, const int64_t *where,
+                                double *rows, int64_t stride, int64_t col_diff, int64_t col_ref) {
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t c = counts[k];
+        double diff = 0.0, ref = 0.0;
+        for (int64_t j = 0; j < c; j++) {
+            const double x = a[j], y = b ? (double)b[j] : 0.0, d = x - y;
+            diff += d * d;
+            ref += y * y;
+        }
+        double *row = rows + where[k] * stride;
+        if (col_diff >= 0) row[col_diff] = diff * scales[k];
+        if (col_ref >= 0) row[col_ref] = ref * scales[k];
+        a += c;
+        if (b) b += c;
+    }
+}
+
+/* The top-k probe (optiscope_many_topk's rows, `of` ascending): each tensor's kept and total
+ * squared mass, its rows' sums added in order and scaled by scales[k]. */
+void optiscope_rows_topk(const float *const *xs, const int64_t *of, const int64_t *starts,
+                         const int64_t *lengths, const int64_t *ks, int64_t nrows,
+                         double *scratch, const double *scales, int64_t count,
+                         const int64_t *where, double *rows, int64_t stride, int64_t col_kept,
+                         int64_t col_total) {
+    int64_t r = 0;
+    for (int64_t k = 0; k < count; k++) {
+        double kept = 0.0, total = 0.0, a, b;
+        for (; r < nrows && of[r] == k; r++) {
+            topk_row(xs[k] + starts[r], lengths[r], ks[r], scratch, &a, &b);
+            kept += a;
+            total += b;
+        }
+        double *row = rows + where[k] * stride;
+        row[col_kept] = kept * scales[k];
+        row[col_total] = total * scales[k];
     }
 }

@@ -18,7 +18,7 @@ import torch
 from optiscope.kernels import cpu
 
 __all__ = ["available", "f32_addresses", "AddressCache", "grad_sums", "sq_sums", "take", "topk",
-           "adam_f32_many"]
+           "adam_f32_many", "Rows", "rows_grad", "rows_sq", "rows_sample_sums", "rows_topk"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
@@ -26,6 +26,13 @@ _SIGNATURES = {
     "optiscope_many_sq_sums": [_P, _P, ctypes.c_int64, _P],
     "optiscope_many_take": [_P, _P, _P, ctypes.c_int64, _P],
     "optiscope_many_topk": [_P] * 5 + [ctypes.c_int64] + [_P] * 3,
+    "optiscope_rows_grad": [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_double, _P, _P]
+                           + [ctypes.c_int64] * 4,
+    "optiscope_rows_sq": [_P, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64],
+    "optiscope_rows_sample_sums": [_P] * 4 + [ctypes.c_int64, _P, _P] + [ctypes.c_int64] * 3,
+    "optiscope_rows_topk": [_P] * 5 + [ctypes.c_int64, _P, _P, ctypes.c_int64, _P, _P]
+                           + [ctypes.c_int64] * 3,
+    "optiscope_steps_add_one": [_P, ctypes.c_int64, _P],
     "optiscope_adam_f32_many": ([_P] * 6 + [ctypes.c_int64] + [ctypes.c_float] * 7 + [_P] * 2
                                 + [ctypes.c_int] * 3 + [_P] * 3 + [ctypes.c_int64, _P,
                                                                    ctypes.c_int]),
@@ -125,17 +132,84 @@ def topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths: np.
     return kept, total
 
 
+
+class Rows:
+    """Where the ``rows_*`` functions write: a C-contiguous float64 ``[n, stride]`` array (the
+    monitor's rows) and the int64 row of each tensor of a set in it; column -1: not written."""
+
+    def __init__(self, rows: np.ndarray, where: np.ndarray):
+        if rows.dtype != np.float64 or rows.ndim != 2 or not rows.flags.c_contiguous:
+            raise TypeError(f"optiscope.kernels.cpu_many.Rows: rows must be a C-contiguous "
+                            f"float64 matrix, got {rows.dtype} {rows.shape}")
+        if where.dtype != np.int64 or (len(where) and not 0 <= where.min() <= where.max()
+                                       < rows.shape[0]):
+            raise ValueError(f"optiscope.kernels.cpu_many.Rows: the tensors' rows must be int64 "
+                             f"in [0, {rows.shape[0]}), got {where}")
+        self.rows, self.where = rows, where
+        self.address, self.stride = rows.ctypes.data, rows.shape[1]
+        self._where = where.ctypes.data
+
+
+def _cols(rows: Rows, *cols: int) -> list[int]:
+    for c in cols:
+        if not -1 <= c < rows.stride:
+            raise ValueError(f"optiscope.kernels.cpu_many: column {c} outside the rows' "
+                             f"{rows.stride}")
+    return list(cols)
+
+
+def rows_grad(addresses: np.ndarray, numels: np.ndarray, inv_scale: float | None, out: Rows,
+              col_sq: int, col_max: int, col_bad: int) -> None:
+    """`grad_sums` into ``out``: Σg², max |g| (inf after a non-finite entry), the non-finite
+    count, the first two divided by the loss scale (``inv_scale``: 1 / scale, or None)."""
+    _lib.optiscope_rows_grad(_ptr(addresses), _ptr(numels), len(numels), inv_scale is not None,
+                             1.0 if inv_scale is None else inv_scale, out._where, out.address,
+                             out.stride, *_cols(out, col_sq, col_max, col_bad))
+
+
+def rows_sq(addresses: np.ndarray, numels: np.ndarray, out: Rows, col: int) -> None:
+    """`sq_sums` into column ``col`` of ``out``."""
+    _lib.optiscope_rows_sq(_ptr(addresses), _ptr(numels), len(numels), out._where, out.address,
+                           out.stride, *_cols(out, col))
+
+
+def rows_sample_sums(a: np.ndarray, b: np.ndarray | None, counts: np.ndarray,
+                     scales: np.ndarray, out: Rows, col_diff: int, col_ref: int = -1) -> None:
+    """Per tensor over its ``counts[k]`` sample entries (``a``, ``b``: float32, end to end), in
+    double: ``col_diff`` gets scales[k]·Σ(a − b)² (Σa² when ``b`` is None), ``col_ref``
+    scales[k]·Σb²."""
+    total = int(counts.sum()) if len(counts) else 0
+    for x in (a, b):
+        if x is not None and (x.dtype != np.float32 or x.shape != (total,)
+                              or not x.flags.c_contiguous):
+            raise TypeError(f"optiscope.kernels.cpu_many.rows_sample_sums: samples must be "
+                            f"{total} contiguous float32, got {x.dtype} {x.shape}")
+    _lib.optiscope_rows_sample_sums(_ptr(a), _ptr(b) if b is not None else None, _ptr(counts),
+                                    _ptr(scales), len(counts), out._where, out.address,
+                                    out.stride, *_cols(out, col_diff, col_ref))
+
+
+def rows_topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+              ks: np.ndarray, scratch: np.ndarray, scales: np.ndarray, out: Rows,
+              col_kept: int, col_total: int) -> None:
+    """`topk` into ``out``: each tensor's rows (``of`` ascending) added in order, times
+    ``scales[k]``."""
+    _lib.optiscope_rows_topk(_ptr(addresses), _ptr(of), _ptr(starts), _ptr(lengths), _ptr(ks),
+                             len(of), _ptr(scratch), _ptr(scales), len(scales), out._where,
+                             out.address, out.stride, *_cols(out, col_kept, col_total))
+
 def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
-                  max_exp_avg_sqs: list | None, steps: list[int], *, lr: float, beta1: float,
+                  max_exp_avg_sqs: list | None, state_steps: list, *, lr: float, beta1: float,
                   beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool,
                   stats: "cpu.BlockSums | None" = None, ranges: np.ndarray | None = None) -> bool:
     """`cpu.adam_f32` on every tensor, in one C call: the same arithmetic, bit for bit.
 
     Returns False, having done nothing, unless every tensor of every role is a plain
-    contiguous float32 CPU tensor of its parameter's length (`f32_addresses`); the caller then
-    steps them one by one. ``steps``: each tensor's step count after this step's increment;
-    ``stats``, ``ranges``: as `cpu.adam_f32`'s (``ranges``: a `cpu.range_buffer` of the
-    tensors, row i for tensor i).
+    contiguous float32 CPU tensor of its parameter's length and every step counter a plain
+    float32 CPU scalar (`f32_addresses`); the caller then steps them one by one.
+    ``state_steps``: each tensor's step counter, incremented here (as torch.optim does before
+    the update); ``stats``, ``ranges``: as `cpu.adam_f32`'s (``ranges``: a `cpu.range_buffer` of
+    the tensors, row i for tensor i).
     """
     if not available() or not params:
         return False
@@ -149,6 +223,9 @@ def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
         if a is None:
             return False
         addresses.append(a)
+    counters = f32_addresses(state_steps, [1] * len(params))
+    if counters is None:
+        return False
     if max_exp_avg_sqs is None:
         addresses.append(addresses[3])  # not read without amsgrad
     if ranges is not None and (ranges.dtype != np.uint64 or ranges.shape != (len(params),
@@ -157,6 +234,9 @@ def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
         raise TypeError(f"optiscope.kernels.cpu_many.adam_f32_many: ranges must be a "
                         f"C-contiguous uint64 array of shape {(len(params), *cpu.RANGE_SHAPE)} "
                         f"(cpu.range_buffer), got {ranges.dtype} {ranges.shape}")
+    counts = np.empty(len(params), dtype=np.float64)
+    _lib.optiscope_steps_add_one(_ptr(counters), len(params), _ptr(counts))
+    steps = [int(s) for s in counts.tolist()]
     # The step's constants as `cpu.adam_f32` computes them, in double (Python's pow), then
     # rounded to float by numpy as ctypes rounds them there; once per distinct step.
     constants = {}

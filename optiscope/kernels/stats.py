@@ -73,6 +73,15 @@ class StatsRows:
         """``rows`` as an int32 tensor on the buffer's device (for kernels and index_put)."""
         return torch.tensor(self.rows, dtype=torch.int32).to(self.values.device, non_blocking=True)
 
+    def write_table(self, table: np.ndarray, stats: tuple[Stat, ...]) -> None:
+        """Writes ``table[i, k]`` (float64, one row per tensor) to ``values[rows[i], stats[k]]``:
+        one numpy assignment on the CPU."""
+        if self.values.device.type != "cpu":
+            self.write({stat: torch.from_numpy(table[:, k]) for k, stat in enumerate(stats)})
+            return
+        where = np.array(self.rows, dtype=np.int64)[:, None]
+        self.values.numpy()[where, [int(s) for s in stats]] = table
+
     def write(self, columns: dict[Stat, Tensor]) -> None:
         """Writes whole columns: ``columns[stat][i]`` goes to ``values[rows[i], stat]``."""
         if not columns:

@@ -28,6 +28,7 @@ from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import NUM_COLS, ROW_COLS, Col
 from optiscope.monitor.ranges import RangeProbe
 from optiscope.monitor.sampling import CoordinateSample, sample_count
+from optiscope.monitor.stateread import dequantized as _dequantized, readable, storage_parts
 
 __all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "readable", "storage_parts", "sums_dtype"]
 
@@ -44,51 +45,6 @@ def _amp_arg(optimizer, kwargs: dict, name: str) -> Tensor | None:
     """
     value = kwargs.get(name)
     return value if value is not None else getattr(optimizer, name, None)
-
-
-def _plain(t) -> bool:
-    """Exactly a tensor (or a Parameter) of the strided layout: what kernels and torch's
-    reductions read as they are. A subclass reports sizes and dtypes of values it may not store
-    (torchao's OptimState8bit holds uint8 codes behind a float32 face, with ``data_ptr`` 0)."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.layout == torch.strided
-
-
-def readable(t: Tensor) -> Tensor | None:
-    """A state tensor as values the monitor can sum: a DTensor's local shard; a tensor subclass
-    that implements ``dequantize()`` (torchao's low-bit optimizer states) its dequantized values,
-    a transient copy; a plain tensor as it is. None for any other subclass: the monitor skips
-    the metric rather than read memory the subclass does not describe."""
-    t = local(t)
-    if _plain(t) or t.is_sparse:
-        return t
-    if type(t).dequantize is not Tensor.dequantize:  # the subclass's own, not aten's
-        values = t.dequantize()
-        if _plain(values) and values.shape == t.shape:
-            return values
-    return None
-
-
-def _dequantized(t: Tensor) -> bool:
-    """True when `readable` returns a copy of ``t``'s values rather than ``t`` (or its shard)."""
-    t = local(t)
-    return not (_plain(t) or t.is_sparse)
-
-
-def storage_parts(t: Tensor) -> list[tuple[object, int]]:
-    """(identity, bytes) of the storages holding ``t``'s values, for state memory: a plain
-    tensor's own storage; a traceable subclass's inner tensors (torchao's codes, scales and
-    quantization map: the bytes it really keeps, not numel × the float32 it poses as); a
-    tensor without readable storage counts numel × element size."""
-    t = local(t)
-    if not _plain(t) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [part for name in names for part in storage_parts(getattr(t, name))]
-    try:
-        storage = t.untyped_storage()
-        pointer = storage.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return [(id(t), t.numel() * t.element_size())]
-    return [((t.device, pointer) if pointer else id(storage), storage.nbytes())]
 
 
 @dataclass
@@ -164,7 +120,8 @@ class Collector:
         self._rest: list[int] = []            # active tensors not on the flat path
         self._plan: FlatPlan | None = None    # the flat path (`optiscope.monitor.flat`)
         self._plan_key: tuple | None = None
-        self._flat_pre: dict[Col, Tensor] = {}
+        self._flat_pre: dict[Col, Tensor | None] = {}  # None: in the host rows already
+        self._rows_begun = False  # `begin` prepared the host rows of this step
         self._override: dict[Col, Tensor] = {}
         self._stats_where: tuple | None = None
         self._constants: dict[tuple, Tensor] = {}
@@ -315,6 +272,7 @@ class Collector:
             self.caps.request_stats()
             if self.range_probes == "exact" and self.caps.request_ranges is not None:
                 self.caps.request_ranges()  # every entry's range, in the update's pass
+        self._rows_begun = False
         self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
         for i in self._active:
             self._prepare(self.slots[i])
@@ -329,8 +287,9 @@ class Collector:
         grad_scale = _amp_arg(self.optimizer, kwargs, "grad_scale")
         want_update = Stat.UPDATE_SQ not in self.produced
         if plan is not None:
+            host = self._begin_rows()  # the C sums write into the rows from here on
             self._flat_pre = plan.grad_columns([s.param.grad for s in plan.slots], self.produced,
-                                               grad_scale, want_update)
+                                               grad_scale, want_update, host)
         rest = self._rest
         params = [local(self.slots[i].param) for i in rest]
         grads = [_dense(local(self.slots[i].param.grad)) for i in rest]
@@ -362,7 +321,10 @@ class Collector:
         if self._plan is not None and self._flat_pre:
             if col not in self._flat_pre:
                 return None
-            parts.append(torch.as_tensor(self._flat_pre[col]))  # numpy from the C sums
+            value = self._flat_pre[col]
+            if value is None:  # written into the host rows by the C sums
+                value = self._rows.numpy()[self._plan.where_host, int(col)]
+            parts.append(torch.as_tensor(value))
             order += self._plan.where
         if self._rest:
             if col not in self._pre:
@@ -378,6 +340,12 @@ class Collector:
         """Columns per tensor of `active` that replace what `begin` computed (the gradient
         before clipping)."""
         self._override.update(columns)
+
+    def _begin_rows(self) -> np.ndarray | None:
+        """On the CPU: the host rows, NaN again, that this step's sums are written into from
+        `begin` on (`end` then keeps them); elsewhere None."""
+        self._rows_begun = local(self.slots[0].param).device.type == "cpu"
+        return self._host_rows().numpy() if self._rows_begun else None
 
     def _host_rows(self) -> Tensor:
         """The CPU rows, one buffer kept from step to step (the monitor copies what it reads
@@ -409,8 +377,10 @@ class Collector:
     def end(self, step: int) -> Tensor:
         """After the optimizer step: the ``[n_tensors, ROW_COLS]`` float64 sums on the device."""
         device = local(self.slots[0].param).device
-        if device.type == "cpu":  # numpy fills it without a torch op (`_put`)
-            rows = self._host_rows()
+        if device.type == "cpu":  # numpy and the C sums fill it without a torch op
+            begun, self._rows_begun = self._rows_begun, False
+            rows = (self._rows if begun and self._rows is not None
+                    and self._rows.shape[0] == len(self.slots) else self._host_rows())
         else:
             rows = torch.full((len(self.slots), ROW_COLS), math.nan, dtype=sums_dtype(device),
                               device=device)
@@ -433,8 +403,9 @@ class Collector:
 
         plan = self._plan
         if plan is not None:
-            columns = dict(self._flat_pre)
-            columns.update(plan.param_columns(self.produced))
+            host = rows.numpy() if device.type == "cpu" else None
+            columns = {c: v for c, v in self._flat_pre.items() if v is not None}
+            columns.update(plan.param_columns(self.produced, host))
             self._put(rows, plan.index, columns)
             self._flat_pre = {}
         rest = self._rest
@@ -491,8 +462,9 @@ class Collector:
         if plan is not None:
             if not plan.moments_ready:
                 plan.find_moments(self)
+            host = rows.numpy() if device.type == "cpu" else None
             for where, columns in plan.moment_columns(self.optimizer.state, want_m1, want_m2,
-                                                      freeze_now):
+                                                      freeze_now, host):
                 self._put(rows, where, columns)
             skip_m, skip_v = plan.m_rows, plan.v_rows
             if self.range_probes and plan.step.v_sample is not None:  # v of the flat tensors

@@ -11,9 +11,10 @@ import math
 
 import numpy as np
 
-from optiscope.monitor.metrics import TENSOR_METRICS, derive_all
+from optiscope.monitor.metrics import (RANGE_QUANTITIES, RANGE_SHARES, TENSOR_METRICS, Col,
+                                       derive_all)
 
-__all__ = ["Decoder"]
+__all__ = ["Decoder", "skip_reasons"]
 
 _MASKS_KEPT = 64  # scope lists of partial metrics cached per keep mask, per set of tensors
 
@@ -95,3 +96,41 @@ class Decoder:
                 masked.clear()
             names = masked[key] = [s for s, k in zip(with_global, kept.tolist()) if k]
         return names
+
+
+def skip_reasons(optimizer, slots: list, collector, rows: np.ndarray, freeze_probe
+                 ) -> dict[str, str]:
+    """The metrics an optimizer cannot have, and why, from its first sample's ``rows``."""
+    reasons: dict[str, str] = {}
+    cls = type(optimizer).__name__
+    unread = [s for s in slots if s.param in optimizer.state and collector.layout(s) is None]
+    if unread:
+        keys = sorted({k for s in unread for k in optimizer.state[s.param]})
+        why = (f"the state of {cls} (keys {keys}) is not a layout optiscope recognises; "
+               "declare one with a `state_layouts` attribute on the optimizer")
+        for name in ("moment1_norm", "moment2_norm", "moment2_drift"):
+            reasons[name] = why
+    else:
+        if np.isnan(rows[:, Col.MOMENT1_SQ]).all():
+            reasons["moment1_norm"] = f"{cls} keeps no first moment"
+        if np.isnan(rows[:, Col.MOMENT2_SQ]).all():
+            reasons["moment2_norm"] = f"{cls} keeps no second moment"
+            reasons["moment2_drift"] = f"{cls} keeps no second moment"
+    reasons.update(collector.unreadable)  # state tensors it could not read
+    if freeze_probe is None:
+        reasons["moment2_drift_since_freeze"] = "off: pass freeze_probe=T to compare v with v_T"
+    # An optimizer that declares the column keeps the metric even when this first sample has
+    # none (OneBitAdam compresses only after its freeze step).
+    if (Col.QUANT_ERROR_SQ not in collector.produced
+            and np.isnan(rows[:, Col.QUANT_ERROR_SQ]).all()):
+        reasons["quant_error"] = collector.no_quant_error_reason(cls)
+    if np.isnan(rows[:, Col.GRAD_DIAG]).all():
+        why = f"{cls} does not rotate its gradients into a basis of its own (AdaDiag does)"
+        reasons["grad_diagonality"] = reasons["grad_diagonality_original"] = why
+    if np.isnan(rows[:, Col.TOPK_KEPT_SQ]).all() and collector.topk_density is None:
+        reasons["topk_coverage"] = "off: topk_density=None"
+    reasons.update(collector.compression.skip_reasons(rows, cls))
+    if not collector.range_probes:
+        reasons.update(dict.fromkeys((f"{q}_{fmt}_{what}" for q in RANGE_QUANTITIES
+                                      for fmt, what in RANGE_SHARES), "off: range_probes=False"))
+    return reasons

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from optiscope.contract import Stat
+from optiscope.kernels import cpu_many
 from optiscope.monitor import flat_cpu
 from optiscope.monitor.metrics import Col
 
@@ -248,7 +249,9 @@ class FlatPlan:
             if topk:
                 self.host_topk = flat_cpu.HostTopK(numels, slots, topk[0], topk[1])
         self.m_host = self.v_host = None
+        self.where_host = np.array(where, dtype=np.int64)
         self.m_where_host = self.v_where_host = None
+        self._outs: dict[str, tuple] = {}  # which set -> (the rows' address and shape, Rows)
         self.step = StepData()
         self.moments_ready = False   # m and v partitions are found at the first end()
         self.m_where: Tensor | None = None
@@ -267,14 +270,17 @@ class FlatPlan:
 
     # ------------------------------------------------------------------------- before the step
     def grad_columns(self, grads: list[Tensor], produced, grad_scale: Tensor | None,
-                     want_update: bool) -> dict[Col, Tensor]:
-        """Gradient statistics, Σθ² before, the top-k probe, θ's sample; Col -> per tensor."""
+                     want_update: bool, rows: np.ndarray | None = None
+                     ) -> dict[Col, Tensor | None]:
+        """Gradient statistics, Σθ² before, the top-k probe, θ's sample; Col -> per tensor.
+        On the CPU (``rows``: the monitor's host rows) the C sums write into ``rows`` itself,
+        and those columns map to None."""
         wide, seg = self.wide, self.seg
         params = self.params
         want_topk = self.topk is not None and Stat.TOPK_KEPT_SQ not in produced
-        if self.host is not None:
+        if self.host is not None and rows is not None:
             columns = flat_cpu.grad_columns(self, grads, produced, grad_scale, want_update,
-                                            want_topk)
+                                            want_topk, rows)
             if columns is not None:
                 self.step.grads = None
                 return columns
@@ -308,14 +314,16 @@ class FlatPlan:
         return columns
 
     # ------------------------------------------------------------------------- after the step
-    def param_columns(self, produced) -> dict[Col, Tensor]:
-        """Σθ² after the step and the update's Σ(Δθ)² at the samples."""
+    def param_columns(self, produced, rows: np.ndarray | None = None) -> dict[Col, Tensor]:
+        """Σθ² after the step and the update's Σ(Δθ)² at the samples (on the CPU written into
+        the host ``rows``: nothing returned)."""
         want_after = Stat.PARAM_SQ_AFTER not in produced
         step = self.step
         if not want_after and step.before is None and step.range_before is None:
             return {}
-        if self.host is not None and (columns := flat_cpu.param_columns(self, produced)) is not None:
-            return columns
+        if self.host is not None and rows is not None and flat_cpu.param_columns(self, produced,
+                                                                                 rows):
+            return {}
         columns: dict[Col, Tensor] = {}
         p = flatten(self.params)
         if want_after:
@@ -403,20 +411,21 @@ class FlatPlan:
                 setattr(slot, name, None if part.isnan().all() else part)
         self.v_prev = self.v_frozen = None
 
-    def moment_columns(self, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool
-                       ) -> list[tuple[Tensor, dict[Col, Tensor]]]:
-        """Σm², Σv² and the drift sums of v at the samples: [(row indices, Col -> values)]."""
-        if self.host is not None and (out := flat_cpu.moment_columns(
-                self, state, want_m1, want_m2, freeze_now)) is not None:
-            return out
+    def moment_columns(self, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool,
+                       rows: np.ndarray | None = None) -> list[tuple[Tensor, dict[Col, Tensor]]]:
+        """Σm², Σv² and the drift sums of v at the samples: [(row indices, Col -> values)] (on
+        the CPU written into the host ``rows``: nothing returned)."""
+        if self.host is not None and rows is not None and flat_cpu.moment_columns(
+                self, state, want_m1, want_m2, freeze_now, rows):
+            return []
         wide, out = self.wide, []
         if want_m1 and self.m_slots:
-            m = flatten([state[s.param][k] for s, k in zip(self.m_slots, self.m_keys)])
+            m = flatten(self.moment_tensors(state, "m"))
             out.append((self.m_where, {Col.MOMENT1_SQ: self.m_seg.sq(m, wide)}))
         if not self.v_slots:
             return out
         seg = self.v_seg
-        v = self.step.v = flatten([state[s.param][k] for s, k in zip(self.v_slots, self.v_keys)])
+        v = self.step.v = flatten(self.moment_tensors(state, "v"))
         sample = self.step.v_sample = seg.take(v)
         columns: dict[Col, Tensor] = {}
         if want_m2:
@@ -432,6 +441,20 @@ class FlatPlan:
             columns[Col.FREEZE_REF_SQ] = seg.sample_sq(self.v_frozen, wide)
         out.append((self.v_where, columns))
         return out
+
+    def moment_tensors(self, state: dict, which: str) -> list[Tensor]:
+        """The optimizer's m (``which="m"``) or v of the tensors that have a plain one."""
+        slots, keys = (self.m_slots, self.m_keys) if which == "m" else (self.v_slots, self.v_keys)
+        return [state[s.param][k] for s, k in zip(slots, keys)]
+
+    def host_out(self, rows: np.ndarray, which: str) -> cpu_many.Rows:
+        """Where the C sums of a set (``"plan"``, ``"m"``, ``"v"``) write in the host rows."""
+        key = (rows.ctypes.data, rows.shape)
+        cached = self._outs.get(which)
+        if cached is None or cached[0] != key:  # (a Rows keeps its array: no address reused)
+            where = {"plan": self.where_host, "m": self.m_where_host, "v": self.v_where_host}
+            cached = self._outs[which] = (key, cpu_many.Rows(rows, where[which]))
+        return cached[1]
 
     def buffers(self) -> list[Tensor]:
         """What the plan keeps between steps (for the monitor's memory figure)."""

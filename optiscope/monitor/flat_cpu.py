@@ -116,6 +116,11 @@ class HostTopK:
         self.scales = np.array(scales, dtype=np.float64)
         self.scratch = np.empty(max(lengths + [1]), dtype=np.float64)
 
+    def write(self, addresses: np.ndarray, out: cpu_many.Rows) -> None:
+        """The kept and total squared mass of each tensor into ``out``'s top-k columns."""
+        cpu_many.rows_topk(addresses, self.of, self.starts, self.lengths, self.ks, self.scratch,
+                           self.scales, out, Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ)
+
     def __call__(self, addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(kept, total) squared mass of each tensor's blockwise top-k, scaled to the tensor."""
         kept, total = cpu_many.topk(addresses, self.of, self.starts, self.lengths, self.ks,
@@ -125,9 +130,10 @@ class HostTopK:
                     np.bincount(self.of, weights=total, minlength=self.n) * self.scales)
 
 
-def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, want_topk: bool
-                 ) -> dict[Col, np.ndarray] | None:
-    """`FlatPlan.grad_columns` in C (None: a tensor is not plain float32; the torch path runs)."""
+def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, want_topk: bool,
+                 rows: np.ndarray) -> dict[Col, None] | None:
+    """`FlatPlan.grad_columns` in C, written into the monitor's host ``rows``: the columns
+    written (None: a tensor is not plain float32, nothing written; the torch path runs)."""
     seg: HostSegments = plan.host
     g = seg.addresses(grads)
     if g is None:
@@ -139,78 +145,76 @@ def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, wan
         p = seg.addresses(plan.params, "param")
         if p is None:
             return None
-    columns: dict[Col, np.ndarray] = {}
+    out = plan.host_out(rows, "plan")
+    written: dict[Col, None] = {}
     if Stat.GRAD_SQ not in produced:
-        sums = cpu_many.grad_sums(g, seg.numels)
-        sq, absmax, nonfinite = sums[:, 0], sums[:, 1], sums[:, 2]
-        absmax = np.where(nonfinite > 0, math.inf, absmax)
-        if grad_scale is not None:
-            inv = 1.0 / float(grad_scale)
-            with np.errstate(all="ignore"):
-                sq, absmax = sq * inv * inv, absmax * inv
-        columns.update({Col.GRAD_SQ: sq, Col.GRAD_ABSMAX: absmax, Col.GRAD_NONFINITE: nonfinite})
+        cpu_many.rows_grad(g, seg.numels, None if grad_scale is None else 1.0 / float(grad_scale),
+                           out, Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE)
+        written.update(dict.fromkeys((Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE)))
     if want_before:
-        columns[Col.PARAM_SQ_BEFORE] = seg.sq(p)
+        cpu_many.rows_sq(p, seg.numels, out, Col.PARAM_SQ_BEFORE)
+        written[Col.PARAM_SQ_BEFORE] = None
     before = torch.from_numpy(seg.take(p)) if take_before else None  # as the torch path's
     plan.step.before = before if want_update else None
     plan.step.range_before = before if plan.want_ranges else None
     plan.step.g_sample = torch.from_numpy(seg.take(g)) if plan.want_ranges else None
     if want_topk:
-        columns[Col.TOPK_KEPT_SQ], columns[Col.TOPK_TOTAL_SQ] = plan.host_topk(g)
-    return columns
+        plan.host_topk.write(g, out)
+        written.update(dict.fromkeys((Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ)))
+    return written
 
 
-def param_columns(plan, produced) -> dict[Col, np.ndarray] | None:
-    """`FlatPlan.param_columns` in C (None: θ is not plain float32 now)."""
+def param_columns(plan, produced, rows: np.ndarray) -> bool:
+    """`FlatPlan.param_columns` in C, into ``rows`` (False: θ is not plain float32 now)."""
     seg: HostSegments = plan.host
     p = seg.addresses(plan.params, "param")
     if p is None:
-        return None
-    columns: dict[Col, np.ndarray] = {}
+        return False
     step = plan.step
+    out = plan.host_out(rows, "plan")
     if Stat.PARAM_SQ_AFTER not in produced:
-        columns[Col.PARAM_SQ_AFTER] = seg.sq(p)
+        cpu_many.rows_sq(p, seg.numels, out, Col.PARAM_SQ_AFTER)
     after = seg.take(p) if step.before is not None or step.range_before is not None else None
     if step.before is not None:
-        columns[Col.UPDATE_SQ] = seg.sample_diff_sq(after, step.before.numpy())
+        cpu_many.rows_sample_sums(after, step.before.numpy(), seg.counts, seg.scale, out,
+                                  Col.UPDATE_SQ)
         step.before = None
     if step.range_before is not None:
         step.range_update = torch.from_numpy(after - step.range_before.numpy())
         step.range_before = None
-    return columns
+    return True
 
 
-def moment_columns(plan, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool
-                   ) -> list[tuple[np.ndarray, dict[Col, np.ndarray]]] | None:
-    """`FlatPlan.moment_columns` in C (None: a moment is not plain float32 now)."""
-    out = []
+def moment_columns(plan, state: dict, want_m1: bool, want_m2: bool, freeze_now: bool,
+                   rows: np.ndarray) -> bool:
+    """`FlatPlan.moment_columns` in C, into ``rows`` (False: a moment is not plain float32 now;
+    nothing written, the torch path runs)."""
+    m = v = None
     if want_m1 and plan.m_slots:
-        m = plan.m_host.addresses([state[s.param][k] for s, k in zip(plan.m_slots, plan.m_keys)],
-                                  "m")
+        m = plan.m_host.addresses(plan.moment_tensors(state, "m"), "m")
         if m is None:
-            return None
-        out.append((plan.m_where_host, {Col.MOMENT1_SQ: plan.m_host.sq(m)}))
-    if not plan.v_slots:
-        return out
-    seg: HostSegments = plan.v_host
-    v = seg.addresses([state[s.param][k] for s, k in zip(plan.v_slots, plan.v_keys)], "v")
+            return False
+    if plan.v_slots:
+        v = plan.v_host.addresses(plan.moment_tensors(state, "v"), "v")
+        if v is None:
+            return False
+    if m is not None:
+        cpu_many.rows_sq(m, plan.m_host.numels, plan.host_out(rows, "m"), Col.MOMENT1_SQ)
     if v is None:
-        return None
+        return True
+    seg: HostSegments = plan.v_host
+    out = plan.host_out(rows, "v")
     sample = seg.take(v)
     plan.step.v_sample = torch.from_numpy(sample)
-    columns: dict[Col, np.ndarray] = {}
     if want_m2:
-        columns[Col.MOMENT2_SQ] = seg.sq(v)
+        cpu_many.rows_sq(v, seg.numels, out, Col.MOMENT2_SQ)
     if plan.v_prev is not None:
-        prev = plan.v_prev.numpy()
-        columns[Col.DRIFT_DIFF_SQ] = seg.sample_diff_sq(sample, prev)
-        columns[Col.DRIFT_PREV_SQ] = seg.sample_sq(prev)
+        cpu_many.rows_sample_sums(sample, plan.v_prev.numpy(), seg.counts, seg.scale, out,
+                                  Col.DRIFT_DIFF_SQ, Col.DRIFT_PREV_SQ)
     plan.v_prev = plan.step.v_sample
     if freeze_now:
         plan.v_frozen = plan.step.v_sample
     if plan.v_frozen is not None:
-        frozen = plan.v_frozen.numpy()
-        columns[Col.FREEZE_DIFF_SQ] = seg.sample_diff_sq(sample, frozen)
-        columns[Col.FREEZE_REF_SQ] = seg.sample_sq(frozen)
-    out.append((plan.v_where_host, columns))
-    return out
+        cpu_many.rows_sample_sums(sample, plan.v_frozen.numpy(), seg.counts, seg.scale, out,
+                                  Col.FREEZE_DIFF_SQ, Col.FREEZE_REF_SQ)
+    return True

@@ -41,6 +41,7 @@ import json
 import contextlib
 import logging
 import os
+import weakref
 import warnings
 
 try:
@@ -98,6 +99,9 @@ class NullWriter:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def before_flush(self, method) -> None:
         pass
 
     def close(self) -> None:
@@ -293,8 +297,16 @@ class RunLogWriter:
 
     def flush(self) -> None:
         """Waits until every record given so far is written (or, on a failing disk, kept to
-        retry): before the log is read back, or where the process must have it."""
+        retry): before the log is read back, or where the process must have it. The
+        monitor's samples waiting for their batch are handed over first (`before_flush`)."""
+        self._appender.before()
         self._appender.flush()
+
+    def before_flush(self, method) -> None:
+        """A bound method called (on the caller's thread) before a reader of this process
+        flushes the log (`runlog_writer.flush_live`, and at exit): the monitor's samples that
+        wait for their batch. Held weakly."""
+        self._appender.before_flush = weakref.WeakMethod(method)
 
     def close(self) -> None:
         """Writes what is queued, retries what could not be written, and closes the log.

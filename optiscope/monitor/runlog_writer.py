@@ -87,6 +87,7 @@ def flush_live(path) -> None:
         return
     appender = _LIVE.get(os.path.realpath(path))
     if appender is not None:
+        appender.before()
         appender.flush()
 
 
@@ -94,6 +95,7 @@ def flush_live(path) -> None:
 def _flush_all() -> None:  # a script that never closes its monitor still gets its log
     for appender in list(_LIVE.values()):
         try:
+            appender.before()
             appender.flush()
         except Exception:  # at exit: nothing left to tell
             pass
@@ -124,7 +126,14 @@ class Appender:
         self._formatter = None
         self._formatter_known = False
         self._errors = 0
+        self.before_flush: weakref.WeakMethod | None = None  # the monitor's waiting samples
         _LIVE[os.path.realpath(path)] = self
+
+    def before(self) -> None:
+        """Lets the monitor hand over the samples it still holds (`before_flush`)."""
+        hook = self.before_flush() if self.before_flush is not None else None
+        if hook is not None:
+            hook()
 
     # ------------------------------------------------------------------- the caller's side
     def put(self, record: tuple) -> None:

@@ -93,7 +93,11 @@ class StepControl:
         saving the checkpoint leaves a log in step with it."""
         writer = getattr(self, "writer", None)
         if writer is not None:
+            self._decode_waiting()  # the samples waiting for their batch
+            self._worker.flush()
             writer.flush()
+            # the scalars logged for this step after the checkpoint: written at the next hook
+            self._checkpointed = self.step
         return {"step": self.step, "every": self.every}
 
     def load_state_dict(self, state: dict) -> None:
@@ -112,7 +116,7 @@ class StepControl:
         self.step = self._completed = step
         self._worker.flush()  # the samples before the resume mark are written before it
         self.writer.write_resume(step)
-        drop_after(self.history, step)
+        drop_after(self._history, step)
 
     def _align_step(self, step: int) -> None:
         """A trainer's step count is the truth (it counts a step a GradScaler skipped)."""

@@ -172,12 +172,12 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     # torch.optim.AdamW (benchmarks/results/cpu-intel-xeon.json has the figures).
     fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
     device = params[0].device
-    torch._foreach_add_(state_steps, 1)
     if device.type == "cpu" and kernel() is not None and _adam_cpu_many(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, stats=stats):
         return
+    torch._foreach_add_(state_steps, 1)
     # torch's fused kernel walks each tensor's storage flat: a gradient laid out unlike its
     # parameter (a contiguous gradient of a transposed parameter) silently gets the wrong
     # entries paired (torch.optim.AdamW(fused=True) has this bug on CPU). Such columns run on
@@ -236,8 +236,8 @@ def _adam_cpu_many(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
     blocks = BlockSums([p.numel() for p in params], ADAM_STATS) if stats is not None else None
     ranges = (range_buffer(len(params))
               if stats is not None and stats.ranges is not None else None)
-    steps = [int(s) for s in torch.stack(state_steps).tolist()] if state_steps else []
-    if not cpu_many.adam_f32_many(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+    if not cpu_many.adam_f32_many(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                  state_steps,
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                   weight_decay=weight_decay, decoupled=decoupled_weight_decay,
                                   maximize=maximize, stats=blocks, ranges=ranges):
@@ -255,10 +255,9 @@ def _write_cpu_stats(stats, blocks, ranges) -> None:
             stats.ranges[where, q] = range_levels(counts[:, q, :RANGE_FIELDS],
                                                   counts[:, q, RANGE_FIELDS:])
     if blocks is not None:
-        table = blocks.reduce(max_columns=(1,))  # float64: Σg² may exceed float32's range
-        sums = table.numpy()  # the table's memory: numpy, no torch op per column
-        sums[:, 1] = np.where(sums[:, 2] > 0, np.inf, sums[:, 1])
-        stats.write({stat: table[:, k] for k, stat in enumerate(_CHUNK_STATS)})
+        sums = blocks.reduce_numpy(max_columns=(1,))  # float64: Σg² may exceed float32's range
+        sums[sums[:, 2] > 0, 1] = np.inf
+        stats.write_table(sums, _CHUNK_STATS)
 
 
 def _cpu_kernel_applies(*tensor_lists) -> bool:
