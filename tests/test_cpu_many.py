@@ -194,3 +194,13 @@ def test_adam_over_many_tensors_refuses_what_it_cannot_read():
         assert not cpu_many.adam_f32_many(p, good, good, good, None, steps, **kwargs)
     assert all(torch.equal(x, torch.ones_like(x)) for x in p)
     assert [c.item() for c in counters] == [0.0, 0.0]
+
+
+def test_a_kept_arrays_address_is_its_own_and_forgotten_with_it():
+    a = cpu_many.kept(np.arange(5, dtype=np.int64))
+    key = id(a)
+    assert cpu_many._ptr(a) == a.ctypes.data
+    b = np.arange(5, dtype=np.int64)  # not kept: computed each time
+    assert cpu_many._ptr(b) == b.ctypes.data
+    del a
+    assert key not in cpu_many._KEPT

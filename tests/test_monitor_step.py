@@ -157,3 +157,37 @@ def test_background_decoding_records_what_the_training_thread_records(tmp_path):
                 assert np.array_equal(want[0], got[0])
                 if metric != "cuda_memory_allocated":
                     assert np.array_equal(want[1], got[1], equal_nan=True), (metric, scope)
+
+
+def test_the_flat_path_reads_the_optimizers_state_after_it_was_replaced():
+    """The C path keeps the per-tensor state dicts between steps (found without hashing the
+    parameters); a state loaded from a checkpoint, or dicts replaced in place, are read anew:
+    the moment sums against float64 sums of the state the step left."""
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(16,), (4, 12), (300,)]]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    c = Collector(opt, [TensorSlot(f"t{i}", p) for i, p in enumerate(params)], sample_size=64,
+                  topk_density=0.01, topk_block=256, freeze_step=None, seed=0)
+
+    def step(n):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        c.begin({})
+        opt.step()
+        rows = c.end(n)
+        for i, p in enumerate(params):
+            state = opt.state[p]
+            assert _close(1e-6, rows[i, Col.MOMENT1_SQ], state["exp_avg"].double().square().sum())
+            assert _close(1e-6, rows[i, Col.MOMENT2_SQ],
+                          state["exp_avg_sq"].double().square().sum())
+
+    step(1)
+    saved = opt.state_dict()
+    for s in saved["state"].values():
+        s["exp_avg_sq"] = s["exp_avg_sq"] * 9.0
+    opt.load_state_dict(saved)  # a new state mapping
+    step(2)
+    for p in params:  # the same mapping, new dicts of new tensors
+        opt.state[p] = {k: v * 5.0 if k != "step" else v.clone() for k, v in opt.state[p].items()}
+    step(3)
+    assert c._plan is not None and c._plan.host is not None

@@ -274,7 +274,7 @@ class Collector:
                 self.caps.request_ranges()  # every entry's range, in the update's pass
         self._rows_begun = False
         self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
-        for i in self._active:
+        for i in [i for i in self._active if self.slots[i].sample is None]:
             self._prepare(self.slots[i])
         self._pre = {}
         self._flat_pre = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import is_
 
 import numpy as np
 import torch
@@ -252,6 +253,7 @@ class FlatPlan:
         self.where_host = np.array(where, dtype=np.int64)
         self.m_where_host = self.v_where_host = None
         self._outs: dict[str, tuple] = {}  # which set -> (the rows' address and shape, Rows)
+        self._dicts: dict[str, tuple] = {}  # which set -> (state keys, state values, its dicts)
         self.step = StepData()
         self.moments_ready = False   # m and v partitions are found at the first end()
         self.m_where: Tensor | None = None
@@ -445,7 +447,19 @@ class FlatPlan:
     def moment_tensors(self, state: dict, which: str) -> list[Tensor]:
         """The optimizer's m (``which="m"``) or v of the tensors that have a plain one."""
         slots, keys = (self.m_slots, self.m_keys) if which == "m" else (self.v_slots, self.v_keys)
-        return [state[s.param][k] for s, k in zip(slots, keys)]
+        return [d[k] for d, k in zip(self._state_dicts(state, which, slots), keys)]
+
+    def _state_dicts(self, state: dict, which: str, slots: list) -> list[dict]:
+        """``[state[s.param] for s in slots]``, without hashing a parameter (`Tensor.__hash__`
+        is Python code: 148 lookups cost more than the sums they serve): kept while the state's
+        keys and values are the very objects they were (compared by identity, in C)."""
+        keys, values = list(state), list(state.values())
+        cached = self._dicts.get(which)
+        if (cached is None or len(keys) != len(cached[0]) or not all(map(is_, keys, cached[0]))
+                or not all(map(is_, values, cached[1]))):
+            dicts = [state[s.param] for s in slots]
+            cached = self._dicts[which] = (keys, values, dicts)
+        return cached[2]
 
     def host_out(self, rows: np.ndarray, which: str) -> cpu_many.Rows:
         """Where the C sums of a set (``"plan"``, ``"m"``, ``"v"``) write in the host rows."""

@@ -4,10 +4,12 @@
 ops: on a GPU that is a few launches whatever the number of tensors. On a CPU each of those ops
 costs 100-300 us for GPT-2's 148 small tensors (44,000 entries), most of it fixed cost, which made
 a sampled step cost milliseconds. Here each quantity is one call into the C library
-(`optiscope.kernels.cpu_many`) that reads the tensors where they lie, and the per-tensor sums of
-the samples are numpy `bincount`s: a sampled step of 148 tensors does its arithmetic in tens of
-microseconds. The results are those of the torch path up to the order of additions (sums in
-double; Σx² per block of 4096 in float lanes, as the C kernels' other sums).
+(`optiscope.kernels.cpu_many`) that reads the tensors where they lie and writes each tensor's
+sums straight into the monitor's host rows (the samples' sums too): a sampled step of 148
+tensors does its arithmetic in tens of microseconds, and no numpy call scatters, bins or scales
+its results afterwards (after the optimizer's step, each such call meets cold caches). The
+results are those of the torch path up to the order of additions (sums in double; Σx² per block
+of 4096 in float lanes, as the C kernels' other sums).
 
 Every tensor is checked before its address is read (`cpu_many.f32_addresses`): a tensor that is
 not a plain contiguous float32 CPU tensor of its plan's length sends that step to the torch path.
@@ -34,7 +36,7 @@ def host_sums_apply(device, wide) -> bool:
 
 class HostSegments:
     """Tensors of one set (the plan's, or those with an m or a v) for the C calls: their lengths,
-    their samples' local indices end to end, and each sample entry's tensor (for `bincount`).
+    their samples' local indices end to end, their sample counts and scales.
 
     Args:
         numels: the tensors' sizes.
@@ -43,13 +45,12 @@ class HostSegments:
 
     def __init__(self, numels: list[int], samples: list):
         self.n = len(numels)
-        self.numels = np.array(numels, dtype=np.int64)
+        self.numels = cpu_many.kept(np.array(numels, dtype=np.int64))
         parts = [np.arange(n, dtype=np.int32) if s.index is None
                  else s.index.cpu().numpy().astype(np.int32) for n, s in zip(numels, samples)]
-        self.index = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        self.counts = np.array([len(p) for p in parts], dtype=np.int64)
-        self.sample_of = np.repeat(np.arange(self.n), self.counts)
-        self.scale = np.array([s.scale for s in samples], dtype=np.float64)
+        self.index = cpu_many.kept(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
+        self.counts = cpu_many.kept(np.array([len(p) for p in parts], dtype=np.int64))
+        self.scale = cpu_many.kept(np.array([s.scale for s in samples], dtype=np.float64))
         self._numels = list(numels)
         self._caches: dict[str, cpu_many.AddressCache] = {}
 
@@ -69,18 +70,6 @@ class HostSegments:
 
     def take(self, addresses: np.ndarray) -> np.ndarray:
         return cpu_many.take(addresses, self.index, self.counts)
-
-    def sample_sq(self, x: np.ndarray) -> np.ndarray:
-        """Σx² over each tensor's sample, scaled to the tensor."""
-        x = np.asarray(x, dtype=np.float64)
-        with np.errstate(all="ignore"):  # inf and NaN entries give inf and NaN sums, silently
-            return np.bincount(self.sample_of, weights=x * x, minlength=self.n) * self.scale
-
-    def sample_diff_sq(self, a: np.ndarray, b) -> np.ndarray:
-        """Σ(a − b)² over each tensor's sample, scaled to the tensor."""
-        with np.errstate(all="ignore"):  # as `sample_sq`
-            d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-            return np.bincount(self.sample_of, weights=d * d, minlength=self.n) * self.scale
 
 
 class HostTopK:
@@ -109,25 +98,17 @@ class HostTopK:
                 lengths.append(block)
                 ks.append(k_block)
         self.n = len(numels)
-        self.of = np.array(of, dtype=np.int64)
-        self.starts = np.array(starts, dtype=np.int64)
-        self.lengths = np.array(lengths, dtype=np.int64)
-        self.ks = np.array(ks, dtype=np.int64)
-        self.scales = np.array(scales, dtype=np.float64)
-        self.scratch = np.empty(max(lengths + [1]), dtype=np.float64)
+        self.of = cpu_many.kept(np.array(of, dtype=np.int64))
+        self.starts = cpu_many.kept(np.array(starts, dtype=np.int64))
+        self.lengths = cpu_many.kept(np.array(lengths, dtype=np.int64))
+        self.ks = cpu_many.kept(np.array(ks, dtype=np.int64))
+        self.scales = cpu_many.kept(np.array(scales, dtype=np.float64))
+        self.scratch = cpu_many.kept(np.empty(max(lengths + [1]), dtype=np.float64))
 
     def write(self, addresses: np.ndarray, out: cpu_many.Rows) -> None:
         """The kept and total squared mass of each tensor into ``out``'s top-k columns."""
         cpu_many.rows_topk(addresses, self.of, self.starts, self.lengths, self.ks, self.scratch,
                            self.scales, out, Col.TOPK_KEPT_SQ, Col.TOPK_TOTAL_SQ)
-
-    def __call__(self, addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(kept, total) squared mass of each tensor's blockwise top-k, scaled to the tensor."""
-        kept, total = cpu_many.topk(addresses, self.of, self.starts, self.lengths, self.ks,
-                                    self.scratch)
-        with np.errstate(all="ignore"):  # inf and NaN rows
-            return (np.bincount(self.of, weights=kept, minlength=self.n) * self.scales,
-                    np.bincount(self.of, weights=total, minlength=self.n) * self.scales)
 
 
 def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, want_topk: bool,
