@@ -3,8 +3,9 @@
 What a demanding user and an operator would try, each case judged "held" or "not held":
 
 * crash: a writer subprocess SIGKILLed at random moments; the log must load, its samples run
-  1, 2, ... without a gap, at most the last two steps lost and those the run log's writer
-  thread was still gathering (`runlog_writer.GATHER_S`, at the child's step rate), and
+  1, 2, ... without a gap, at most the last two steps lost, the samples waiting for their
+  decoding batch (`monitor.DECODE_BATCH`, or those of `monitor.DECODE_WAIT_S`) and those the run
+  log's writer thread was still gathering (`runlog_writer.GATHER_S`, at the child's step rate), and
   ``resume=True`` must continue it;
 * interrupt: SIGINT at random moments; the log must load, with ``steps_taken`` written and a
   sample for every step taken;
@@ -50,6 +51,7 @@ from optiscope import OptimizerMonitor, load_run
 from optiscope.bench.machine import load_average
 from optiscope.bench.results import script_command, write_script_results
 from optiscope.monitor import runlog, runlog_writer
+from optiscope.monitor.monitor import DECODE_BATCH, DECODE_WAIT_S
 from optiscope.monitor.metrics import TENSOR_METRICS
 
 SCHEMA = "optiscope-bench-reliability/1"
@@ -129,9 +131,12 @@ def crash_cases(tmp: Path, rng: random.Random, repeats: int) -> list[dict]:
         taken = max([int(line.split()[1]) for line in stdout.split("\n")
                      if line.startswith("step")] or [0])
         lost = taken - len(steps)
-        # the last sample (decoded at the next step) and the records the run log's writer
-        # thread gathers before it writes them (GATHER_S): the steps taken in that time
-        allowed = 2 + math.ceil(runlog_writer.GATHER_S * taken / max(elapsed, 1e-9))
+        # the samples waiting to be decoded (a batch of DECODE_BATCH, or what came in
+        # DECODE_WAIT_S, and the last one) and the records the run log's writer thread gathers
+        # before it writes them (GATHER_S): the steps taken in that time
+        rate = taken / max(elapsed, 1e-9)
+        allowed = 2 + min(DECODE_BATCH, math.ceil(DECODE_WAIT_S * rate)) + math.ceil(
+            runlog_writer.GATHER_S * rate)
         resumed = child(run, 3, resume=True)
         rout, rerr = resumed.communicate(timeout=120)
         after, _ = quiet_load(run)

@@ -644,6 +644,29 @@ void optiscope_rows_sample_sums(const float *a, const float *b, const int64_t *c
     }
 }
 
+/* optiscope_rows_grad and optiscope_rows_topk in one walk over the tensors: each tensor's
+ * top-k rows read it right after its sums did, while it is in cache. */
+void optiscope_rows_grad_topk(const float *const *xs, const int64_t *ns, int64_t count,
+                              int scaled, double inv, const int64_t *of, const int64_t *starts,
+                              const int64_t *lengths, const int64_t *ks, int64_t nrows,
+                              double *scratch, const double *scales, const int64_t *where,
+                              double *rows, int64_t stride, const int64_t *cols) {
+    int64_t r = 0;
+    for (int64_t k = 0; k < count; k++) {
+        optiscope_rows_grad(xs + k, ns + k, 1, scaled, inv, where + k, rows, stride, cols[0],
+                            cols[1], cols[2]);
+        double kept = 0.0, total = 0.0, a, b;
+        for (; r < nrows && of[r] == k; r++) {
+            topk_row(xs[k] + starts[r], lengths[r], ks[r], scratch, &a, &b);
+            kept += a;
+            total += b;
+        }
+        double *row = rows + where[k] * stride;
+        row[cols[3]] = kept * scales[k];
+        row[cols[4]] = total * scales[k];
+    }
+}
+
 /* The top-k probe (optiscope_many_topk's rows, `of` ascending): each tensor's kept and total
  * squared mass, its rows' sums added in order and scaled by scales[k]. */
 void optiscope_rows_topk(const float *const *xs, const int64_t *of, const int64_t *starts,

@@ -19,7 +19,8 @@ import torch
 from optiscope.kernels import cpu
 
 __all__ = ["available", "f32_addresses", "AddressCache", "grad_sums", "sq_sums", "take", "topk",
-           "adam_f32_many", "kept", "Rows", "rows_grad", "rows_sq", "rows_sample_sums", "rows_topk"]
+           "adam_f32_many", "kept", "Rows", "rows_grad", "rows_sq", "rows_sample_sums", "rows_topk",
+           "rows_grad_topk"]
 
 _P = ctypes.c_void_p
 _SIGNATURES = {
@@ -33,6 +34,9 @@ _SIGNATURES = {
     "optiscope_rows_sample_sums": [_P] * 4 + [ctypes.c_int64, _P, _P] + [ctypes.c_int64] * 3,
     "optiscope_rows_topk": [_P] * 5 + [ctypes.c_int64, _P, _P, ctypes.c_int64, _P, _P]
                            + [ctypes.c_int64] * 3,
+    "optiscope_rows_grad_topk": [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_double]
+                                + [_P] * 4 + [ctypes.c_int64] + [_P] * 3 + [_P, ctypes.c_int64,
+                                                                            _P],
     "optiscope_steps_add_one": [_P, ctypes.c_int64, _P],
     "optiscope_adam_f32_many": ([_P] * 6 + [ctypes.c_int64] + [ctypes.c_float] * 7 + [_P] * 2
                                 + [ctypes.c_int] * 3 + [_P] * 3 + [ctypes.c_int64, _P,
@@ -216,6 +220,20 @@ def rows_topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths
     _lib.optiscope_rows_topk(_ptr(addresses), _ptr(of), _ptr(starts), _ptr(lengths), _ptr(ks),
                              len(of), _ptr(scratch), _ptr(scales), len(scales), out._where,
                              out.address, out.stride, *_cols(out, col_kept, col_total))
+
+def rows_grad_topk(addresses: np.ndarray, numels: np.ndarray, inv_scale: float | None,
+                   of: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ks: np.ndarray,
+                   scratch: np.ndarray, scales: np.ndarray, out: Rows, cols: np.ndarray) -> None:
+    """`rows_grad` and `rows_topk` of the same tensors in one walk (each tensor read once
+    while in cache); ``cols``: int64, the columns of Σg², max |g|, the non-finite count, the
+    kept and the total mass."""
+    _cols(out, *cols.tolist())
+    _lib.optiscope_rows_grad_topk(_ptr(addresses), _ptr(numels), len(numels),
+                                  inv_scale is not None, 1.0 if inv_scale is None else inv_scale,
+                                  _ptr(of), _ptr(starts), _ptr(lengths), _ptr(ks), len(of),
+                                  _ptr(scratch), _ptr(scales), out._where, out.address,
+                                  out.stride, _ptr(cols))
+
 
 def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
                   max_exp_avg_sqs: list | None, state_steps: list, *, lr: float, beta1: float,

@@ -72,6 +72,11 @@ class HostSegments:
         return cpu_many.take(addresses, self.index, self.counts)
 
 
+_GRAD_TOPK = (Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE, Col.TOPK_KEPT_SQ,
+              Col.TOPK_TOTAL_SQ)
+_COLS = cpu_many.kept(np.array([int(c) for c in _GRAD_TOPK], dtype=np.int64))
+
+
 class HostTopK:
     """The top-k probe's rows as `flat._TopK` makes them (every full block of a tensor, or its
     sampled blocks, and the tail of a tensor whose blocks are all used), for one C call."""
@@ -105,6 +110,12 @@ class HostTopK:
         self.scales = cpu_many.kept(np.array(scales, dtype=np.float64))
         self.scratch = cpu_many.kept(np.empty(max(lengths + [1]), dtype=np.float64))
 
+    def write_with_grad(self, addresses: np.ndarray, numels: np.ndarray, inv_scale,
+                        out: cpu_many.Rows) -> None:
+        """`write` and the gradients' sums (`cpu_many.rows_grad`) in one walk."""
+        cpu_many.rows_grad_topk(addresses, numels, inv_scale, self.of, self.starts,
+                                self.lengths, self.ks, self.scratch, self.scales, out, _COLS)
+
     def write(self, addresses: np.ndarray, out: cpu_many.Rows) -> None:
         """The kept and total squared mass of each tensor into ``out``'s top-k columns."""
         cpu_many.rows_topk(addresses, self.of, self.starts, self.lengths, self.ks, self.scratch,
@@ -128,9 +139,15 @@ def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, wan
             return None
     out = plan.host_out(rows, "plan")
     written: dict[Col, None] = {}
-    if Stat.GRAD_SQ not in produced:
-        cpu_many.rows_grad(g, seg.numels, None if grad_scale is None else 1.0 / float(grad_scale),
-                           out, Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE)
+    want_grad = Stat.GRAD_SQ not in produced
+    inv = None if grad_scale is None else 1.0 / float(grad_scale)
+    if want_grad and want_topk:  # one walk: each gradient read once
+        plan.host_topk.write_with_grad(g, seg.numels, inv, out)
+        written.update(dict.fromkeys(_GRAD_TOPK))
+        want_grad = want_topk = False
+    if want_grad:
+        cpu_many.rows_grad(g, seg.numels, inv, out, Col.GRAD_SQ, Col.GRAD_ABSMAX,
+                           Col.GRAD_NONFINITE)
         written.update(dict.fromkeys((Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE)))
     if want_before:
         cpu_many.rows_sq(p, seg.numels, out, Col.PARAM_SQ_BEFORE)
