@@ -204,3 +204,68 @@ def test_a_kept_arrays_address_is_its_own_and_forgotten_with_it():
     assert cpu_many._ptr(b) == b.ctypes.data
     del a
     assert key not in cpu_many._KEPT
+
+
+def test_the_rows_functions_write_float64_oracles_where_the_monitor_reads():
+    """`rows_grad`, `rows_topk`, `rows_grad_topk`, `rows_sq`, `rows_sample_sums` into rows
+    of a matrix (other rows and columns untouched), against numpy float64."""
+    rng = np.random.default_rng(5)
+    ts = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in (3, 300, 5000)]
+    ts[1][4] = math.inf
+    numels = np.array([t.numel() for t in ts], dtype=np.int64)
+    addresses = cpu_many.f32_addresses(ts, numels.tolist())
+    where = np.array([4, 0, 2], dtype=np.int64)
+    # top-k rows: the whole of tensors 0 and 1; tensor 2 as a full block of 4096 and its tail
+    of = np.array([0, 1, 2, 2], dtype=np.int64)
+    starts = np.array([0, 0, 0, 4096], dtype=np.int64)
+    lengths = np.array([3, 300, 4096, 904], dtype=np.int64)
+    ks = np.array([1, 3, 41, 10], dtype=np.int64)
+    scales = np.array([1.0, 2.0, 0.5])
+    scratch = np.empty(4096)
+
+    def squares(x):
+        return np.sort(x.astype(np.float64) ** 2)[::-1]
+
+    for fused in (False, True):
+        m = np.full((6, 8), -7.0)
+        out = cpu_many.Rows(m, where)
+        if fused:
+            cpu_many.rows_grad_topk(addresses, numels, 0.5, of, starts, lengths, ks, scratch,
+                                    scales, out, np.array([0, 1, 2, 3, 4], dtype=np.int64))
+        else:
+            cpu_many.rows_grad(addresses, numels, 0.5, out, 0, 1, 2)
+            cpu_many.rows_topk(addresses, of, starts, lengths, ks, scratch, scales, out, 3, 4)
+        for k, t in enumerate(ts):
+            x = t.double().numpy()
+            row = m[where[k]]
+            finite = np.isfinite(x)
+            assert row[2] == (~finite).sum()
+            assert row[1] == (math.inf if (~finite).any() else np.abs(x).max() * 0.5)
+            if finite.all():
+                assert row[0] == pytest.approx((x * x).sum() * 0.25, rel=1e-6)
+                kept = sum(squares(x[s:s + n])[:kk].sum()
+                           for r, (s, n, kk) in enumerate(zip(starts, lengths, ks)) if of[r] == k)
+                assert row[3] == pytest.approx(kept * scales[k], rel=1e-12)
+                assert row[4] == pytest.approx((x * x).sum() * scales[k], rel=1e-12)
+            assert (row[5:] == -7.0).all()
+        assert (m[[1, 3, 5]] == -7.0).all()
+    m = np.full((6, 8), -7.0)
+    out = cpu_many.Rows(m, where)
+    cpu_many.rows_sq(addresses, numels, out, 6)
+    counts = np.array([2, 3, 1], dtype=np.int64)
+    a = rng.standard_normal(6).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    cpu_many.rows_sample_sums(a, b, counts, scales, out, 0, 1)
+    bounds = np.cumsum([0, *counts])
+    for k, t in enumerate(ts):
+        x = t.double().numpy()
+        if np.isfinite(x).all():
+            assert m[where[k], 6] == pytest.approx((x * x).sum(), rel=1e-6)
+        sa = a[bounds[k]:bounds[k + 1]].astype(np.float64)
+        sb = b[bounds[k]:bounds[k + 1]].astype(np.float64)
+        assert m[where[k], 0] == pytest.approx(((sa - sb) ** 2).sum() * scales[k], rel=1e-14)
+        assert m[where[k], 1] == pytest.approx((sb ** 2).sum() * scales[k], rel=1e-14)
+    with pytest.raises(ValueError, match="outside"):
+        cpu_many.rows_sq(addresses, numels, out, 8)
+    with pytest.raises(ValueError, match="rows must be int64"):
+        cpu_many.Rows(m, np.array([6], dtype=np.int64))
