@@ -114,9 +114,9 @@ static inline uint32_t abs_bits(float x) {
     return b & 0x7FFFFFFFu;
 }
 
-static __attribute__((noinline)) void range_count(const float *restrict x, int64_t n,
-                                                   const int32_t *restrict cuts,
-                                                   uint64_t *restrict ws) {
+__attribute__((noinline)) void range_count(const float *restrict x, int64_t n,
+                                            const int32_t *restrict cuts,
+                                            uint64_t *restrict ws) {
     const uint32_t c0 = cuts[0], c1 = cuts[1], c2 = cuts[2], c3 = cuts[3], c4 = cuts[4],
                    c5 = cuts[5], c6 = cuts[6], c7 = cuts[7], c8 = cuts[8];
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, a8 = 0;
@@ -140,8 +140,9 @@ static __attribute__((noinline)) void range_count(const float *restrict x, int64
 }
 
 /* A thread's workspace (3 quantities) added into one tensor's output (integers: the order of
- * the threads does not change the result). */
-static void range_fold(const uint64_t *ws, uint64_t *out) {
+ * the threads does not change the result). Not static, as range_count: MicroAdam's step
+ * (cpu_microadam.c) counts with them too. */
+void range_fold(const uint64_t *ws, uint64_t *out) {
     for (int q = 0; q < 3; q++) {
         const uint64_t *w = ws + q * RANGE_WS;
         uint64_t *o = out + q * RANGE_OUT;

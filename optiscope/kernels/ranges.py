@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX", "HIST_BINS", "RANGE_BLOCK",
-           "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels"]
+           "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels", "store_levels",
+           "whole_counts"]
 
 RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
 RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
@@ -132,3 +133,34 @@ def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
     shares = table.sum(dim=1) @ _SHARE_OF_LEVEL.to(device)
     out = torch.cat([lengths.to(torch.float64)[:, None], shares, table.sum(dim=2)], 1)
     return out * scale.to(device, torch.float64)[:, None]
+
+
+def store_levels(ranges: Tensor, rows: Tensor, counts: Tensor) -> None:
+    """Writes a kernel's whole-tensor counts into ``ranges`` (`StatsRows.ranges`) at ``rows``:
+    ``counts`` ``[n, len(RANGE_QUANTITIES), 256 + len(range_cuts())]`` integers, per quantity
+    the exponent fields, then the entries above each threshold (the C and Triton kernels'
+    layout), turned into `range_counts`' by `range_levels`."""
+    rows = rows.to(ranges.device, torch.long)
+    for q in range(counts.shape[1]):
+        ranges[rows, q] = range_levels(counts[:, q, :256], counts[:, q, 256:]).to(ranges.device)
+
+
+# Entries counted per call in `whole_counts`: its int64 codes stay at 8 MiB whatever the tensor.
+_WHOLE_CHUNK = 1 << 20
+
+
+def whole_counts(tensors: list[Tensor]) -> Tensor:
+    """`range_counts` of whole tensors, float64 ``[len(tensors), RANGE_BLOCK]`` on their device.
+
+    For a step made of torch ops, which has no pass of its own to count in: this is an extra
+    pass over each tensor (in chunks of `_WHOLE_CHUNK` entries, so its scratch stays small)."""
+    out = []
+    for x in tensors:
+        flat = x.detach().reshape(-1)
+        total = torch.zeros(RANGE_BLOCK, dtype=torch.float64, device=x.device)
+        for start in range(0, flat.numel(), _WHOLE_CHUNK):
+            part = flat[start:start + _WHOLE_CHUNK].float()
+            total += range_counts(part, torch.tensor([part.numel()], device=x.device),
+                                  torch.ones(1, device=x.device))[0]
+        out.append(total)
+    return torch.stack(out) if out else torch.zeros(0, RANGE_BLOCK, dtype=torch.float64)
