@@ -19,7 +19,7 @@ import torch
 from optiscope import OptimizerMonitor
 from optiscope.kernels import cpu
 from optiscope.kernels.ranges import RANGE_QUANTITIES, range_counts
-from optiscope.optimizers import MicroAdam
+from optiscope.optimizers import Adafactor, MicroAdam
 from optiscope.optimizers.microadam import bias_factors, window_weights
 
 from test_ranges import oracle_histogram, oracle_share, wide_gradient
@@ -80,47 +80,68 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-MICROADAM_PATHS = ["c-kernel", "torch-ops", "torch-ops-bf16", "triton"]
-
-
-@pytest.mark.parametrize("path", MICROADAM_PATHS)
-def test_microadam_counts_every_entry(path, monkeypatch):
-    """Tensors of 1, 100, 4096, 5000 and 100,000 entries (a partial block, one block, a tail,
-    blocks on both threads): the counts equal the oracle's for g, θ⁺ − θ⁻ and v̂, and θ and
-    the state are those of a step without counts, and of one without statistics, bit for bit."""
-    dtype = torch.bfloat16 if path == "torch-ops-bf16" else torch.float32
-    backend = "triton" if path == "triton" else "torch"
-    if path == "c-kernel" and cpu.kernel() is None:
-        pytest.skip("the C kernel is not available here (no compiler)")
-    if path.startswith("torch-ops"):
-        monkeypatch.setattr(cpu, "kernel", lambda: None)
-    sizes = [1, 100, 4096, 5000] + ([100_000] if path != "triton" else [9000])
-    gen = torch.Generator().manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in sizes]
-    grads = [[hard_gradient(n, gen) for n in sizes] for _ in range(2)]
-    if dtype == torch.bfloat16:  # bf16 keeps no float32 subnormal: the oracle reads p.grad
-        grads = [[g.to(dtype) for g in gs] for gs in grads]
+def check_counts(make, shapes, v_of, *, dtype=torch.float32, grad_dtype=torch.float32,
+                 seed=3) -> None:
+    """Three runs of two steps from the same θ and gradients: with statistics and range counts
+    on the second step, with statistics only, with neither. The counts equal the oracle's for
+    g, θ⁺ − θ⁻ and v (``v_of(opt, p)``: v after the step, from the state), and θ and the state
+    are the same bits in all three runs."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
+    grads = [[hard_gradient(math.prod(shape), gen, grad_dtype).view(shape) for shape in shapes]
+             for _ in range(2)]
     runs = []
     for stats, ranges in ((True, True), (True, False), (False, False)):
-        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        opt = MicroAdam(ps, lr=1e-3, weight_decay=0.01, m=3, k_init=0.05,
-                        topk_block_size=1024, quant_block_size=256, backend=backend)
-        before = None
-        if stats and ranges:  # the second step's θ before, for the oracle
-            run_steps(opt, ps, grads[:1], stats=False, ranges=False)
-            before = [p.detach().clone() for p in ps]
-            got = run_steps(opt, ps, grads[1:], stats=True, ranges=True)
-        else:
-            run_steps(opt, ps, grads, stats=stats, ranges=False)
-        runs.append((opt, ps, before))
-    (opt, ps, before), *others = runs
-    assert got.ranges is not None and got.ranges.shape == (len(sizes), 3, got.ranges.shape[2])
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = make(ps)
+        run_steps(opt, ps, grads[:1], stats=False, ranges=False)
+        before = [p.detach().clone() for p in ps]
+        got = run_steps(opt, ps, grads[1:], stats=stats, ranges=ranges)
+        runs.append((opt, ps, before, got))
+    (opt, ps, before, got), *others = runs
+    assert got.ranges is not None and got.ranges.shape[:2] == (len(shapes), 3)
     for i, p in enumerate(ps):
-        g = p.grad
-        for q, x in enumerate((g, p.detach().float() - before[i].float(), microadam_v(opt, p))):
-            assert torch.equal(got.ranges[i, q], whole(x)), (sizes[i], RANGE_QUANTITIES[q])
-    for other, other_ps, _ in others:
+        for q, x in enumerate((p.grad, p.detach().float() - before[i].float(), v_of(opt, p))):
+            assert torch.equal(got.ranges[i, q], whole(x)), (shapes[i], RANGE_QUANTITIES[q])
+    for other, other_ps, _, _ in others:
         for p, o in zip(ps, other_ps):
             assert same_bits(p.detach(), o.detach())
             for key, value in opt.state[p].items():
                 assert same_bits(value, other.state[o][key]), key
+
+
+@pytest.mark.parametrize("path", ["c-kernel", "torch-ops", "torch-ops-bf16", "triton"])
+def test_microadam_counts_every_entry(path, monkeypatch):
+    """Tensors of 1, 100, 4096, 5000 and 100,000 entries (a partial block, whole blocks, a
+    tail, blocks on both threads); the Triton kernel under the interpreter."""
+    if path == "c-kernel" and cpu.kernel() is None:
+        pytest.skip("the C kernel is not available here (no compiler)")
+    if path.startswith("torch-ops"):
+        monkeypatch.setattr(cpu, "kernel", lambda: None)
+    dtype = torch.bfloat16 if path == "torch-ops-bf16" else torch.float32
+    sizes = [1, 100, 4096, 5000] + ([100_000] if path != "triton" else [9000])
+    check_counts(lambda ps: MicroAdam(ps, lr=1e-3, weight_decay=0.01, m=3, k_init=0.05,
+                                      topk_block_size=1024, quant_block_size=256,
+                                      backend="triton" if path == "triton" else "torch"),
+                 [(n,) for n in sizes], microadam_v, dtype=dtype, grad_dtype=dtype)
+
+
+def adafactor_v(opt, p: torch.Tensor) -> torch.Tensor:
+    """v̂ from the state: R_i / mean(R) · C_j of each matrix, or the full v."""
+    state = opt.state[p]
+    if "exp_avg_sq_row" not in state:
+        return state["exp_avg_sq"]
+    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+    return (row / row.mean(dim=-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)
+
+
+ADAFACTOR_SHAPES = [(1,), (100,), (64, 48), (3, 20, 30), (250, 400)]
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_adafactor_counts_every_entry_by_an_extra_pass(beta1):
+    """The torch backend (an extra pass): full and factored v̂, a batch of matrices, 100,000
+    entries, float32 and bf16 parameters."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_counts(lambda ps: Adafactor(ps, beta1=beta1, weight_decay=0.01, backend="torch"),
+                     ADAFACTOR_SHAPES, adafactor_v, dtype=dtype)

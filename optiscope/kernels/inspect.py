@@ -149,7 +149,7 @@ def _cases():
                            stats=rows(2) if stats else None)
         return thunk
 
-    def microadam(dtype, *, stats, wd=0.0, window=10, block=4096, quant=4096):
+    def microadam(dtype, *, stats, wd=0.0, window=10, block=4096, quant=4096, ranges=False):
         def thunk():
             n = 3 * block + 5
             layout = blocks(n, block, 0.01)
@@ -162,7 +162,7 @@ def _cases():
                 [torch.zeros(window, layout.k, dtype=torch.bfloat16)], slot=0,
                 w1=torch.ones(window), w2=torch.ones(window), c1=1.0, c2=1.0, lr=1e-3, eps=1e-8,
                 weight_decay=wd, k_init=0.01, quant_block_size=quant, topk_block_size=block,
-                stats=rows(1) if stats else None)
+                stats=rows(1, ranges) if stats else None)
         return thunk
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -197,7 +197,9 @@ def _cases():
             ("adamw-bf16+stats+ranges", adam(bf16, stats=True, wd=0.1, decoupled=True,
                                              ranges=True)),
             ("adamw-fp32-misaligned+stats+ranges", adam(f32, stats=True, wd=0.1, decoupled=True,
-                                                        misaligned=True, ranges=True))]
+                                                        misaligned=True, ranges=True)),
+            ("microadam-fp32-wd+stats+ranges", microadam(f32, stats=True, wd=0.1, ranges=True)),
+            ("microadam-bf16+stats+ranges", microadam(bf16, stats=True, wd=0.1, ranges=True))]
     out.append(("onebit-pack-fp32", lambda: pack_signs_triton(torch.zeros(8 * 1024 + 8))))
     return out
 

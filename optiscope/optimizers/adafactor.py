@@ -17,6 +17,7 @@ from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import launch_groups, local
+from optiscope.kernels.ranges import whole_counts
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
@@ -334,6 +335,9 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
                      lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter,
                      relative_step, warmup_init, stats):
     eps1, eps2 = eps
+    # the range counts (`request_ranges`): torch ops have no pass of their own to count in, so
+    # g, θ⁺ − θ⁻ and v̂ are counted by an extra pass over each (`whole_counts`)
+    counting = stats is not None and stats.ranges is not None
     if stats is not None:
         columns = torch_grad_stats(grads)
         theta_sq = []  # per tensor: Σθ⁻², Σθ⁺², Σ(θ⁺ − θ⁻)², Σm²
@@ -359,6 +363,8 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
             if stats is not None:  # Σ v̂² = Σ_b (Σ R²)(Σ C²) / mean(R)², exactly, per matrix b
                 moment2_sq.append((row.square().sum(-1) * col.square().sum(-1)
                                    / row_mean.squeeze(-1).square()).sum())
+            if counting:  # v̂ = R_i / mean(R) · C_j, as the monitor reads it (contract.py)
+                v_hat = (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
         else:
             # v ← β̂ v + (1 − β̂)(g² + ε₁), g² taken inside addcmul_: no g² temporary (and the
             # update is scaled inside θ's addcmul_ below: no temporary there either).
@@ -367,6 +373,7 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
             update = exp_avg_sq.rsqrt().mul_(g)
             if stats is not None:
                 moment2_sq.append(torch_sq_norms([exp_avg_sq])[0])  # one pass, not two
+            v_hat = exp_avg_sq
 
         # η_t / max(1, RMS(u) / d) as a 0-d tensor, applied in the pass that uses the update
         scale = lr_t / (_rms(update) / clip_threshold).clamp_(min=1.0)
@@ -374,7 +381,7 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
         exp_avg = exp_avgs[i] if beta1 is not None else None
         if stats is None:
             _apply(theta, update, exp_avg, scale, decay, beta1)
-        elif theta is p and p.device.type == "cpu" and all(
+        elif not counting and theta is p and p.device.type == "cpu" and all(
                 t.is_contiguous() for t in (p, update, *([exp_avg] if beta1 is not None else []))):
             theta_sq.append(_apply_with_sums(theta, update, exp_avg, scale, decay, beta1))
         else:  # another dtype or layout: θ⁻ kept whole, the sums of the stored parameter
@@ -387,6 +394,9 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
             theta_sq.append(torch.stack([
                 sq_sum(before), sq_sum(after), sq_sum(after - before),
                 sq_sum(exp_avg) if exp_avg is not None else zero]).float())
+            if counting:
+                stats.ranges[stats.rows[i]] = whole_counts([grads[i], after - before, v_hat]).to(
+                    stats.ranges.device)
             continue
         if theta is not p:
             p.copy_(theta)
