@@ -25,12 +25,14 @@ from optiscope.optimizers.microadam import bias_factors, window_weights
 from test_ranges import oracle_histogram, oracle_share, wide_gradient
 
 
-def hard_gradient(n: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
-    """Normal entries with zeros, subnormals and, past 10 entries, ±inf and NaN."""
+def hard_gradient(n: int, gen: torch.Generator, dtype=torch.float32,
+                  special: bool = True) -> torch.Tensor:
+    """Normal entries with zeros, subnormals and, past 10 entries and if ``special``, ±inf and
+    NaN."""
     g = torch.randn(n, generator=gen) * 1e-3
     g[: n // 7] *= 1e-30  # subnormal and tiny
     g[torch.randperm(n, generator=gen)[: n // 20]] = 0.0
-    if n > 10:
+    if n > 10 and special:
         g[3:9] = torch.tensor([0.0, math.inf, 7e4, -1e-40, math.nan, -math.inf])
     return g.to(dtype)
 
@@ -88,8 +90,9 @@ def check_counts(make, shapes, v_of, *, dtype=torch.float32, grad_dtype=torch.fl
     are the same bits in all three runs."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
-    grads = [[hard_gradient(math.prod(shape), gen, grad_dtype).view(shape) for shape in shapes]
-             for _ in range(2)]
+    # ±inf and NaN in every other tensor: where they are, Adafactor's whole tensor turns NaN
+    grads = [[hard_gradient(math.prod(shape), gen, grad_dtype, i % 2 == 0).view(shape)
+              for i, shape in enumerate(shapes)] for _ in range(2)]
     runs = []
     for stats, ranges in ((True, True), (True, False), (False, False)):
         ps = [torch.nn.Parameter(p.clone()) for p in params]
@@ -145,3 +148,11 @@ def test_adafactor_counts_every_entry_by_an_extra_pass(beta1):
     for dtype in (torch.float32, torch.bfloat16):
         check_counts(lambda ps: Adafactor(ps, beta1=beta1, weight_decay=0.01, backend="torch"),
                      ADAFACTOR_SHAPES, adafactor_v, dtype=dtype)
+
+
+def test_adafactor_triton_counts_every_entry_in_its_pass():
+    """The Triton kernels (under the interpreter): pass 4 counts, for full and factored v̂, a
+    batch of matrices, masked last chunks."""
+    shapes = [(1,), (100,), (64, 48), (3, 20, 30), (70, 150)]
+    check_counts(lambda ps: Adafactor(ps, beta1=0.9, weight_decay=0.01, backend="triton"),
+                 shapes, adafactor_v)

@@ -136,7 +136,8 @@ def _cases():
                       stats=rows(1, ranges) if stats else None)
         return thunk
 
-    def adafactor(dtype, *, stats, beta1=None, wd=0.0, scale=True, misaligned=False):
+    def adafactor(dtype, *, stats, beta1=None, wd=0.0, scale=True, misaligned=False,
+                  ranges=False):
         def thunk():
             p = [tensors(dtype, misaligned=misaligned), torch.zeros(96, 80, dtype=dtype)]
             g = [tensors(dtype, misaligned=misaligned), torch.zeros(96, 80, dtype=dtype)]
@@ -146,7 +147,7 @@ def _cases():
                            [torch.zeros(x.shape, dtype=f32) for x in p] if beta1 else None,
                            rho=1e-2, beta2t=0.5, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,
                            beta1=beta1, weight_decay=wd, scale_parameter=scale,
-                           stats=rows(2) if stats else None)
+                           stats=rows(2, ranges) if stats else None)
         return thunk
 
     def microadam(dtype, *, stats, wd=0.0, window=10, block=4096, quant=4096, ranges=False):
@@ -198,6 +199,11 @@ def _cases():
                                              ranges=True)),
             ("adamw-fp32-misaligned+stats+ranges", adam(f32, stats=True, wd=0.1, decoupled=True,
                                                         misaligned=True, ranges=True)),
+            ("adafactor-fp32-beta1-wd+stats+ranges", adafactor(f32, stats=True, beta1=0.9,
+                                                               wd=0.1, ranges=True)),
+            ("adafactor-bf16+stats+ranges", adafactor(bf16, stats=True, beta1=0.9, ranges=True)),
+            ("adafactor-fp32-misaligned+stats+ranges", adafactor(f32, stats=True, misaligned=True,
+                                                                 ranges=True)),
             ("microadam-fp32-wd+stats+ranges", microadam(f32, stats=True, wd=0.1, ranges=True)),
             ("microadam-bf16+stats+ranges", microadam(bf16, stats=True, wd=0.1, ranges=True))]
     out.append(("onebit-pack-fp32", lambda: pack_signs_triton(torch.zeros(8 * 1024 + 8))))

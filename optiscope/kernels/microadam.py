@@ -120,10 +120,6 @@ def _microadam_kernel(
             tl.store(out + 0, tl.sum(g * g, axis=0))
             tl.store(out + 1, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
             tl.store(out + 2, tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0))
-            if WITH_RANGES:  # lanes past the tensor's end hold g = θ⁺ − θ⁻ = v̂ = 0: taken off
-                hist, levels = _range_add(g, tl.zeros([256], dtype=tl.int32),
-                                          tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
-                _range_flush(range_ptr, hist, levels, BLOCK - length, NCUTS)
         byte = tl.load(err_ptr + gofs // 2, mask=mask, other=0).to(tl.int32)
         code = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.float32)
         lo = _from_bf16_bits(tl.load(lo_ptr + gofs // QBS, mask=mask, other=0))
@@ -217,6 +213,13 @@ def _microadam_kernel(
             tl.store(out + 6, tl.sum(m_hat * m_hat, axis=0))
             tl.store(out + 7, tl.sum(v_hat * v_hat, axis=0))
             if WITH_RANGES:
+                # lanes past the tensor's end hold g = θ⁺ − θ⁻ = v̂ = 0: taken off. g is read
+                # again (from cache) here: counted where it is first read, its counts' registers
+                # made the kernel spill (python -m optiscope.kernels.inspect --only microadam)
+                g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+                hist, levels = _range_add(g, tl.zeros([256], dtype=tl.int32),
+                                          tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
+                _range_flush(range_ptr, hist, levels, BLOCK - length, NCUTS)
                 hist, levels = _range_add(d, tl.zeros([256], dtype=tl.int32),
                                           tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
                 _range_flush(range_ptr + RANGE_OUT, hist, levels, BLOCK - length, NCUTS)
