@@ -19,7 +19,7 @@ import torch
 from optiscope import OptimizerMonitor
 from optiscope.kernels import cpu
 from optiscope.kernels.ranges import RANGE_QUANTITIES, range_counts
-from optiscope.optimizers import Adafactor, MicroAdam
+from optiscope.optimizers import AdaDiag, AdafacDiag, Adafactor, MicroAdam, OneBitAdam
 from optiscope.optimizers.microadam import bias_factors, window_weights
 
 from test_ranges import oracle_histogram, oracle_share, wide_gradient
@@ -76,14 +76,16 @@ def run_steps(opt, params, grads, *, stats: bool, ranges: bool):
     return opt.last_stats
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a, b) -> bool:
+    if not isinstance(a, torch.Tensor):  # a number the optimizer keeps in its state
+        return a == b
     if a.is_floating_point():
         a, b = a.float().nan_to_num(7.0), b.float().nan_to_num(7.0)
     return torch.equal(a, b)
 
 
 def check_counts(make, shapes, v_of, *, dtype=torch.float32, grad_dtype=torch.float32,
-                 seed=3) -> None:
+                 seed=3, special: bool = True) -> None:
     """Three runs of two steps from the same θ and gradients: with statistics and range counts
     on the second step, with statistics only, with neither. The counts equal the oracle's for
     g, θ⁺ − θ⁻ and v (``v_of(opt, p)``: v after the step, from the state), and θ and the state
@@ -91,7 +93,7 @@ def check_counts(make, shapes, v_of, *, dtype=torch.float32, grad_dtype=torch.fl
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
     # ±inf and NaN in every other tensor: where they are, Adafactor's whole tensor turns NaN
-    grads = [[hard_gradient(math.prod(shape), gen, grad_dtype, i % 2 == 0).view(shape)
+    grads = [[hard_gradient(math.prod(shape), gen, grad_dtype, special and i % 2 == 0).view(shape)
               for i, shape in enumerate(shapes)] for _ in range(2)]
     runs = []
     for stats, ranges in ((True, True), (True, False), (False, False)):
@@ -156,3 +158,29 @@ def test_adafactor_triton_counts_every_entry_in_its_pass():
     shapes = [(1,), (100,), (64, 48), (3, 20, 30), (70, 150)]
     check_counts(lambda ps: Adafactor(ps, beta1=0.9, weight_decay=0.01, backend="triton"),
                  shapes, adafactor_v)
+
+
+@pytest.mark.parametrize("freeze_step", [1, 5])
+def test_onebit_adam_counts_every_entry_by_an_extra_pass(freeze_step):
+    """1-bit Adam's steps are torch ops: an extra pass, on a warmup step (freeze_step 5) and on
+    a compressed one with v frozen (freeze_step 1)."""
+    check_counts(lambda ps: OneBitAdam(ps, lr=1e-3, weight_decay=0.01, freeze_step=freeze_step,
+                                       backend="torch"),
+                 [(1,), (100,), (64, 48), (100_000,)], lambda opt, p: opt.state[p]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("make, v_of", [
+    (lambda ps: AdaDiag(ps, lr=1e-3, weight_decay=0.01, update_proj_gap=1, backend="torch"),
+     lambda opt, p: opt.state[p]["exp_avg_sq"]),
+    (lambda ps: AdafacDiag(ps, lr=1e-3, beta1=0.9, update_proj_gap=1, backend="torch"),
+     adafactor_v),
+], ids=["adadiag", "adafacdiag"])
+def test_adadiag_counts_every_entry(make, v_of):
+    """Matrices, rotated: an extra pass over the real g, θ⁺ − θ⁻ and v in the rotated basis;
+    vectors, stepped by the diagonal method itself: as that method counts (Adam's C kernel in
+    its pass, Adafactor's torch ops by an extra pass). No ±inf or NaN: the bases' SVD needs
+    finite gradients."""
+    if cpu.kernel() is None:
+        pytest.skip("the C kernel is not available here (no compiler): AdaDiag's vectors go "
+                    "through torch's fused Adam, which does not count")
+    check_counts(make, [(1,), (100,), (64, 48), (3, 20, 30), (250, 400)], v_of, special=False)

@@ -21,7 +21,7 @@ from optiscope.kernels.ranges import whole_counts
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 
-__all__ = ["Adafactor", "adafactor"]
+__all__ = ["Adafactor", "adafactor", "factored_v"]
 
 
 class Adafactor(OptiscopeOptimizer):
@@ -254,6 +254,13 @@ def adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor |
          warmup_init=warmup_init, stats=stats)
 
 
+def factored_v(row: Tensor, col: Tensor) -> Tensor:
+    """v̂ of factored statistics, R_i / mean(R) · C_j per matrix (the monitor's reading of it,
+    contract.py's `second_at`, by the same float32 operations): ``row`` ``[..., m]``, ``col``
+    ``[..., n]`` give ``[..., m, n]``."""
+    return (row / row.mean(dim=-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)
+
+
 def _step_size(step: float, lr: float | None, relative_step: bool, warmup_init: bool) -> float:
     """ρ_t, the step size before parameter scaling."""
     if not relative_step:
@@ -363,8 +370,8 @@ def _adafactor_torch(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, s
             if stats is not None:  # Σ v̂² = Σ_b (Σ R²)(Σ C²) / mean(R)², exactly, per matrix b
                 moment2_sq.append((row.square().sum(-1) * col.square().sum(-1)
                                    / row_mean.squeeze(-1).square()).sum())
-            if counting:  # v̂ = R_i / mean(R) · C_j, as the monitor reads it (contract.py)
-                v_hat = (row / row_mean).unsqueeze(-1) * col.unsqueeze(-2)
+            if counting:
+                v_hat = factored_v(row, col)
         else:
             # v ← β̂ v + (1 − β̂)(g² + ε₁), g² taken inside addcmul_: no g² temporary (and the
             # update is scaled inside θ's addcmul_ below: no temporary there either).
