@@ -184,3 +184,57 @@ def test_adadiag_counts_every_entry(make, v_of):
         pytest.skip("the C kernel is not available here (no compiler): AdaDiag's vectors go "
                     "through torch's fused Adam, which does not count")
     check_counts(make, [(1,), (100,), (64, 48), (3, 20, 30), (250, 400)], v_of, special=False)
+
+
+@pytest.mark.parametrize("make, v_of", [
+    (lambda ps: MicroAdam(ps, lr=1e-2, weight_decay=0.1, k_init=0.1), microadam_v),
+    (lambda ps: MicroAdam(ps, lr=1e-2, k_init=0.1, backend="triton"), microadam_v),
+    (lambda ps: Adafactor(ps, beta1=0.9, weight_decay=0.1), adafactor_v),
+    (lambda ps: Adafactor(ps, backend="triton"), adafactor_v),
+    (lambda ps: OneBitAdam(ps, lr=1e-2, freeze_step=2), lambda o, p: o.state[p]["exp_avg_sq"]),
+    (lambda ps: AdaDiag(ps, lr=1e-2, update_proj_gap=2), lambda o, p: o.state[p]["exp_avg_sq"]),
+], ids=["microadam", "microadam-triton", "adafactor", "adafactor-triton", "onebit", "adadiag"])
+def test_monitor_exact_ranges_match_whole_tensors(make, v_of, tmp_path):
+    """range_probes="exact" with a sample of 8 entries per tensor (of up to 384): the
+    histograms and shares the monitor records are the whole tensors', which a sample's scaled
+    counts are not."""
+    from test_ranges import Recorder
+
+    if cpu.kernel() is None:
+        pytest.skip("the C kernel is not available here (no compiler)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 5))
+    opt = make(list(model.parameters()))
+    mon = OptimizerMonitor(opt, model=model, every=2, sample_size=8, log_dir=tmp_path,
+                           console=False, tensorboard=False, report=False, strict=True,
+                           range_probes="exact")
+    rec = Recorder(model, opt)
+    gen = torch.Generator().manual_seed(0)
+    # AdaDiag's bases come from an SVD of the gradient: no magnitudes beyond float32's squares
+    lowest = -60 if isinstance(opt, AdaDiag) else -150
+    for _ in range(3):
+        for p in model.parameters():
+            g = wide_gradient(p.shape, gen)
+            p.grad = torch.where(g.abs() < 2.0 ** lowest, 0.0, g) if lowest > -150 else g
+        opt.step()
+    mon.close()
+    h = mon.history
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    for step in (1, 3):
+        tensors = {"grad": rec.grads[step],
+                   "update": {n: rec.after[step][n].float() - rec.before[step][n].float()
+                              for n in names}}
+        if step == 3:  # v as it is after the last step
+            tensors["moment2"] = {n: v_of(opt, params[n]) for n in names}
+        for q, by_name in tensors.items():
+            for name in names:
+                steps, counts = h.histograms(q, name)
+                np.testing.assert_array_equal(counts[list(steps).index(step)],
+                                              oracle_histogram(by_name[name]),
+                                              err_msg=f"{q} {name} step {step}")
+            whole_q = torch.cat([by_name[n].flatten().float() for n in names])
+            for fmt, what in (("fp16", "underflow"), ("fp8e4m3", "overflow")):
+                steps, values = h.series(f"{q}_{fmt}_{what}")
+                assert values[list(steps).index(step)] == pytest.approx(
+                    oracle_share(whole_q, fmt, what), abs=1e-12), (q, fmt, what, step)
