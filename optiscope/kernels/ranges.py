@@ -1,6 +1,8 @@
 """The dynamic-range counts a sampled step takes of g, θ⁺ − θ⁻ and v: their layout, shared by
-the kernel that fills them in its pass (Adam's C kernel, cpu_kernels.c: `range_cuts`,
-`range_levels`) and the monitor (monitor/ranges.py), and the torch reference computation.
+the kernels that fill them in their pass (the C kernels of Adam and MicroAdam, cpu_kernels.c's
+`range_count`; the Triton kernels of Adam, MicroAdam and Adafactor: `range_cuts`,
+`range_levels`, `store_levels`), the steps made of torch ops that count by an extra pass
+(`whole_counts`), the monitor (monitor/ranges.py), and the torch reference computation.
 
 Per quantity, one block of `RANGE_BLOCK` counts: the entries counted; for each (format, what) of
 `RANGE_SHARES` the entries a cast to that format flushes to zero (nonzero → 0) or overflows; a
@@ -75,8 +77,8 @@ def range_cuts() -> list[int]:
 
 
 def range_levels(fields: Tensor, above: Tensor, scale: Tensor | None = None) -> Tensor:
-    """`range_counts`' layout from a kernel's whole-tensor counts (Adam's C kernel): per tensor
-    ``fields`` ``[n, 256]``, the histogram of |x|'s biased float32 exponent, and ``above``
+    """`range_counts`' layout from a kernel's whole-tensor counts (the C and Triton kernels):
+    per tensor ``fields`` ``[n, 256]``, the histogram of |x|'s biased float32 exponent, and ``above``
     ``[n, len(range_cuts())]``, how many |x| exceed each threshold; float64 ``[n, RANGE_BLOCK]``
     (times ``scale`` per tensor, if given)."""
     fields, above = fields.to(torch.float64), above.to(torch.float64)

@@ -194,7 +194,8 @@ class AdaDiag(_Rotating):
         two_sided: rotate both sides (AdaDiag++) instead of the smaller one (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
             ``"torch"`` (default ``"auto"``): the backend of the Adam step in the rotated basis.
-            Rotations and SVDs are torch operations on either.
+            Rotations and SVDs are torch operations on either, so the dynamic-range counts of a
+            rotated matrix (`request_ranges`) are an extra pass on both; vectors count as Adam.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("exp_avgs", "exp_avg_sqs", "left_bases", "right_bases",
@@ -291,7 +292,9 @@ class AdafacDiag(_Rotating):
         update_proj_gap: T, steps between basis refreshes (default 200).
         two_sided: rotate both sides instead of the smaller one (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
-            ``"torch"`` (default ``"auto"``): the backend of the Adafactor step.
+            ``"torch"`` (default ``"auto"``): the backend of the Adafactor step. The
+            dynamic-range counts of a rotated matrix (`request_ranges`) are an extra pass on
+            both; vectors count as Adafactor.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("row_vars", "col_vars", "exp_avg_sqs", "exp_avgs",

@@ -88,7 +88,9 @@ class Adafactor(OptiscopeOptimizer):
             (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
             ``"torch"`` (default ``"auto"``). The Triton backend runs four launches per launch group of
-            tensors with equal dtypes and step, and computes the monitor's statistics in them.
+            tensors with equal dtypes and step, and computes the monitor's statistics in them,
+            and the dynamic-range counts (`request_ranges`) in its update pass; the torch
+            backend counts them by an extra pass.
 
     With ``relative_step=True`` the group's ``lr`` is None, so LR schedulers, which scale ``lr``,
     need ``relative_step=False``.

@@ -126,7 +126,10 @@ class MicroAdam(OptiscopeOptimizer):
             block-relative indices fit int16 (default `TOPK_BLOCK_SIZE`, 4096).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
             ``"torch"`` (default ``"auto"``). The Triton backend runs one launch per launch group of
-            tensors with equal dtypes and computes the statistics in it.
+            tensors with equal dtypes and computes the statistics in it. The dynamic-range
+            counts (`request_ranges`) are in the pass of the Triton kernel and of the C kernel
+            (float32 CPU tensors); the torch ops (other dtypes, no compiler) count by an extra
+            pass.
 
     ``m``, ``k_init`` and the block sizes fix the shape of a tensor's state at its first step;
     changing them in a group afterwards raises.
@@ -396,7 +399,8 @@ def _microadam_torch(params, grads, errors, min_vals, max_vals, indices, values,
         d = p.numel()
         if d == 0:  # nothing to select or update; its statistics row is zeros
             rows.append(torch.zeros(cpu.MICROADAM_STATS, dtype=torch.float64, device=p.device))
-            in_pass += [i] if counters is not None else []  # zero counts: nothing to count
+            if counters is not None:  # its counts stay zero: nothing to count
+                in_pass.append(i)
             continue
         layout = blocks(d, topk_block_size, k_init)
         if _c_kernel_applies(p, grads[i]):
@@ -407,7 +411,8 @@ def _microadam_torch(params, grads, errors, min_vals, max_vals, indices, values,
                 quant_block_size=quant_block_size, w1=w1, w2=w2, c1=c1, c2=c2, lr=lr,
                 weight_decay=weight_decay, eps=eps, stats=stats is not None,
                 ranges=counters[i] if counters is not None else None))
-            in_pass += [i] if counters is not None else []
+            if counters is not None:
+                in_pass.append(i)
             continue
         rows.append(_microadam_ops(p, grads[i], errors[i], min_vals[i], max_vals[i], indices[i],
                                    values[i], layout, slot=slot, w1=w1, w2=w2, c1=c1, c2=c2,

@@ -130,7 +130,9 @@ class OneBitAdam(OptiscopeOptimizer):
         process_group: the data-parallel group (default None: the default group when
             ``torch.distributed`` is initialized, else a world of one).
         backend: ``"auto"`` (Triton sign packing for CUDA tensors when Triton is importable, torch
-            ops elsewhere), ``"triton"`` or ``"torch"`` (default ``"auto"``).
+            ops elsewhere), ``"triton"`` or ``"torch"`` (default ``"auto"``). The step itself is
+            torch ops on both: the dynamic-range counts (`request_ranges`) are an extra pass
+            over g, θ⁺ − θ⁻ and v on every backend.
     """
 
     stat_columns: ClassVar[frozenset[Stat]] = frozenset({Stat.QUANT_ERROR_SQ,
