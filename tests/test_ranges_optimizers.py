@@ -43,6 +43,22 @@ def whole(x: torch.Tensor) -> torch.Tensor:
     return range_counts(x, torch.tensor([x.numel()]), torch.ones(1))[0]
 
 
+def test_whole_counts_match_histc_and_range_counts():
+    """`whole_counts` (the extra pass of steps made of torch ops): tensors of 0 to 2^20 + 5
+    entries (two chunks), with zeros, subnormals, ±inf and NaN, float32 and bf16, against
+    `range_counts` and, for the histogram, torch.histc of log2|x|."""
+    from optiscope.kernels.ranges import whole_counts
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.zeros(0), hard_gradient(1, gen), hard_gradient(100, gen),
+          hard_gradient(100_000, gen).view(250, 400).t(),  # not contiguous
+          hard_gradient((1 << 20) + 5, gen), hard_gradient(5000, gen, torch.bfloat16)]
+    got = whole_counts(xs)
+    for i, x in enumerate(xs):
+        assert torch.equal(got[i], whole(x)), x.numel()
+        np.testing.assert_array_equal(got[i, -len(oracle_histogram(x)):].numpy(),
+                                      oracle_histogram(x))
+
+
 def microadam_v(opt: MicroAdam, p: torch.Tensor) -> torch.Tensor:
     """v̂ = c2 · Σ_r β2^age(r) · V_r² scattered to the window's coordinates, row by row in row
     order (the step's order of additions), from the state alone."""
