@@ -43,11 +43,17 @@ def whole(x: torch.Tensor) -> torch.Tensor:
     return range_counts(x, torch.tensor([x.numel()]), torch.ones(1))[0]
 
 
-def test_whole_counts_match_histc_and_range_counts():
-    """`whole_counts` (the extra pass of steps made of torch ops): tensors of 0 to 2^20 + 5
-    entries (two chunks), with zeros, subnormals, ±inf and NaN, float32 and bf16, against
-    `range_counts` and, for the histogram, torch.histc of log2|x|."""
-    from optiscope.kernels.ranges import whole_counts
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_whole_counts_match_histc_and_range_counts(path, monkeypatch):
+    """`whole_counts` (the extra pass of steps made of torch ops), in C and in torch ops: tensors
+    of 0 to 2^20 + 5 entries (two torch chunks, C pieces on both threads), with zeros,
+    subnormals, ±inf and NaN, float32 and bf16, against `range_counts` and, for the histogram,
+    torch.histc of log2|x|."""
+    from optiscope.kernels.whole_ranges import whole_counts
+    if path == "c" and cpu.kernel() is None:
+        pytest.skip("the C kernel is not available here (no compiler)")
+    if path == "torch":
+        monkeypatch.setattr(cpu, "kernel", lambda: None)
     gen = torch.Generator().manual_seed(5)
     xs = [torch.zeros(0), hard_gradient(1, gen), hard_gradient(100, gen),
           hard_gradient(100_000, gen).view(250, 400).t(),  # not contiguous

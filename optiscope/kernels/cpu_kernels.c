@@ -154,6 +154,30 @@ void range_fold(const uint64_t *ws, uint64_t *out) {
 
 int64_t optiscope_range_cuts(void) { return NCUTS; }
 
+/* The counts of one whole float32 array, added into `out` (RANGE_OUT counters): the extra pass of
+ * a step made of torch ops, which has no pass of its own to count in (kernels/whole_ranges.py).
+ * Pieces of RANGE_PIECE entries per thread (range_count's lane counters are int32). */
+#define RANGE_PIECE 16384
+void optiscope_range_count_f32(const float *x, int64_t n, const int32_t *cuts, uint64_t *out,
+                               int nthreads) {
+    if (n < 4 * RANGE_PIECE || nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint64_t ws[RANGE_WS];
+        memset(ws, 0, sizeof ws);
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < n; s += RANGE_PIECE)
+            range_count(x + s, n - s < RANGE_PIECE ? n - s : RANGE_PIECE, cuts, ws);
+#pragma omp critical
+        {
+            for (int f = 0; f < RANGE_FIELDS; f++)
+                out[f] += ws[f] + ws[RANGE_FIELDS + f] + ws[2 * RANGE_FIELDS + f]
+                          + ws[3 * RANGE_FIELDS + f];
+            for (int j = 0; j < NCUTS; j++) out[RANGE_FIELDS + j] += ws[4 * RANGE_FIELDS + j];
+        }
+    }
+}
+
 /* The update with the statistics, in one loop: each element's sums are taken from the registers
  * the update already holds, into OpenMP SIMD reduction lanes, over pieces of PIECE elements
  * (32 per lane of an 8-wide vector: the float sums stay as accurate as the statistics' tests

@@ -2,7 +2,8 @@
 the kernels that fill them in their pass (the C kernels of Adam and MicroAdam, cpu_kernels.c's
 `range_count`; the Triton kernels of Adam, MicroAdam and Adafactor: `range_cuts`,
 `range_levels`, `store_levels`), the steps made of torch ops that count by an extra pass
-(`whole_counts`), the monitor (monitor/ranges.py), and the torch reference computation.
+(kernels/whole_ranges.py, `counts_of`), the monitor (monitor/ranges.py), and the torch
+reference computation.
 
 Per quantity, one block of `RANGE_BLOCK` counts: the entries counted; for each (format, what) of
 `RANGE_SHARES` the entries a cast to that format flushes to zero (nonzero → 0) or overflows; a
@@ -29,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX", "HIST_BINS", "RANGE_BLOCK",
            "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels", "store_levels",
-           "whole_counts"]
+           "counts_of"]
 
 RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
 RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
@@ -147,36 +148,30 @@ def store_levels(ranges: Tensor, rows: Tensor, counts: Tensor) -> None:
         ranges[rows, q] = range_levels(counts[:, q, :256], counts[:, q, 256:]).to(ranges.device)
 
 
-# Entries counted per call in `whole_counts`: its scratch (the bits, the levels) stays at 12 MiB
+# Entries counted per call in `counts_of`: its scratch (the bits, the levels) stays at 12 MiB
 # whatever the tensor.
-_WHOLE_CHUNK = 1 << 20
+_CHUNK = 1 << 20
 
 
-def whole_counts(tensors: list[Tensor]) -> Tensor:
-    """`range_counts` of whole tensors, float64 ``[len(tensors), RANGE_BLOCK]`` on their device.
-
-    For a step made of torch ops, which has no pass of its own to count in: this is an extra
-    pass over each tensor, in chunks of `_WHOLE_CHUNK` entries, counted as the kernels count
-    (the histogram of the exponent fields and of the threshold levels, `range_levels`), a few
-    times faster than `range_counts`' per-entry codes, which a sample needs to add tensors."""
-    out = []
-    for x in tensors:
-        flat = x.detach().reshape(-1)
-        device = flat.device
-        cuts = torch.tensor(_CUTS, dtype=torch.int32, device=device)
-        fields = torch.zeros(256, dtype=torch.int64, device=device)
-        levels = torch.zeros(_LEVELS, dtype=torch.int64, device=device)
-        for start in range(0, flat.numel(), _WHOLE_CHUNK):
-            bits = flat[start:start + _WHOLE_CHUNK].float().contiguous().view(torch.int32)
-            bits = bits & 0x7FFFFFFF
-            level = torch.bucketize(bits, cuts)  # cuts[k-1] < bits <= cuts[k]
-            if device.type == "cpu":  # bincount reads the largest value back: CPU only
-                fields += torch.bincount(bits >> 23, minlength=256)
-                levels += torch.bincount(level, minlength=_LEVELS)
-            else:
-                one = torch.ones_like(level, dtype=torch.int64)
-                fields.index_add_(0, (bits >> 23).long(), one)
-                levels.index_add_(0, level.long(), one)
-        above = levels.flip(0).cumsum(0).flip(0)[1:]  # above cut j: level > j
-        out.append(range_levels(fields[None], above[None])[0])
-    return torch.stack(out) if out else torch.zeros(0, RANGE_BLOCK, dtype=torch.float64)
+def counts_of(x: Tensor) -> Tensor:
+    """Every entry of ``x`` (any float dtype, 1-D) counted as the kernels count: int64 ``[256 +
+    len(range_cuts())]`` on its device, the exponent fields' histogram, then the entries above
+    each threshold (`range_levels` turns them into `range_counts`' layout). Torch ops over
+    chunks of `_CHUNK` entries; a few times faster than `range_counts`' per-entry codes, which
+    only a concatenated sample of many tensors needs."""
+    device = x.device
+    cuts = torch.tensor(_CUTS, dtype=torch.int32, device=device)
+    fields = torch.zeros(256, dtype=torch.int64, device=device)
+    levels = torch.zeros(_LEVELS, dtype=torch.int64, device=device)
+    for start in range(0, x.numel(), _CHUNK):
+        bits = x[start:start + _CHUNK].float().contiguous().view(torch.int32) & 0x7FFFFFFF
+        level = torch.bucketize(bits, cuts)  # cuts[k-1] < bits <= cuts[k]
+        if device.type == "cpu":  # bincount reads the largest value back: CPU only
+            fields += torch.bincount(bits >> 23, minlength=256)
+            levels += torch.bincount(level, minlength=_LEVELS)
+        else:
+            one = torch.ones_like(level, dtype=torch.int64)
+            fields.index_add_(0, (bits >> 23).long(), one)
+            levels.index_add_(0, level.long(), one)
+    above = levels.flip(0).cumsum(0).flip(0)[1:]  # above cut j: level > j
+    return torch.cat([fields, above])

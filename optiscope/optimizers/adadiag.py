@@ -26,7 +26,7 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
-from optiscope.kernels.ranges import whole_counts
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)

@@ -17,7 +17,7 @@ from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import launch_groups, local
-from optiscope.kernels.ranges import whole_counts
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, check_range
 

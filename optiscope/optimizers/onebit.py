@@ -36,7 +36,7 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.ranges import whole_counts
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 from optiscope.optimizers.onebit_comm import (CompressionReport, _world, chunk_size,
                                               compressed_bytes, onebit_allreduce, pack_signs,
