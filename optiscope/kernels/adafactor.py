@@ -38,7 +38,7 @@ from optiscope.kernels.adam import RANGE_OUT, _range_add, _range_flush
 from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
                                      densify, tl_dtype, write_back)
-from optiscope.kernels.ranges import range_cuts, store_levels
+from optiscope.kernels.ranges import kernel_counters, range_cuts, store_levels
 from optiscope.kernels.stats import Stat, StatsRows
 
 __all__ = ["adafactor_step", "ROW_TILE", "COL_BLOCK"]
@@ -285,6 +285,25 @@ def _update_rms_kernel(
 
 
 @triton.jit
+def _ranges_start():
+    """Zero counts of g, θ⁺ − θ⁻ and v̂ (each a field and a level histogram, `_range_add`),
+    and no padding lanes yet."""
+    fields = tl.zeros([256], dtype=tl.int32)
+    levels = tl.zeros([16], dtype=tl.int32)
+    return fields, levels, fields, levels, fields, levels, 0
+
+
+@triton.jit
+def _ranges_end(range_ptr, hist_g, above_g, hist_d, above_d, hist_v, above_v, pad,
+                NCUTS: tl.constexpr):
+    """A chunk's counts of the three, added to its tensor's (`_range_flush`)."""
+    for q in tl.static_range(3):
+        hist = hist_g if q == 0 else (hist_d if q == 1 else hist_v)
+        above = above_g if q == 0 else (above_d if q == 1 else above_v)
+        _range_flush(range_ptr + q * RANGE_OUT, hist, above, pad, NCUTS)
+
+
+@triton.jit
 def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
                  batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, range_ptr, cuts_ptr,
                  P_DTYPE: tl.constexpr, HAS_BETA1: tl.constexpr, HAS_WD: tl.constexpr,
@@ -297,13 +316,7 @@ def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel,
     d_sq = tl.zeros([BLOCK], dtype=tl.float32)
     m_sq = tl.zeros([BLOCK], dtype=tl.float32)
     if WITH_RANGES:
-        hist_g = tl.zeros([256], dtype=tl.int32)
-        hist_d = tl.zeros([256], dtype=tl.int32)
-        hist_v = tl.zeros([256], dtype=tl.int32)
-        above_g = tl.zeros([16], dtype=tl.int32)
-        above_d = tl.zeros([16], dtype=tl.int32)
-        above_v = tl.zeros([16], dtype=tl.int32)
-        pad = 0
+        hist_g, above_g, hist_d, above_d, hist_v, above_v, pad = _ranges_start()
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -338,9 +351,7 @@ def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel,
                 if MASKED:
                     pad += tl.sum(tl.where(mask, 0, 1), axis=0)
     if WITH_RANGES:
-        _range_flush(range_ptr, hist_g, above_g, pad, NCUTS)
-        _range_flush(range_ptr + RANGE_OUT, hist_d, above_d, pad, NCUTS)
-        _range_flush(range_ptr + 2 * RANGE_OUT, hist_v, above_v, pad, NCUTS)
+        _ranges_end(range_ptr, hist_g, above_g, hist_d, above_d, hist_v, above_v, pad, NCUTS)
     return p1_sq, d_sq, m_sq
 
 
@@ -516,11 +527,8 @@ def adafactor_step(
     partial4 = torch.empty((cmap.n_chunks, 3), **f32) if stats is not None else partial3
     has_beta1 = beta1 is not None
     with_ranges = stats is not None and stats.ranges is not None
-    if with_ranges:
-        cuts = torch.tensor(range_cuts(), dtype=torch.int32, device=device)
-        ranges = torch.zeros((n, 3, RANGE_OUT.value), dtype=torch.int64, device=device)
-    else:
-        cuts = ranges = partial3  # any pointer: not touched
+    # without them, any pointer: not touched
+    cuts, ranges = kernel_counters(n, device) if with_ranges else (partial3, partial3)
     _apply_kernel[(cmap.n_chunks,)](
         addresses, layout.meta, n, cmap.chunk_tensor, cmap.chunk_first, rowmean, sums3,
         partial4, rho, eps2, clip_threshold, beta1 if has_beta1 else 0.0,

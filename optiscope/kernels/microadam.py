@@ -42,7 +42,7 @@ from optiscope.kernels.adam import RANGE_OUT, _range_add, _range_flush
 from optiscope.kernels.blocks import blocks
 from optiscope.kernels.cpu import MICROADAM_STATS
 from optiscope.kernels.launch import address_table, chunk_map, densify, tl_dtype, write_back
-from optiscope.kernels.ranges import range_cuts, store_levels
+from optiscope.kernels.ranges import kernel_counters, range_cuts, store_levels
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 
 __all__ = ["microadam_step", "max_programs", "RESIDENT_PER_SM"]
@@ -292,11 +292,8 @@ def microadam_step(
                 if stats is not None else scratch)  # any pointer: not touched without stats
     k_full = blocks(topk_block_size, topk_block_size, k_init).k_full
     with_ranges = stats is not None and stats.ranges is not None
-    if with_ranges:
-        cuts = torch.tensor(range_cuts(), dtype=torch.int32, device=device)
-        ranges = torch.zeros((n, 3, RANGE_OUT.value), dtype=torch.int64, device=device)
-    else:
-        cuts = ranges = scratch  # any pointer: not touched
+    # without them, any pointer: not touched
+    cuts, ranges = kernel_counters(n, device) if with_ranges else (scratch, scratch)
     _microadam_kernel[(programs,)](
         addresses, _meta(numels, topk_block_size, float(k_init), device), n, cmap.chunk_tensor,
         cmap.n_chunks, scratch, partials, w1.to(device), w2.to(device), indices[0].shape[0],

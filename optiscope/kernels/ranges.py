@@ -30,7 +30,7 @@ from torch import Tensor
 
 __all__ = ["RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX", "HIST_BINS", "RANGE_BLOCK",
            "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels", "store_levels",
-           "counts_of"]
+           "counts_of", "kernel_counters"]
 
 RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
 RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
@@ -136,6 +136,15 @@ def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
     shares = table.sum(dim=1) @ _SHARE_OF_LEVEL.to(device)
     out = torch.cat([lengths.to(torch.float64)[:, None], shares, table.sum(dim=2)], 1)
     return out * scale.to(device, torch.float64)[:, None]
+
+
+def kernel_counters(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a kernel that counts in its pass: the thresholds (`range_cuts`, int32) it compares
+    |x|'s bits with, and zeroed int64 counters ``[n, len(RANGE_QUANTITIES), 256 +
+    len(range_cuts())]`` it adds each tensor's counts to (`store_levels` reads them)."""
+    return (torch.tensor(_CUTS, dtype=torch.int32, device=device),
+            torch.zeros((n, len(RANGE_QUANTITIES), 256 + len(_CUTS)), dtype=torch.int64,
+                        device=device))
 
 
 def store_levels(ranges: Tensor, rows: Tensor, counts: Tensor) -> None:
