@@ -9,7 +9,6 @@ and, for the monitor, `torch.histc` of log2|x| in test_ranges.py's `oracle_histo
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np

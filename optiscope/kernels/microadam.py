@@ -19,9 +19,9 @@ tensors) and does, with the block's accumulator a in registers from start to end
    row, so a row scatters without atomics; rows are added in order, as the torch backend does).
 5. θ ← θ(1 − ηλ) − η·m̂/(√v̂ + ε) over the block, and the block's statistics.
 
-With the range counts (`request_ranges`), each block's g, θ⁺ − θ⁻ and v̂ are counted where
-they are computed, from registers (Adam's `_range_add`, `_range_flush`: kernels/ranges.py's
-layout), and added to the tensor's counts with atomics.
+With the range counts (`request_ranges`), each block's g, θ⁺ − θ⁻ and v̂ are counted at the
+block's end, the last two from registers and g read again from cache (Adam's `_range_add`,
+`_range_flush`: kernels/ranges.py's layout), and added to the tensor's counts with atomics.
 
 So the accumulator never reaches global memory: per parameter the step reads g, θ, half a byte
 of codes and the block's window rows, and writes θ, the codes and one window row. bf16 values
@@ -230,9 +230,10 @@ def _microadam_kernel(
 
 
 # Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 234-246
-# registers per thread at 8 warps on sm_80 and sm_90 (`python -m optiscope.kernels.inspect`), so
-# one block fills the register file; more programs than that would run in waves, each with its
-# own scratch. tests/test_kernels_compile.py checks this against the compiled kernel.
+# registers per thread at 8 warps on sm_80 and sm_90, 255 with the range counts (`python -m
+# optiscope.kernels.inspect`), so one block fills the register file; more programs than that
+# would run in waves, each with its own scratch. tests/test_kernels_compile.py checks this against
+# the compiled kernel.
 RESIDENT_PER_SM = 1
 
 

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
-from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
 from optiscope.optimizers.adafactor import adafactor, check_adafactor_hyperparameters, factored_v

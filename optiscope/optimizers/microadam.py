@@ -22,8 +22,8 @@ from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.blocks import Blocks, blocks
 from optiscope.kernels.launch import launch_groups, local
 from optiscope.kernels.ranges import store_levels
-from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import torch_grad_stats
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
 
