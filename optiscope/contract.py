@@ -158,7 +158,8 @@ class MonitoredOptimizer(Protocol):
 
     def request_ranges(self) -> None:
         """With `request_stats`: asks the next step to count the dynamic range of g, θ⁺ − θ⁻
-        and v over every entry, in its pass, into ``last_stats.ranges``."""
+        and v over every entry into ``last_stats.ranges`` (in its pass, or by an extra pass
+        where the step has none of its own to count in); NaN rows for tensors not counted."""
 
     def group_lrs(self) -> list[float | None]:
         """The learning rate each param group used at the last step, when ``group["lr"]`` is

@@ -16,7 +16,8 @@ at once:
    second-moment statistics.
 4. ``_apply_kernel`` (every tensor, flat chunks): reads g, θ (and the first moment), recomputes
    U, scales and clips it with the per-tensor sums of pass 3, writes θ (and the first moment),
-   and the statistics of what it stored.
+   and the statistics of what it stored; with the range counts (`request_ranges`), those of g,
+   θ⁺ − θ⁻ and v̂ too, from its registers (Adam's `_range_add`: kernels/ranges.py's layout).
 
 Per-chunk partial sums are reduced per tensor with ``torch.segment_reduce``, which adds in a fixed
 order: no float atomics anywhere, so a rerun gives bit-identical parameters and statistics.
@@ -33,9 +34,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.adam import RANGE_OUT, _range_add, _range_flush
 from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
                                      densify, tl_dtype, write_back)
+from optiscope.kernels.ranges import kernel_counters, range_cuts, store_levels
 from optiscope.kernels.stats import Stat, StatsRows
 
 __all__ = ["adafactor_step", "ROW_TILE", "COL_BLOCK"]
@@ -282,16 +285,38 @@ def _update_rms_kernel(
 
 
 @triton.jit
+def _ranges_start():
+    """Zero counts of g, θ⁺ − θ⁻ and v̂ (each a field and a level histogram, `_range_add`),
+    and no padding lanes yet."""
+    fields = tl.zeros([256], dtype=tl.int32)
+    levels = tl.zeros([16], dtype=tl.int32)
+    return fields, levels, fields, levels, fields, levels, 0
+
+
+@triton.jit
+def _ranges_end(range_ptr, hist_g, above_g, hist_d, above_d, hist_v, above_v, pad,
+                NCUTS: tl.constexpr):
+    """A chunk's counts of the three, added to its tensor's (`_range_flush`)."""
+    for q in tl.static_range(3):
+        hist = hist_g if q == 0 else (hist_d if q == 1 else hist_v)
+        above = above_g if q == 0 else (above_d if q == 1 else above_v)
+        _range_flush(range_ptr + q * RANGE_OUT, hist, above, pad, NCUTS)
+
+
+@triton.jit
 def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
-                 batch, clip, lr_t, beta1, one_minus_beta1, weight_decay,
+                 batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, range_ptr, cuts_ptr,
                  P_DTYPE: tl.constexpr, HAS_BETA1: tl.constexpr, HAS_WD: tl.constexpr,
                  WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, WITH_RANGES: tl.constexpr, NCUTS: tl.constexpr):
     """Pass 4 over one chunk: the update, and its [BLOCK] accumulators of the statistics (as
-    many registers as per-block reductions here, and fewer instructions)."""
+    many registers as per-block reductions here, and fewer instructions); with WITH_RANGES, the
+    chunk's range counts, added to the tensor's at the end."""
     p1_sq = tl.zeros([BLOCK], dtype=tl.float32)
     d_sq = tl.zeros([BLOCK], dtype=tl.float32)
     m_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    if WITH_RANGES:
+        hist_g, above_g, hist_d, above_d, hist_v, above_v, pad = _ranges_start()
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -318,6 +343,15 @@ def _apply_chunk(p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel,
             d_sq += d * d
             if HAS_BETA1:
                 m_sq += tl.where(mask, m * m, 0.0)
+            if WITH_RANGES:  # masked lanes: g = θ⁺ − θ⁻ = 0, v̂ read as 1 and set to 0; taken off
+                hist_g, above_g = _range_add(g, hist_g, above_g, cuts_ptr, NCUTS)
+                hist_d, above_d = _range_add(d, hist_d, above_d, cuts_ptr, NCUTS)
+                hist_v, above_v = _range_add(tl.where(mask, v, 0.0), hist_v, above_v, cuts_ptr,
+                                             NCUTS)
+                if MASKED:
+                    pad += tl.sum(tl.where(mask, 0, 1), axis=0)
+    if WITH_RANGES:
+        _ranges_end(range_ptr, hist_g, above_g, hist_d, above_d, hist_v, above_v, pad, NCUTS)
     return p1_sq, d_sq, m_sq
 
 
@@ -328,11 +362,12 @@ def _apply_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, SCALE_PARAMETER: tl.constexpr,
     HAS_BETA1: tl.constexpr, HAS_WD: tl.constexpr, WITH_STATS: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, SUMS_NCOLS: tl.constexpr,
-    NCOLS: tl.constexpr,
+    NCOLS: tl.constexpr, ranges_ptr, cuts_ptr, WITH_RANGES: tl.constexpr, NCUTS: tl.constexpr,
 ):
     pid, t, start, numel, factored, R, C, batch, p_ptr, g_ptr, v_ptr, col_ptr = _chunk_tensor(
         addr_ptr, meta_ptr, n_tensors, chunk_tensor_ptr, chunk_first_ptr, P_DTYPE, G_DTYPE, CHUNK)
     m_ptr = role_ptr(addr_ptr, n_tensors, t, _M, tl.float32)
+    range_ptr = ranges_ptr + t * (3 * RANGE_OUT)  # this tensor's counts (WITH_RANGES)
 
     # η_t and the clip, from the per-tensor sums of pass 3 (two loads per program).
     sqrt_numel = tl.sqrt(numel.to(tl.float32))
@@ -353,18 +388,18 @@ def _apply_kernel(
         if start + CHUNK <= numel:
             p1_sq, d_sq, m_sq = _apply_chunk(
                 p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
-                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
-                HAS_WD, WITH_STATS, BLOCK, CHUNK, False)
+                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, range_ptr, cuts_ptr,
+                P_DTYPE, HAS_BETA1, HAS_WD, WITH_STATS, BLOCK, CHUNK, False, WITH_RANGES, NCUTS)
         else:  # the tensor's last chunk
             p1_sq, d_sq, m_sq = _apply_chunk(
                 p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
-                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
-                HAS_WD, WITH_STATS, BLOCK, CHUNK, True)
+                batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, range_ptr, cuts_ptr,
+                P_DTYPE, HAS_BETA1, HAS_WD, WITH_STATS, BLOCK, CHUNK, True, WITH_RANGES, NCUTS)
     else:  # a view at an unaligned offset: element-wise loads, every block masked
         p1_sq, d_sq, m_sq = _apply_chunk(
             p_ptr, g_ptr, v_ptr, col_ptr, m_ptr, rowmean_ptr, start, numel, factored, R, C,
-            batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, P_DTYPE, HAS_BETA1,
-            HAS_WD, WITH_STATS, BLOCK, CHUNK, True)
+            batch, clip, lr_t, beta1, one_minus_beta1, weight_decay, range_ptr, cuts_ptr,
+            P_DTYPE, HAS_BETA1, HAS_WD, WITH_STATS, BLOCK, CHUNK, True, WITH_RANGES, NCUTS)
 
     if WITH_STATS:
         row = partial_ptr + pid * NCOLS
@@ -440,7 +475,8 @@ def adafactor_step(
         rho: ρ_t, the step size before parameter scaling.
         beta2t: β̂2 of this step.
         eps1, eps2, clip_threshold, beta1, weight_decay, scale_parameter: hyperparameters.
-        stats: where to write the statistics rows, or None to skip them.
+        stats: where to write the statistics rows, or None to skip them; with ``stats.ranges``,
+            also the range counts of g, θ⁺ − θ⁻ and v̂, in pass 4.
     """
     if not params:
         return
@@ -490,15 +526,22 @@ def adafactor_step(
     # Pass 4.
     partial4 = torch.empty((cmap.n_chunks, 3), **f32) if stats is not None else partial3
     has_beta1 = beta1 is not None
+    with_ranges = stats is not None and stats.ranges is not None
+    # without them, any pointer: not touched
+    cuts, ranges = kernel_counters(n, device) if with_ranges else (partial3, partial3)
     _apply_kernel[(cmap.n_chunks,)](
         addresses, layout.meta, n, cmap.chunk_tensor, cmap.chunk_first, rowmean, sums3,
         partial4, rho, eps2, clip_threshold, beta1 if has_beta1 else 0.0,
         1.0 - beta1 if has_beta1 else 0.0, weight_decay,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, SCALE_PARAMETER=scale_parameter, HAS_BETA1=has_beta1,
-        HAS_WD=weight_decay != 0, WITH_STATS=stats is not None, ALIGNED=is_aligned, BLOCK=BLOCK,
-        CHUNK=CHUNK,
-        SUMS_NCOLS=ncols3, NCOLS=3, num_warps=NUM_WARPS)
+        HAS_WD=weight_decay != 0, WITH_STATS=stats is not None, ALIGNED=is_aligned,
+        # with the range counts, half blocks, as Adam's kernel (its histograms' registers)
+        BLOCK=BLOCK // 2 if with_ranges else BLOCK, CHUNK=CHUNK, SUMS_NCOLS=ncols3, NCOLS=3,
+        ranges_ptr=ranges, cuts_ptr=cuts, WITH_RANGES=with_ranges, NCUTS=len(range_cuts()),
+        num_warps=NUM_WARPS)
     write_back(pairs)
+    if with_ranges:
+        store_levels(stats.ranges, stats.row_index(), ranges)
 
     if stats is not None:
         sums4 = torch.segment_reduce(partial4, "sum", lengths=cmap.counts, axis=0)

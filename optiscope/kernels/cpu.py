@@ -192,7 +192,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.optiscope_microadam_f32.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
                                             + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 4
                                             + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
-                                               ctypes.c_int])
+                                               ctypes.c_int] + [ctypes.c_void_p] * 2)
     lib.optiscope_microadam_v_at.restype = ctypes.c_int
     lib.optiscope_microadam_v_at.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
                                              + [ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
@@ -434,9 +434,10 @@ def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_val
                   indices: Tensor, values: Tensor, *, block: int, n_full: int, k_full: int,
                   tail: int, k_tail: int, slot: int, quant_block_size: int, w1: Tensor,
                   w2: Tensor, c1: float, c2: float, lr: float, weight_decay: float, eps: float,
-                  stats: bool) -> Tensor | None:
+                  stats: bool, ranges: np.ndarray | None = None) -> Tensor | None:
     """One float32 tensor's MicroAdam step in place (``cpu_microadam.c``); with ``stats``, its
-    12 statistics (the C file's order), float64.
+    12 statistics (the C file's order), float64, and with ``ranges`` too (`range_buffer`'s row,
+    as `adam_f32` takes it), the range counts of g, θ⁺ − θ⁻ and v̂ over every entry, in the pass.
 
     ``p`` and ``g`` contiguous float32 CPU tensors; the state as `MicroAdam` keeps it (the bf16
     tensors are read and written as their bits); ``w1``, ``w2`` float32 [m] weights.
@@ -447,6 +448,11 @@ def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_val
                            ("values", values, torch.bfloat16), ("w1", w1.contiguous(), torch.float32),
                            ("w2", w2.contiguous(), torch.float32)):
         _require_plain("microadam_f32", name, t, dtype)
+    if ranges is not None and (ranges.dtype != np.uint64 or ranges.shape != RANGE_SHAPE
+                               or not ranges.flags.c_contiguous):  # C writes through it
+        raise TypeError(f"optiscope.kernels.cpu.microadam_f32: ranges must be a C-contiguous "
+                        f"uint64 array of shape {RANGE_SHAPE} (a row of range_buffer), got "
+                        f"{ranges.dtype} {ranges.shape}")
     lib = kernel()
     blocks_ = n_full + (tail > 0)
     out = torch.empty((max(blocks_, 1), MICROADAM_STATS), dtype=torch.float64) if stats else None
@@ -456,7 +462,9 @@ def microadam_f32(p: Tensor, g: Tensor, error: Tensor, min_vals: Tensor, max_val
         indices.data_ptr(), values.data_ptr(), block, n_full, k_full, tail, k_tail,
         indices.shape[0], slot, quant_block_size, w1.data_ptr(), w2.data_ptr(), c1, c2, lr,
         1.0 - lr * weight_decay, int(weight_decay != 0), eps,
-        out.data_ptr() if out is not None else None, torch.get_num_threads())
+        out.data_ptr() if out is not None else None, torch.get_num_threads(),
+        ranges.ctypes.data if ranges is not None and stats else None,
+        _RANGE_CUTS.ctypes.data if ranges is not None and stats else None)
     if failed:
         raise MemoryError(f"MicroAdam: the CPU kernel could not allocate its scratch for a "
                           f"tensor of {p.numel()} entries")

@@ -114,9 +114,9 @@ static inline uint32_t abs_bits(float x) {
     return b & 0x7FFFFFFFu;
 }
 
-static __attribute__((noinline)) void range_count(const float *restrict x, int64_t n,
-                                                   const int32_t *restrict cuts,
-                                                   uint64_t *restrict ws) {
+__attribute__((noinline)) void range_count(const float *restrict x, int64_t n,
+                                            const int32_t *restrict cuts,
+                                            uint64_t *restrict ws) {
     const uint32_t c0 = cuts[0], c1 = cuts[1], c2 = cuts[2], c3 = cuts[3], c4 = cuts[4],
                    c5 = cuts[5], c6 = cuts[6], c7 = cuts[7], c8 = cuts[8];
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, a8 = 0;
@@ -140,8 +140,9 @@ static __attribute__((noinline)) void range_count(const float *restrict x, int64
 }
 
 /* A thread's workspace (3 quantities) added into one tensor's output (integers: the order of
- * the threads does not change the result). */
-static void range_fold(const uint64_t *ws, uint64_t *out) {
+ * the threads does not change the result). Not static, as range_count: MicroAdam's step
+ * (cpu_microadam.c) counts with them too. */
+void range_fold(const uint64_t *ws, uint64_t *out) {
     for (int q = 0; q < 3; q++) {
         const uint64_t *w = ws + q * RANGE_WS;
         uint64_t *o = out + q * RANGE_OUT;
@@ -152,6 +153,30 @@ static void range_fold(const uint64_t *ws, uint64_t *out) {
 }
 
 int64_t optiscope_range_cuts(void) { return NCUTS; }
+
+/* The counts of one whole float32 array, added into `out` (RANGE_OUT counters): the extra pass of
+ * a step made of torch ops, which has no pass of its own to count in (kernels/whole_ranges.py).
+ * Pieces of RANGE_PIECE entries per thread (range_count's lane counters are int32). */
+#define RANGE_PIECE 16384
+void optiscope_range_count_f32(const float *x, int64_t n, const int32_t *cuts, uint64_t *out,
+                               int nthreads) {
+    if (n < 4 * RANGE_PIECE || nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        uint64_t ws[RANGE_WS];
+        memset(ws, 0, sizeof ws);
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < n; s += RANGE_PIECE)
+            range_count(x + s, n - s < RANGE_PIECE ? n - s : RANGE_PIECE, cuts, ws);
+#pragma omp critical
+        {
+            for (int f = 0; f < RANGE_FIELDS; f++)
+                out[f] += ws[f] + ws[RANGE_FIELDS + f] + ws[2 * RANGE_FIELDS + f]
+                          + ws[3 * RANGE_FIELDS + f];
+            for (int j = 0; j < NCUTS; j++) out[RANGE_FIELDS + j] += ws[4 * RANGE_FIELDS + j];
+        }
+    }
+}
 
 /* The update with the statistics, in one loop: each element's sums are taken from the registers
  * the update already holds, into OpenMP SIMD reduction lanes, over pieces of PIECE elements

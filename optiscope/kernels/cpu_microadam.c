@@ -15,7 +15,9 @@
  *   4. a[I] = 0; e = Q(a)           per bucket: bf16 min and max, codes clamped to 0..15
  *   5. S1 = sum_r w1[r] V[r], S2 = sum_r w2[r] V[r]^2 over the window's rows, in row order
  *   6. theta = theta (1 - lr wd) - lr u,  u = S1 == 0 ? 0 : c1 S1 / (sqrt(c2 S2) + eps)
- * Statistics per block (doubles, `STATS` below) when asked for.
+ * Statistics per block (doubles, `STATS` below) when asked for; with them, if asked, the dynamic
+ * range of g, theta+ - theta- and v_hat over every entry, counted per block while it is in cache
+ * (cpu_kernels.c's range_count: kernels/ranges.py has the layout).
  */
 
 #include <math.h>
@@ -27,6 +29,15 @@
 #define MA_STATS 12
 #define MA_BINS 2048
 #define MA_LANES 16
+
+/* cpu_kernels.c's dynamic-range counting: a thread's workspace of RANGE_WS counters per
+ * quantity (4 sub-histograms of 256 exponent fields, then the 9 thresholds' counts), and its
+ * fold into a tensor's output; optiscope_range_cuts() there returns the 9 (kernels/cpu.py
+ * checks it against kernels/ranges.py). */
+#define RANGE_WS (4 * 256 + 9)
+void range_count(const float *restrict x, int64_t n, const int32_t *restrict cuts,
+                 uint64_t *restrict ws);
+void range_fold(const uint64_t *ws, uint64_t *out);
 
 static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
@@ -74,7 +85,7 @@ static void microadam_block(
     uint16_t *restrict values, int64_t start, int64_t n, int64_t k, int64_t col0, int64_t kcols,
     int64_t m, int64_t slot, int64_t qsize, const float *restrict w1, const float *restrict w2,
     float c1, float c2, float lr, float decay, int has_decay, float eps, float *restrict scratch,
-    double *restrict stats) {
+    double *restrict stats, uint64_t *restrict ranges, const int32_t *restrict cuts) {
     float *restrict a = scratch, *restrict s1 = scratch + n, *restrict s2 = scratch + 2 * n;
     uint32_t *restrict key = (uint32_t *)(scratch + 3 * n), *restrict hist = key + n;
     const int64_t bucket0 = start / qsize;
@@ -113,6 +124,7 @@ static void microadam_block(
             total += (double)a[j] * a[j];
         }
         st[0] = g_sq; st[1] = top; st[2] = bad; st[11] = total;
+        if (ranges) range_count(gb, n, cuts, ranges);
     }
 
     /* 2.-3. the top-k, in index order, into row `slot`; kept mass for the statistics */
@@ -222,7 +234,13 @@ static void microadam_block(
             const float d = t - t0;
             p0_sq += (double)t0 * t0; p1_sq += (double)t * t; d_sq += (double)d * d;
             m_sq += (double)m_hat * m_hat; v_sq += (double)v_hat * v_hat;
+            s1[j] = d;  /* S1, S2 are read: their room takes the range counts' inputs */
+            s2[j] = v_hat;
         }
+    }
+    if (ranges) {
+        range_count(s1, n, cuts, ranges + RANGE_WS);
+        range_count(s2, n, cuts, ranges + 2 * RANGE_WS);
     }
     if (stats) {
         st[3] = p0_sq; st[4] = p1_sq; st[5] = d_sq; st[6] = m_sq; st[7] = v_sq;
@@ -236,13 +254,16 @@ static void microadam_block(
  * `stats`: NULL or room for MA_STATS doubles per block, in the order
  *   sum g^2, max |g| (finite), non-finite count, theta_before^2, theta_after^2, update^2,
  *   m_hat^2, v_hat^2, quantisation error^2, quantiser input^2, top-k kept^2, a^2.
- * Returns 0, or -1 when the scratch could not be allocated (nothing was changed then). */
+ * `ranges` (with `stats` only): NULL, or 3 * (256 + 9) zeroed counters the range counts of g,
+ * theta+ - theta- and v_hat are added to (`cuts`: the 9 thresholds, ascending), as
+ * optiscope_adam_f32's. Returns 0, or -1 when the scratch could not be allocated (nothing was
+ * changed then). */
 int optiscope_microadam_f32(
     float *p, const float *g, uint8_t *error, uint16_t *min_vals, uint16_t *max_vals,
     int16_t *indices, uint16_t *values, int64_t bsize, int64_t n_full, int64_t k_full,
     int64_t tail, int64_t k_tail, int64_t m, int64_t slot, int64_t qsize, const float *w1,
     const float *w2, float c1, float c2, float lr, float decay, int has_decay, float eps,
-    double *stats, int nthreads) {
+    double *stats, int nthreads, uint64_t *ranges, const int32_t *cuts) {
     const int64_t kcols = n_full * k_full + k_tail, nblocks = n_full + (tail > 0);
     const int64_t longest = n_full ? bsize : tail;
     if (nblocks > 2 && nthreads > 1) nthreads = nthreads < nblocks ? nthreads : (int)nblocks;
@@ -251,6 +272,13 @@ int optiscope_microadam_f32(
     const size_t per_thread = (size_t)(4 * longest + MA_BINS);
     float *scratch = malloc(per_thread * sizeof(float) * (size_t)nthreads);
     if (!scratch) return -1;
+    if (!stats) ranges = 0;
+    /* each thread counts into its own workspace, added into `ranges` after the loop */
+    uint64_t *ws = ranges ? calloc((size_t)nthreads * 3 * RANGE_WS, sizeof(uint64_t)) : 0;
+    if (ranges && !ws) {
+        free(scratch);
+        return -1;
+    }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < nblocks; b++) {
         const int full = b < n_full;
@@ -258,9 +286,14 @@ int optiscope_microadam_f32(
                         full ? bsize : tail, full ? k_full : k_tail, b * k_full, kcols, m, slot,
                         qsize, w1, w2, c1, c2, lr, decay, has_decay, eps,
                         scratch + per_thread * (size_t)omp_get_thread_num(),
-                        stats ? stats + b * MA_STATS : 0);
+                        stats ? stats + b * MA_STATS : 0,
+                        ws ? ws + (size_t)omp_get_thread_num() * 3 * RANGE_WS : 0, cuts);
     }
     free(scratch);
+    if (ws) {
+        for (int t = 0; t < nthreads; t++) range_fold(ws + (size_t)t * 3 * RANGE_WS, ranges);
+        free(ws);
+    }
     return 0;
 }
 

@@ -136,7 +136,8 @@ def _cases():
                       stats=rows(1, ranges) if stats else None)
         return thunk
 
-    def adafactor(dtype, *, stats, beta1=None, wd=0.0, scale=True, misaligned=False):
+    def adafactor(dtype, *, stats, beta1=None, wd=0.0, scale=True, misaligned=False,
+                  ranges=False):
         def thunk():
             p = [tensors(dtype, misaligned=misaligned), torch.zeros(96, 80, dtype=dtype)]
             g = [tensors(dtype, misaligned=misaligned), torch.zeros(96, 80, dtype=dtype)]
@@ -146,10 +147,10 @@ def _cases():
                            [torch.zeros(x.shape, dtype=f32) for x in p] if beta1 else None,
                            rho=1e-2, beta2t=0.5, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,
                            beta1=beta1, weight_decay=wd, scale_parameter=scale,
-                           stats=rows(2) if stats else None)
+                           stats=rows(2, ranges) if stats else None)
         return thunk
 
-    def microadam(dtype, *, stats, wd=0.0, window=10, block=4096, quant=4096):
+    def microadam(dtype, *, stats, wd=0.0, window=10, block=4096, quant=4096, ranges=False):
         def thunk():
             n = 3 * block + 5
             layout = blocks(n, block, 0.01)
@@ -162,7 +163,7 @@ def _cases():
                 [torch.zeros(window, layout.k, dtype=torch.bfloat16)], slot=0,
                 w1=torch.ones(window), w2=torch.ones(window), c1=1.0, c2=1.0, lr=1e-3, eps=1e-8,
                 weight_decay=wd, k_init=0.01, quant_block_size=quant, topk_block_size=block,
-                stats=rows(1) if stats else None)
+                stats=rows(1, ranges) if stats else None)
         return thunk
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -197,7 +198,14 @@ def _cases():
             ("adamw-bf16+stats+ranges", adam(bf16, stats=True, wd=0.1, decoupled=True,
                                              ranges=True)),
             ("adamw-fp32-misaligned+stats+ranges", adam(f32, stats=True, wd=0.1, decoupled=True,
-                                                        misaligned=True, ranges=True))]
+                                                        misaligned=True, ranges=True)),
+            ("adafactor-fp32-beta1-wd+stats+ranges", adafactor(f32, stats=True, beta1=0.9,
+                                                               wd=0.1, ranges=True)),
+            ("adafactor-bf16+stats+ranges", adafactor(bf16, stats=True, beta1=0.9, ranges=True)),
+            ("adafactor-fp32-misaligned+stats+ranges", adafactor(f32, stats=True, misaligned=True,
+                                                                 ranges=True)),
+            ("microadam-fp32-wd+stats+ranges", microadam(f32, stats=True, wd=0.1, ranges=True)),
+            ("microadam-bf16+stats+ranges", microadam(bf16, stats=True, wd=0.1, ranges=True))]
     out.append(("onebit-pack-fp32", lambda: pack_signs_triton(torch.zeros(8 * 1024 + 8))))
     return out
 

@@ -19,6 +19,10 @@ tensors) and does, with the block's accumulator a in registers from start to end
    row, so a row scatters without atomics; rows are added in order, as the torch backend does).
 5. θ ← θ(1 − ηλ) − η·m̂/(√v̂ + ε) over the block, and the block's statistics.
 
+With the range counts (`request_ranges`), each block's g, θ⁺ − θ⁻ and v̂ are counted at the
+block's end, the last two from registers and g read again from cache (Adam's `_range_add`,
+`_range_flush`: kernels/ranges.py's layout), and added to the tensor's counts with atomics.
+
 So the accumulator never reaches global memory: per parameter the step reads g, θ, half a byte
 of codes and the block's window rows, and writes θ, the codes and one window row. bf16 values
 are rounded to nearest-even with integer arithmetic and stored as their int16 bit patterns,
@@ -34,9 +38,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from optiscope.kernels.adam import RANGE_OUT, _range_add, _range_flush
 from optiscope.kernels.blocks import blocks
 from optiscope.kernels.cpu import MICROADAM_STATS
 from optiscope.kernels.launch import address_table, chunk_map, densify, tl_dtype, write_back
+from optiscope.kernels.ranges import kernel_counters, range_cuts, store_levels
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 
 __all__ = ["microadam_step", "max_programs", "RESIDENT_PER_SM"]
@@ -76,6 +82,7 @@ def _microadam_kernel(
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_WD: tl.constexpr,
     WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, QBS: tl.constexpr, N_Q: tl.constexpr,
     HALF: tl.constexpr, KPAD: tl.constexpr, NCOLS: tl.constexpr,
+    ranges_ptr, cuts_ptr, WITH_RANGES: tl.constexpr, NCUTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -104,6 +111,7 @@ def _microadam_kernel(
         mask = offs < length
         gofs = start + offs
         out = partial_ptr + task * NCOLS  # the block's statistics row
+        range_ptr = ranges_ptr + t * (3 * RANGE_OUT)  # the tensor's counts (WITH_RANGES)
 
         # 1. a = g + Q⁻¹(e_t); block starts are even, so even offsets are high nibbles
         g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
@@ -204,12 +212,28 @@ def _microadam_kernel(
             tl.store(out + 5, tl.sum(d * d, axis=0))
             tl.store(out + 6, tl.sum(m_hat * m_hat, axis=0))
             tl.store(out + 7, tl.sum(v_hat * v_hat, axis=0))
+            if WITH_RANGES:
+                # lanes past the tensor's end hold g = θ⁺ − θ⁻ = v̂ = 0: taken off. g is read
+                # again (from cache) here: counted where it is first read, its counts' registers
+                # made the kernel spill (python -m optiscope.kernels.inspect --only microadam)
+                g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+                hist, levels = _range_add(g, tl.zeros([256], dtype=tl.int32),
+                                          tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
+                _range_flush(range_ptr, hist, levels, BLOCK - length, NCUTS)
+                hist, levels = _range_add(d, tl.zeros([256], dtype=tl.int32),
+                                          tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
+                _range_flush(range_ptr + RANGE_OUT, hist, levels, BLOCK - length, NCUTS)
+                hist, levels = _range_add(v_hat, tl.zeros([256], dtype=tl.int32),
+                                          tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
+                _range_flush(range_ptr + 2 * RANGE_OUT, hist, levels, BLOCK - length,
+                             NCUTS)
 
 
 # Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 234-246
-# registers per thread at 8 warps on sm_80 and sm_90 (`python -m optiscope.kernels.inspect`), so
-# one block fills the register file; more programs than that would run in waves, each with its
-# own scratch. tests/test_kernels_compile.py checks this against the compiled kernel.
+# registers per thread at 8 warps on sm_80 and sm_90, 255 with the range counts (`python -m
+# optiscope.kernels.inspect`), so one block fills the register file; more programs than that
+# would run in waves, each with its own scratch. tests/test_kernels_compile.py checks this against
+# the compiled kernel.
 RESIDENT_PER_SM = 1
 
 
@@ -251,7 +275,8 @@ def microadam_step(
         w1, w2: float32 ``[m]``, β1 and β2 to the age of each window row.
         c1, c2: the bias-correction factors (1 − β)/(1 − β^t).
         lr, eps, weight_decay, k_init, quant_block_size, topk_block_size: hyperparameters.
-        stats: where to write the statistics rows (`Stat` columns 0..11), or None to skip them.
+        stats: where to write the statistics rows (`Stat` columns 0..11), or None to skip them;
+            with ``stats.ranges``, also the range counts of g, θ⁺ − θ⁻ and v̂, in the pass.
     """
     if not params:
         return
@@ -267,6 +292,9 @@ def microadam_step(
     partials = (torch.empty((cmap.n_chunks, MICROADAM_STATS), dtype=torch.float32, device=device)
                 if stats is not None else scratch)  # any pointer: not touched without stats
     k_full = blocks(topk_block_size, topk_block_size, k_init).k_full
+    with_ranges = stats is not None and stats.ranges is not None
+    # without them, any pointer: not touched
+    cuts, ranges = kernel_counters(n, device) if with_ranges else (scratch, scratch)
     _microadam_kernel[(programs,)](
         addresses, _meta(numels, topk_block_size, float(k_init), device), n, cmap.chunk_tensor,
         cmap.n_chunks, scratch, partials, w1.to(device), w2.to(device), indices[0].shape[0],
@@ -275,8 +303,11 @@ def microadam_step(
         HAS_WD=weight_decay != 0, WITH_STATS=stats is not None, BLOCK=topk_block_size,
         QBS=quant_block_size, N_Q=topk_block_size // quant_block_size,
         HALF=topk_block_size // 2, KPAD=triton.next_power_of_2(k_full), NCOLS=MICROADAM_STATS,
+        ranges_ptr=ranges, cuts_ptr=cuts, WITH_RANGES=with_ranges, NCUTS=len(range_cuts()),
         num_warps=NUM_WARPS,
     )
     write_back(pairs)
     if stats is not None:
         reduce_partials(partials, cmap.counts, stats, MICROADAM_STATS)
+    if with_ranges:
+        store_levels(stats.ranges, stats.row_index(), ranges)

@@ -1,6 +1,9 @@
 """The dynamic-range counts a sampled step takes of g, θ⁺ − θ⁻ and v: their layout, shared by
-the kernel that fills them in its pass (Adam's C kernel, cpu_kernels.c: `range_cuts`,
-`range_levels`) and the monitor (monitor/ranges.py), and the torch reference computation.
+the kernels that fill them in their pass (the C kernels of Adam and MicroAdam, cpu_kernels.c's
+`range_count`; the Triton kernels of Adam, MicroAdam and Adafactor: `range_cuts`,
+`range_levels`, `store_levels`), the steps made of torch ops that count by an extra pass
+(kernels/whole_ranges.py, `counts_of`), the monitor (monitor/ranges.py), and the torch
+reference computation.
 
 Per quantity, one block of `RANGE_BLOCK` counts: the entries counted; for each (format, what) of
 `RANGE_SHARES` the entries a cast to that format flushes to zero (nonzero → 0) or overflows; a
@@ -26,7 +29,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["RANGE_QUANTITIES", "RANGE_SHARES", "EXP_MIN", "EXP_MAX", "HIST_BINS", "RANGE_BLOCK",
-           "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels"]
+           "FORMAT_LIMITS", "range_counts", "range_cuts", "range_levels", "store_levels",
+           "counts_of", "kernel_counters"]
 
 RANGE_QUANTITIES = ("grad", "update", "moment2")  # g, θ⁺ − θ⁻, v
 RANGE_SHARES = tuple((f, k) for f in ("bf16", "fp16", "fp8e4m3", "fp8e5m2")
@@ -74,8 +78,8 @@ def range_cuts() -> list[int]:
 
 
 def range_levels(fields: Tensor, above: Tensor, scale: Tensor | None = None) -> Tensor:
-    """`range_counts`' layout from a kernel's whole-tensor counts (Adam's C kernel): per tensor
-    ``fields`` ``[n, 256]``, the histogram of |x|'s biased float32 exponent, and ``above``
+    """`range_counts`' layout from a kernel's whole-tensor counts (the C and Triton kernels):
+    per tensor ``fields`` ``[n, 256]``, the histogram of |x|'s biased float32 exponent, and ``above``
     ``[n, len(range_cuts())]``, how many |x| exceed each threshold; float64 ``[n, RANGE_BLOCK]``
     (times ``scale`` per tensor, if given)."""
     fields, above = fields.to(torch.float64), above.to(torch.float64)
@@ -132,3 +136,51 @@ def range_counts(x: Tensor, lengths: Tensor, scale: Tensor) -> Tensor:
     shares = table.sum(dim=1) @ _SHARE_OF_LEVEL.to(device)
     out = torch.cat([lengths.to(torch.float64)[:, None], shares, table.sum(dim=2)], 1)
     return out * scale.to(device, torch.float64)[:, None]
+
+
+def kernel_counters(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a kernel that counts in its pass: the thresholds (`range_cuts`, int32) it compares
+    |x|'s bits with, and zeroed int64 counters ``[n, len(RANGE_QUANTITIES), 256 +
+    len(range_cuts())]`` it adds each tensor's counts to (`store_levels` reads them)."""
+    return (torch.tensor(_CUTS, dtype=torch.int32, device=device),
+            torch.zeros((n, len(RANGE_QUANTITIES), 256 + len(_CUTS)), dtype=torch.int64,
+                        device=device))
+
+
+def store_levels(ranges: Tensor, rows: Tensor, counts: Tensor) -> None:
+    """Writes a kernel's whole-tensor counts into ``ranges`` (`StatsRows.ranges`) at ``rows``:
+    ``counts`` ``[n, len(RANGE_QUANTITIES), 256 + len(range_cuts())]`` integers, per quantity
+    the exponent fields, then the entries above each threshold (the C and Triton kernels'
+    layout), turned into `range_counts`' by `range_levels`."""
+    rows = rows.to(ranges.device, torch.long)
+    for q in range(counts.shape[1]):
+        ranges[rows, q] = range_levels(counts[:, q, :256], counts[:, q, 256:]).to(ranges.device)
+
+
+# Entries counted per call in `counts_of`: its scratch (the bits, the levels) stays at 12 MiB
+# whatever the tensor.
+_CHUNK = 1 << 20
+
+
+def counts_of(x: Tensor) -> Tensor:
+    """Every entry of ``x`` (any float dtype, 1-D) counted as the kernels count: int64 ``[256 +
+    len(range_cuts())]`` on its device, the exponent fields' histogram, then the entries above
+    each threshold (`range_levels` turns them into `range_counts`' layout). Torch ops over
+    chunks of `_CHUNK` entries; a few times faster than `range_counts`' per-entry codes, which
+    only a concatenated sample of many tensors needs."""
+    device = x.device
+    cuts = torch.tensor(_CUTS, dtype=torch.int32, device=device)
+    fields = torch.zeros(256, dtype=torch.int64, device=device)
+    levels = torch.zeros(_LEVELS, dtype=torch.int64, device=device)
+    for start in range(0, x.numel(), _CHUNK):
+        bits = x[start:start + _CHUNK].float().contiguous().view(torch.int32) & 0x7FFFFFFF
+        level = torch.bucketize(bits, cuts)  # cuts[k-1] < bits <= cuts[k]
+        if device.type == "cpu":  # bincount reads the largest value back: CPU only
+            fields += torch.bincount(bits >> 23, minlength=256)
+            levels += torch.bincount(level, minlength=_LEVELS)
+        else:
+            one = torch.ones_like(level, dtype=torch.int64)
+            fields.index_add_(0, (bits >> 23).long(), one)
+            levels.index_add_(0, level.long(), one)
+    above = levels.flip(0).cumsum(0).flip(0)[1:]  # above cut j: level > j
+    return torch.cat([fields, above])

@@ -234,8 +234,10 @@ class OptiscopeOptimizer(torch.optim.Optimizer):
 
     def request_ranges(self) -> None:
         """With `request_stats`: asks the next step to count the dynamic range of g, θ⁺ − θ⁻
-        and v over every entry into ``last_stats.ranges`` (the float32 CPU kernel of Adam and
-        AdamW counts in its pass; tensors it does not step keep NaN rows)."""
+        and v over every entry into ``last_stats.ranges``: in the update's pass where it is a
+        kernel of optiscope's (Adam's and MicroAdam's C and Triton kernels, Adafactor's Triton
+        kernel), by an extra pass where the step is torch ops (docs/optimizers.md has the
+        table); tensors a step does not count (Adam on torch's fused kernel) keep NaN rows."""
         self._ranges_requested = True
 
     def _stats_buffer(self, params: list[Tensor]) -> StepStatsBuffer | None:

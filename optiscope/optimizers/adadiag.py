@@ -27,9 +27,10 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.launch import local
 from optiscope.kernels.stats import NUM_STATS, torch_grad_stats, torch_sq_norms
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
-from optiscope.optimizers.adafactor import adafactor, check_adafactor_hyperparameters
+from optiscope.optimizers.adafactor import adafactor, check_adafactor_hyperparameters, factored_v
 from optiscope.optimizers.adam import adam
 
 __all__ = ["AdaDiag", "AdafacDiag", "adadiag", "adafacdiag"]
@@ -193,7 +194,8 @@ class AdaDiag(_Rotating):
         two_sided: rotate both sides (AdaDiag++) instead of the smaller one (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
             ``"torch"`` (default ``"auto"``): the backend of the Adam step in the rotated basis.
-            Rotations and SVDs are torch operations on either.
+            Rotations and SVDs are torch operations on either, so the dynamic-range counts of a
+            rotated matrix (`request_ranges`) are an extra pass on both; vectors count as Adam.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("exp_avgs", "exp_avg_sqs", "left_bases", "right_bases",
@@ -290,7 +292,9 @@ class AdafacDiag(_Rotating):
         update_proj_gap: T, steps between basis refreshes (default 200).
         two_sided: rotate both sides instead of the smaller one (default False).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
-            ``"torch"`` (default ``"auto"``): the backend of the Adafactor step.
+            ``"torch"`` (default ``"auto"``): the backend of the Adafactor step. The
+            dynamic-range counts of a rotated matrix (`request_ranges`) are an extra pass on
+            both; vectors count as Adafactor.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("row_vars", "col_vars", "exp_avg_sqs", "exp_avgs",
@@ -373,7 +377,7 @@ def adadiag(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 
     _rotated_step(params, grads, left_bases, right_bases, state_steps, lr=lr,
                   weight_decay=weight_decay, update_proj_gap=update_proj_gap, diagonal=diagonal,
-                  stats=stats)
+                  stats=stats, moment2=lambda i: exp_avg_sqs[i])
 
 
 def adafacdiag(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor | None],
@@ -408,9 +412,12 @@ def adafacdiag(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor 
                   weight_decay=decay, scale_parameter=False, relative_step=False,
                   warmup_init=False, backend=backend, stats=rows)
 
+    def moment2(i):
+        return factored_v(row_vars[i], col_vars[i]) if row_vars[i] is not None else exp_avg_sqs[i]
+
     _rotated_step(params, grads, left_bases, right_bases, state_steps, lr=lr,
                   weight_decay=weight_decay, update_proj_gap=update_proj_gap, diagonal=diagonal,
-                  stats=stats)
+                  stats=stats, moment2=moment2)
 
 
 # The diagonal method's functional step over the tensors ``idx`` of the step, applied to
@@ -428,7 +435,12 @@ def _matrix_shape(p: Tensor) -> tuple[int, int] | None:
 
 def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: float,
                   weight_decay: float, update_proj_gap: int, diagonal: DiagonalStep,
-                  stats: StatsRows | None) -> None:
+                  stats: StatsRows | None, moment2: Callable[[int], Tensor]) -> None:
+    """The step of every tensor: the diagonal method on those it does not rotate (which count
+    the range, `request_ranges`, as that method does), on the rotated gradient of the others.
+    For those, the counts of the real g, θ⁺ − θ⁻ and v (``moment2(i)``, in the rotated basis,
+    as the state holds it) are an extra pass over each (`whole_counts`): what the diagonal
+    method's pass sees is the rotated gradient and update."""
     params, grads = [local(p) for p in params], [local(g) for g in grads]
     plain = [i for i, (lb, rb) in enumerate(zip(left_bases, right_bases))
              if lb is None and rb is None]
@@ -473,6 +485,9 @@ def _rotated_step(params, grads, left_bases, right_bases, state_steps, *, lr: fl
             after = theta if in_place else p.reshape(m, n).float()
             after_sq = torch_sq_norms([after])[0]
             update_sq = torch_sq_norms([before.sub_(after)])[0]  # θ⁻ − θ⁺ in place: no temporary
+            if stats.ranges is not None:  # |θ⁻ − θ⁺| = |θ⁺ − θ⁻| bit for bit: counted as is
+                stats.ranges[stats.rows[i]] = whole_counts(
+                    [grads[i], before, moment2(i)]).to(stats.ranges.device)
             shares = _diagonal_shares(g, g_rotated, left, right)
             per_tensor.append(torch.stack([
                 after_sq, update_sq, rows.values[0, Stat.MOMENT1_SQ],

@@ -21,7 +21,9 @@ from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.blocks import Blocks, blocks
 from optiscope.kernels.launch import launch_groups, local
+from optiscope.kernels.ranges import store_levels
 from optiscope.kernels.stats import torch_grad_stats
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import (OptiscopeOptimizer, check_adam_hyperparameters,
                                          check_range)
 
@@ -125,7 +127,10 @@ class MicroAdam(OptiscopeOptimizer):
             block-relative indices fit int16 (default `TOPK_BLOCK_SIZE`, 4096).
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or
             ``"torch"`` (default ``"auto"``). The Triton backend runs one launch per launch group of
-            tensors with equal dtypes and computes the statistics in it.
+            tensors with equal dtypes and computes the statistics in it. The dynamic-range
+            counts (`request_ranges`) are in the pass of the Triton kernel and of the C kernel
+            (float32 CPU tensors); the torch ops (other dtypes, no compiler) count by an extra
+            pass.
 
     ``m``, ``k_init`` and the block sizes fix the shape of a tensor's state at its first step;
     changing them in a group afterwards raises.
@@ -386,10 +391,17 @@ def _microadam_torch(params, grads, errors, min_vals, max_vals, indices, values,
     slot = (step - 1) % indices[0].shape[0]
     rows: list[Tensor | None] = []  # per tensor: the 12 sums of cpu.MICROADAM_STATS' order
     by_ops = []  # the tensors the torch ops stepped: their gradient sums are taken together
+    # the range counts (`request_ranges`): the C kernel's in its pass, into `counters`; the
+    # torch ops' by an extra pass over g, θ⁺ − θ⁻ and v̂ (`whole_counts`), into `counted`
+    counters = (cpu.range_buffer(len(params))
+                if stats is not None and stats.ranges is not None else None)
+    in_pass, counted = [], {}
     for i, p in enumerate(params):
         d = p.numel()
         if d == 0:  # nothing to select or update; its statistics row is zeros
             rows.append(torch.zeros(cpu.MICROADAM_STATS, dtype=torch.float64, device=p.device))
+            if counters is not None:  # its counts stay zero: nothing to count
+                in_pass.append(i)
             continue
         layout = blocks(d, topk_block_size, k_init)
         if _c_kernel_applies(p, grads[i]):
@@ -398,15 +410,25 @@ def _microadam_torch(params, grads, errors, min_vals, max_vals, indices, values,
                 block=layout.size, n_full=layout.n_full, k_full=layout.k_full,
                 tail=layout.tail, k_tail=layout.k_tail, slot=slot,
                 quant_block_size=quant_block_size, w1=w1, w2=w2, c1=c1, c2=c2, lr=lr,
-                weight_decay=weight_decay, eps=eps, stats=stats is not None))
+                weight_decay=weight_decay, eps=eps, stats=stats is not None,
+                ranges=counters[i] if counters is not None else None))
+            if counters is not None:
+                in_pass.append(i)
             continue
         rows.append(_microadam_ops(p, grads[i], errors[i], min_vals[i], max_vals[i], indices[i],
                                    values[i], layout, slot=slot, w1=w1, w2=w2, c1=c1, c2=c2,
                                    lr=lr, weight_decay=weight_decay, eps=eps,
-                                   quant_block_size=quant_block_size, stats=stats is not None))
+                                   quant_block_size=quant_block_size, stats=stats is not None,
+                                   ranges=counted.setdefault(i, []) if counters is not None
+                                   else None))
         by_ops.append(i)
     if stats is None:
         return
+    if in_pass:
+        store_levels(stats.ranges, torch.tensor([stats.rows[i] for i in in_pass]),
+                     torch.from_numpy(counters[in_pass].astype("int64")))
+    for i, counts in counted.items():
+        stats.ranges[stats.rows[i]] = counts[0].to(stats.ranges.device)
     device = params[0].device
     if by_ops:  # Σg², max |g|, the non-finite count of the tensors stepped by torch ops
         grad = torch_grad_stats([grads[i].reshape(-1) for i in by_ops])
@@ -435,9 +457,12 @@ def _c_kernel_applies(p: Tensor, g: Tensor) -> bool:
 
 
 def _microadam_ops(p, g, error, min_vals, max_vals, indices, values, layout, *, slot, w1, w2, c1,
-                   c2, lr, weight_decay, eps, quant_block_size, stats) -> Tensor | None:
+                   c2, lr, weight_decay, eps, quant_block_size, stats,
+                   ranges: list | None = None) -> Tensor | None:
     """One tensor's step by torch ops (any dtype, layout and device); with ``stats``, its 9 sums
-    after the gradient's (`_C_STATS` from PARAM_SQ_BEFORE on), float64."""
+    after the gradient's (`_C_STATS` from PARAM_SQ_BEFORE on), float64, and with ``ranges`` (a
+    list) too, the range counts of g, θ⁺ − θ⁻ and v̂ appended to it: float64 ``[3,
+    RANGE_BLOCK]``, an extra pass over the three (`whole_counts`)."""
     d = p.numel()
     g = g.reshape(-1).float()
     # 1. error feedback: a = g + Q⁻¹(e_t)
@@ -475,6 +500,8 @@ def _microadam_ops(p, g, error, min_vals, max_vals, indices, values, layout, *, 
     if not stats:
         return None
     after = p.reshape(-1).float()
+    if ranges is not None:
+        ranges.append(whole_counts([g, after - before, v_hat]))
     return torch.stack([
         before.square().sum(), after.square().sum(), (after - before).square().sum(),
         m_hat.square().sum(), v_hat.square().sum(), (a - decoded).square().sum(),

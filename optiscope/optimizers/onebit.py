@@ -36,6 +36,7 @@ from torch import Tensor
 
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
+from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
 from optiscope.optimizers.onebit_comm import (CompressionReport, _world, chunk_size,
                                               compressed_bytes, onebit_allreduce, pack_signs,
@@ -129,7 +130,9 @@ class OneBitAdam(OptiscopeOptimizer):
         process_group: the data-parallel group (default None: the default group when
             ``torch.distributed`` is initialized, else a world of one).
         backend: ``"auto"`` (Triton sign packing for CUDA tensors when Triton is importable, torch
-            ops elsewhere), ``"triton"`` or ``"torch"`` (default ``"auto"``).
+            ops elsewhere), ``"triton"`` or ``"torch"`` (default ``"auto"``). The step itself is
+            torch ops on both: the dynamic-range counts (`request_ranges`) are an extra pass
+            over g, θ⁺ − θ⁻ and v on every backend.
     """
 
     stat_columns: ClassVar[frozenset[Stat]] = frozenset({Stat.QUANT_ERROR_SQ,
@@ -378,7 +381,8 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         backend: ``"auto"``, ``"triton"`` or ``"torch"``: how the sign bits are packed
             (default ``"auto"``).
         stats: where to write the worker compression's ``QUANT_ERROR_SQ`` and ``QUANT_INPUT_SQ``
-            (compressed steps only), or None.
+            (compressed steps only), or None; with ``stats.ranges``, the range counts of the
+            local g, θ⁺ − θ⁻ and v, by an extra pass.
         exp_avg_mask: multiplies m after each compressed all-reduce (broadcastable to every
             parameter of the group), or None (default None). Whatever it is, coordinates whose
             frozen v is exactly 0 keep m = 0 on compressed steps.
@@ -422,7 +426,11 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
             stats.subset(frozen).write({Stat.QUANT_ERROR_SQ: report.worker_error_sq,
                                         Stat.QUANT_INPUT_SQ: report.worker_input_sq})
 
+    # the range counts (`request_ranges`): the step is torch ops, with no pass of its own to
+    # count in, so g, θ⁺ − θ⁻ and v are counted by an extra pass over each (`whole_counts`)
+    counting = stats is not None and stats.ranges is not None
     for i, p in enumerate(params):
+        before = p.detach().float().clone() if counting else None
         t = steps[i]
         bc1 = 1 - beta1**t if bias_correction else 1.0
         bc2 = 1 - beta2**min(t, freeze_step) if bias_correction else 1.0
@@ -433,6 +441,9 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         p32.addcdiv_(exp_avgs[i], denom, value=-lr / bc1)
         if p32 is not p:
             p.copy_(p32)
+        if counting:
+            stats.ranges[stats.rows[i]] = whole_counts(
+                [grads[i], p.detach().float() - before, exp_avg_sqs[i]]).to(stats.ranges.device)
     return report
 
 
