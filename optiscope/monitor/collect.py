@@ -95,8 +95,8 @@ class Collector:
         seed: seeds the coordinate samples.
         quant_probes: run the int8/int4 probes of uncompressed moments (`CompressionProbes`).
         range_probes: count the dynamic range of g, θ⁺ − θ⁻ and v (`RangeProbe`) on the
-            samples; ``"exact"``: every entry of the tensors a bundled optimizer counts in its
-            pass (`request_ranges`), the samples elsewhere.
+            samples; ``"exact"``: every entry of the tensors a bundled optimizer counts (in its
+            pass, or by one of its own: `request_ranges`), the samples elsewhere.
     """
 
     def __init__(self, optimizer, slots: list[TensorSlot], *, caps: Capabilities | None = None,

@@ -5,9 +5,10 @@ concatenated coordinate samples of all stepped tensors (a handful of ops whateve
 tensors, no host synchronisation), scaled by each tensor's sample scale (numel / sampled
 entries) so that they add across tensors and DDP/FSDP shards, and written into the per-tensor
 rows (`range_cols`); a sample covering the whole tensor gives exact counts. With
-``range_probes="exact"`` a bundled optimizer whose kernel counts every entry in its pass (Adam
-and AdamW on float32 CPU tensors: cpu_kernels.c) replaces them (`StepStats.ranges`,
-`RangeProbe.exact`).
+``range_probes="exact"`` a bundled optimizer that counts every entry replaces them
+(`StepStats.ranges`, `RangeProbe.exact`): in its kernel's pass where it has one (Adam/AdamW's C
+and Triton kernels, MicroAdam's, Adafactor's Triton update), by a pass of its own elsewhere
+(docs/optimizers.md has the table).
 """
 
 from __future__ import annotations

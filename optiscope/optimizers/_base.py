@@ -75,7 +75,7 @@ class StepStatsBuffer:
         self._row = {id(p): i for i, p in enumerate(params)}
         self.values = torch.full((len(params), NUM_STATS), math.nan,
                                  dtype=_stats_dtype(params[0].device), device=params[0].device)
-        # the dynamic-range counts, host memory: only the CPU kernel counts in its pass
+        # the dynamic-range counts (`request_ranges`), host memory
         self.ranges = (torch.full((len(params), len(RANGE_QUANTITIES), RANGE_BLOCK), math.nan,
                                   dtype=torch.float64) if ranges else None)
         self._elsewhere: list[tuple[list[int], StatsRows]] = []
