@@ -269,3 +269,75 @@ def test_the_rows_functions_write_float64_oracles_where_the_monitor_reads():
         cpu_many.rows_sq(addresses, numels, out, 8)
     with pytest.raises(ValueError, match="rows must be int64"):
         cpu_many.Rows(m, np.array([6], dtype=np.int64))
+
+
+@pytest.mark.parametrize("refs", ["none", "one", "two", "self"])
+def test_sum_take_and_compare_in_one_walk(refs):
+    """`rows_sq_take` against numpy float64 (Σx², the sampled entries, the drift sums of the
+    sample against earlier ones; a reference that is the sample itself gives 0 and its own Σx²)
+    and bit for bit against `rows_sq`, `take` and `rows_sample_sums` called one by one."""
+    rng = np.random.default_rng(11)
+    ts = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in (3, 300, 5000)]
+    numels = np.array([t.numel() for t in ts], dtype=np.int64)
+    addresses = cpu_many.f32_addresses(ts, numels.tolist())
+    where = np.array([4, 0, 2], dtype=np.int64)
+    parts = [np.array([2, 0], dtype=np.int32), np.array([299, 5, 17], dtype=np.int32),
+             np.arange(0, 5000, 500, dtype=np.int32)]
+    index = np.concatenate(parts)
+    counts = np.array([len(p) for p in parts], dtype=np.int64)
+    scales = np.array([1.5, 100.0, 500.0])
+    total = len(index)
+    ref1 = rng.standard_normal(total).astype(np.float32) if refs != "none" else None
+    ref2 = rng.standard_normal(total).astype(np.float32) if refs == "two" else None
+    sample = np.empty(total, dtype=np.float32)
+    if refs == "self":
+        ref2 = sample
+    m = np.full((6, 8), -7.0)
+    got = cpu_many.rows_sq_take(addresses, numels, cpu_many.Rows(m, where), 7, index, counts,
+                                scales, ref1, (0, 1), ref2, (2, 3), sample)
+    assert got is sample
+    bounds = np.cumsum([0, *counts])
+    for k, t in enumerate(ts):
+        x = t.double().numpy()
+        row = m[where[k]]
+        assert row[7] == pytest.approx((x * x).sum(), rel=1e-6)
+        taken = sample[bounds[k]:bounds[k + 1]]
+        assert (taken == t.numpy()[parts[k]]).all()
+        s = taken.astype(np.float64)
+        for ref, (cd, cr) in ((ref1, (0, 1)), (ref2, (2, 3))):
+            if ref is None:
+                assert row[cd] == -7.0 and row[cr] == -7.0
+                continue
+            r = ref[bounds[k]:bounds[k + 1]].astype(np.float64)
+            assert row[cd] == pytest.approx(((s - r) ** 2).sum() * scales[k], rel=1e-14)
+            assert row[cr] == pytest.approx((r ** 2).sum() * scales[k], rel=1e-14)
+        if refs == "self":
+            assert row[2] == 0.0 and row[3] == pytest.approx((s * s).sum() * scales[k], rel=1e-14)
+        assert (row[4:7] == -7.0).all()
+    assert (m[[1, 3, 5]] == -7.0).all()
+
+    # the separate calls, to the bit
+    one = np.full((6, 8), -7.0)
+    out = cpu_many.Rows(one, where)
+    cpu_many.rows_sq(addresses, numels, out, 7)
+    taken = cpu_many.take(addresses, index, counts)
+    if ref1 is not None:
+        cpu_many.rows_sample_sums(taken, ref1, counts, scales, out, 0, 1)
+    if ref2 is not None:
+        cpu_many.rows_sample_sums(taken, taken if refs == "self" else ref2, counts, scales, out,
+                                  2, 3)
+    assert (taken == sample).all()
+    np.testing.assert_array_equal(one, m)
+
+
+def test_sum_and_take_refuse_samples_of_the_wrong_size():
+    ts = [torch.ones(4)]
+    addresses = cpu_many.f32_addresses(ts, [4])
+    out = cpu_many.Rows(np.zeros((1, 4)), np.zeros(1, dtype=np.int64))
+    index, counts = np.arange(2, dtype=np.int32), np.array([2], dtype=np.int64)
+    with pytest.raises(TypeError, match="2 contiguous float32"):
+        cpu_many.rows_sq_take(addresses, np.array([4]), out, 0, index, counts, np.ones(1),
+                              np.zeros(3, dtype=np.float32), (1, 2))
+    with pytest.raises(ValueError, match="counts"):
+        cpu_many.rows_sq_take(addresses, np.array([4]), out, 0, index,
+                              np.array([1], dtype=np.int64), np.ones(1))

@@ -669,6 +669,33 @@ void optiscope_rows_sample_sums(const float *a, const float *b, const int64_t *c
     }
 }
 
+/* One walk over a set of tensors for what the flat path reads of θ or v: Σx² of each into col_sq
+ * (optiscope_rows_sq's, < 0: not summed), its sampled entries into `sample` (optiscope_many_take's)
+ * and, against up to two earlier samples ref1, ref2 (NULL: none), the sums of
+ * optiscope_rows_sample_sums into (col_d1, col_r1) and (col_d2, col_r2). A reference may be
+ * `sample` itself (each tensor's entries are taken before they are compared): a difference of 0
+ * and the sample's own Σx². Every value is the separate functions' to the bit. */
+void optiscope_rows_sq_take(const float *const *xs, const int64_t *ns, int64_t count,
+                            const int32_t *index, const int64_t *counts, const double *scales,
+                            float *sample, const float *ref1, const float *ref2,
+                            const int64_t *where, double *rows, int64_t stride,
+                            const int64_t *cols) {
+    const int64_t col_sq = cols[0];
+    for (int64_t k = 0; k < count; k++) {
+        if (col_sq >= 0) optiscope_rows_sq(xs + k, ns + k, 1, where + k, rows, stride, col_sq);
+        const int64_t c = counts[k];
+        optiscope_many_take(xs + k, index, counts + k, 1, sample);
+        if (ref1) optiscope_rows_sample_sums(sample, ref1, counts + k, scales + k, 1, where + k,
+                                             rows, stride, cols[1], cols[2]);
+        if (ref2) optiscope_rows_sample_sums(sample, ref2, counts + k, scales + k, 1, where + k,
+                                             rows, stride, cols[3], cols[4]);
+        index += c;
+        sample += c;
+        if (ref1) ref1 += c;
+        if (ref2) ref2 += c;
+    }
+}
+
 /* optiscope_rows_grad and optiscope_rows_topk in one walk over the tensors: each tensor's
  * top-k rows read it right after its sums did, while it is in cache. */
 void optiscope_rows_grad_topk(const float *const *xs, const int64_t *ns, int64_t count,

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "optiscope_rows_grad_topk": [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_double]
                                 + [_P] * 4 + [ctypes.c_int64] + [_P] * 3 + [_P, ctypes.c_int64,
                                                                             _P],
+    "optiscope_rows_sq_take": [_P, _P, ctypes.c_int64] + [_P] * 8 + [ctypes.c_int64, _P],
     "optiscope_steps_add_one": [_P, ctypes.c_int64, _P],
     "optiscope_adam_f32_many": ([_P] * 6 + [ctypes.c_int64] + [ctypes.c_float] * 7 + [_P] * 2
                                 + [ctypes.c_int] * 3 + [_P] * 3 + [ctypes.c_int64, _P,
@@ -60,6 +61,7 @@ def available() -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_DATA_PTR = torch.Tensor.data_ptr
 _F32 = torch.float32
 
 
@@ -73,7 +75,7 @@ def f32_addresses(tensors: list, numels: list[int]) -> np.ndarray | None:
         if not (type(t) in _PLAIN and t.dtype is _F32 and t.is_cpu and t.is_contiguous()
                 and t.numel() == n):
             return None
-    return np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+    return np.array(list(map(_DATA_PTR, tensors)), dtype=np.uint64)
 
 
 class AddressCache:
@@ -88,8 +90,8 @@ class AddressCache:
 
     def __call__(self, tensors: list) -> np.ndarray | None:
         try:
-            pointers = [t.data_ptr() for t in tensors]
-        except (AttributeError, RuntimeError):  # not a tensor, or one without storage
+            pointers = list(map(_DATA_PTR, tensors))
+        except (AttributeError, RuntimeError, TypeError):  # not a tensor, or without storage
             return None
         if pointers != self._pointers:
             self._addresses = f32_addresses(tensors, self.numels)
@@ -102,14 +104,28 @@ class AddressCache:
 # Arrays that live across steps (a plan's lengths, indices, scales; the cached addresses), with
 # their address: ``a.ctypes.data`` costs about 2.5 us a call, and a sampled step made ~40.
 _KEPT: dict[int, tuple[weakref.ref, int]] = {}
+_TOTALS: dict[int, int] = {}  # the sums of kept int64 counts (`_total`)
 
 
 def kept(a: np.ndarray) -> np.ndarray:
     """Registers ``a`` (kept and not reallocated by its owner) so that its address is looked up,
     not computed, by the calls here; returns it."""
     key = id(a)
-    _KEPT[key] = (weakref.ref(a, lambda _, k=key: _KEPT.pop(k, None)), a.ctypes.data)
+    _TOTALS.pop(key, None)
+    _KEPT[key] = (weakref.ref(a, lambda _, k=key: (_KEPT.pop(k, None), _TOTALS.pop(k, None))),
+                  a.ctypes.data)
     return a
+
+
+def _total(counts: np.ndarray) -> int:
+    """``counts.sum()``, remembered for a kept int64 array (kept counts are not changed)."""
+    entry = _KEPT.get(id(counts))
+    if entry is None or entry[0]() is not counts or counts.dtype != np.int64:
+        return int(counts.sum()) if len(counts) else 0
+    total = _TOTALS.get(id(counts))
+    if total is None:
+        total = _TOTALS[id(counts)] = int(counts.sum()) if len(counts) else 0
+    return total
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -201,15 +217,44 @@ def rows_sample_sums(a: np.ndarray, b: np.ndarray | None, counts: np.ndarray,
     """Per tensor over its ``counts[k]`` sample entries (``a``, ``b``: float32, end to end), in
     double: ``col_diff`` gets scales[k]·Σ(a − b)² (Σa² when ``b`` is None), ``col_ref``
     scales[k]·Σb²."""
-    total = int(counts.sum()) if len(counts) else 0
-    for x in (a, b):
-        if x is not None and (x.dtype != np.float32 or x.shape != (total,)
-                              or not x.flags.c_contiguous):
-            raise TypeError(f"optiscope.kernels.cpu_many.rows_sample_sums: samples must be "
-                            f"{total} contiguous float32, got {x.dtype} {x.shape}")
+    _samples_of("rows_sample_sums", _total(counts), a, b)
     _lib.optiscope_rows_sample_sums(_ptr(a), _ptr(b) if b is not None else None, _ptr(counts),
                                     _ptr(scales), len(counts), out._where, out.address,
                                     out.stride, *_cols(out, col_diff, col_ref))
+
+
+def _samples_of(name: str, total: int, *xs: np.ndarray | None) -> None:
+    for x in xs:
+        if x is not None and (x.dtype != np.float32 or x.shape != (total,)
+                              or not x.flags.c_contiguous):
+            raise TypeError(f"optiscope.kernels.cpu_many.{name}: samples must be {total} "
+                            f"contiguous float32, got {x.dtype} {x.shape}")
+
+
+def rows_sq_take(addresses: np.ndarray, numels: np.ndarray, out: Rows, col_sq: int,
+                 index: np.ndarray, counts: np.ndarray, scales: np.ndarray,
+                 ref1: np.ndarray | None = None, cols1: tuple[int, int] = (-1, -1),
+                 ref2: np.ndarray | None = None, cols2: tuple[int, int] = (-1, -1),
+                 sample: np.ndarray | None = None) -> np.ndarray:
+    """`rows_sq` into ``col_sq`` (-1: none), `take` and `rows_sample_sums` of that sample
+    against ``ref1`` into ``cols1`` (diff, ref) and ``ref2`` into ``cols2``, in one walk: the
+    sample, float32 (written into ``sample`` when given; a reference may be ``sample`` itself:
+    a difference of 0 and the sample's own sum of squares). The same values as the separate
+    calls, to the bit."""
+    total = len(index)
+    if sample is None:
+        sample = np.empty(total, dtype=np.float32)
+    _samples_of("rows_sq_take", total, sample, ref1, ref2)
+    if len(counts) != len(numels) or _total(counts) != total:
+        raise ValueError(f"optiscope.kernels.cpu_many.rows_sq_take: {len(numels)} tensors and "
+                         f"{total} sampled entries, but counts {counts}")
+    cols = np.array(_cols(out, col_sq, *cols1, *cols2), dtype=np.int64)
+    _lib.optiscope_rows_sq_take(_ptr(addresses), _ptr(numels), len(numels), _ptr(index),
+                                _ptr(counts), _ptr(scales), _ptr(sample),
+                                None if ref1 is None else _ptr(ref1),
+                                None if ref2 is None else _ptr(ref2), out._where, out.address,
+                                out.stride, cols.ctypes.data)
+    return sample
 
 
 def rows_topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths: np.ndarray,

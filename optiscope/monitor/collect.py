@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import attrgetter, is_not
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from optiscope.monitor.stateread import dequantized as _dequantized, readable, s
 __all__ = ["TensorSlot", "Collector", "kept_bytes", "local", "readable", "storage_parts", "sums_dtype"]
 
 _UNRESOLVED = object()
+_PARAM_GRAD = attrgetter("param.grad")
 
 
 def _amp_arg(optimizer, kwargs: dict, name: str) -> Tensor | None:
@@ -126,6 +129,7 @@ class Collector:
         self._stats_where: tuple | None = None
         self._constants: dict[tuple, Tensor] = {}
         self._rows: Tensor | None = None  # the CPU rows' buffer (`_host_rows`)
+        self._rows_np: np.ndarray | None = None  # ... and its numpy array
         # metric -> why it is not recorded: state tensors the monitor cannot read (see `readable`)
         self.unreadable: dict[str, str] = {}
         self.dequantized: set[str] = set()  # subclasses of state read through dequantize()
@@ -273,7 +277,9 @@ class Collector:
             if self.range_probes == "exact" and self.caps.request_ranges is not None:
                 self.caps.request_ranges()  # every entry's range, in the update's pass
         self._rows_begun = False
-        self._active = [i for i, s in enumerate(self.slots) if s.param.grad is not None]
+        # in C over the tensors (attrgetter, map, compress): this runs at every sampled step
+        grads = list(map(_PARAM_GRAD, self.slots))
+        self._active = list(compress(range(len(grads)), map(is_not, grads, repeat(None))))
         for i in [i for i in self._active if self.slots[i].sample is None]:
             self._prepare(self.slots[i])
         self._pre = {}
@@ -288,8 +294,8 @@ class Collector:
         want_update = Stat.UPDATE_SQ not in self.produced
         if plan is not None:
             host = self._begin_rows()  # the C sums write into the rows from here on
-            self._flat_pre = plan.grad_columns([s.param.grad for s in plan.slots], self.produced,
-                                               grad_scale, want_update, host)
+            self._flat_pre = plan.grad_columns(list(map(grads.__getitem__, plan.where)),
+                                               self.produced, grad_scale, want_update, host)
         rest = self._rest
         params = [local(self.slots[i].param) for i in rest]
         grads = [_dense(local(self.slots[i].param.grad)) for i in rest]
@@ -345,7 +351,7 @@ class Collector:
         """On the CPU: the host rows, NaN again, that this step's sums are written into from
         `begin` on (`end` then keeps them); elsewhere None."""
         self._rows_begun = local(self.slots[0].param).device.type == "cpu"
-        return self._host_rows().numpy() if self._rows_begun else None
+        return self._np(self._host_rows()) if self._rows_begun else None
 
     def _host_rows(self) -> Tensor:
         """The CPU rows, one buffer kept from step to step (the monitor copies what it reads
@@ -353,10 +359,16 @@ class Collector:
         buffer of 148 tensors' rows (588 KB with the range columns) cost more than the sums."""
         n = len(self.slots)
         if self._rows is None or self._rows.shape[0] != n:
-            self._rows = torch.from_numpy(np.full((n, ROW_COLS), math.nan, dtype=np.float64))
+            self._rows_np = np.full((n, ROW_COLS), math.nan, dtype=np.float64)
+            self._rows = torch.from_numpy(self._rows_np)
         else:  # the range columns stay NaN while nothing writes them
-            self._rows.numpy()[:, :ROW_COLS if self.range_probes else NUM_COLS] = math.nan
+            self._rows_np[:, :ROW_COLS if self.range_probes else NUM_COLS] = math.nan
         return self._rows
+
+    def _np(self, rows: Tensor) -> np.ndarray:
+        """The CPU ``rows`` as numpy: the kept buffer's one array (the C sums' writers are
+        cached by it), else a view made now."""
+        return self._rows_np if rows is self._rows else rows.numpy()
 
     def _put(self, rows: Tensor, where, columns: dict[Col, object]) -> None:
         """Writes per-tensor ``columns`` into ``rows`` at ``where``: one stack, one index_put
@@ -366,7 +378,7 @@ class Collector:
         cols = sorted(columns)
         if rows.device.type == "cpu":  # a column at a time: no stacked copy
             at = where.numpy() if isinstance(where, Tensor) else where
-            host = rows.numpy()
+            host = self._np(rows)
             for c in cols:
                 host[at, c] = columns[c]
             return
@@ -403,7 +415,7 @@ class Collector:
 
         plan = self._plan
         if plan is not None:
-            host = rows.numpy() if device.type == "cpu" else None
+            host = self._np(rows) if device.type == "cpu" else None
             columns = {c: v for c, v in self._flat_pre.items() if v is not None}
             columns.update(plan.param_columns(self.produced, host))
             self._put(rows, plan.index, columns)
@@ -462,7 +474,7 @@ class Collector:
         if plan is not None:
             if not plan.moments_ready:
                 plan.find_moments(self)
-            host = rows.numpy() if device.type == "cpu" else None
+            host = self._np(rows) if device.type == "cpu" else None
             for where, columns in plan.moment_columns(self.optimizer.state, want_m1, want_m2,
                                                       freeze_now, host):
                 self._put(rows, where, columns)

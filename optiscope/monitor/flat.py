@@ -252,7 +252,7 @@ class FlatPlan:
         self.m_host = self.v_host = None
         self.where_host = np.array(where, dtype=np.int64)
         self.m_where_host = self.v_where_host = None
-        self._outs: dict[str, tuple] = {}  # which set -> (the rows' address and shape, Rows)
+        self._outs: dict[str, cpu_many.Rows] = {}  # which set -> where it writes (`host_out`)
         self._dicts: dict[str, tuple] = {}  # which set -> (state keys, state values, its dicts)
         self.step = StepData()
         self.moments_ready = False   # m and v partitions are found at the first end()
@@ -463,12 +463,12 @@ class FlatPlan:
 
     def host_out(self, rows: np.ndarray, which: str) -> cpu_many.Rows:
         """Where the C sums of a set (``"plan"``, ``"m"``, ``"v"``) write in the host rows."""
-        key = (rows.ctypes.data, rows.shape)
-        cached = self._outs.get(which)
-        if cached is None or cached[0] != key:  # (a Rows keeps its array: no address reused)
-            where = {"plan": self.where_host, "m": self.m_where_host, "v": self.v_where_host}
-            cached = self._outs[which] = (key, cpu_many.Rows(rows, where[which]))
-        return cached[1]
+        where = (self.where_host if which == "plan" else self.m_where_host if which == "m"
+                 else self.v_where_host)
+        out = self._outs.get(which)
+        if out is None or out.rows is not rows or out.where is not where:  # (compared by
+            out = self._outs[which] = cpu_many.Rows(rows, where)  # identity: the collector
+        return out  # passes one array, kept; find_moments makes new rows for m and v)
 
     def buffers(self) -> list[Tensor]:
         """What the plan keeps between steps (for the monitor's memory figure)."""

@@ -71,6 +71,11 @@ class HostSegments:
     def take(self, addresses: np.ndarray) -> np.ndarray:
         return cpu_many.take(addresses, self.index, self.counts)
 
+    def sq_take(self, addresses: np.ndarray, out: cpu_many.Rows, col_sq: int, *refs) -> np.ndarray:
+        """`cpu_many.rows_sq_take` over these tensors (``refs``: its optional arguments)."""
+        return cpu_many.rows_sq_take(addresses, self.numels, out, col_sq, self.index,
+                                     self.counts, self.scale, *refs)
+
 
 _GRAD_TOPK = (Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE, Col.TOPK_KEPT_SQ,
               Col.TOPK_TOTAL_SQ)
@@ -149,10 +154,13 @@ def grad_columns(plan, grads: list, produced, grad_scale, want_update: bool, wan
         cpu_many.rows_grad(g, seg.numels, inv, out, Col.GRAD_SQ, Col.GRAD_ABSMAX,
                            Col.GRAD_NONFINITE)
         written.update(dict.fromkeys((Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE)))
-    if want_before:
+    before = None
+    if take_before:  # θ's sum and sample in one walk
+        before = torch.from_numpy(seg.sq_take(p, out, Col.PARAM_SQ_BEFORE if want_before else -1))
+    elif want_before:
         cpu_many.rows_sq(p, seg.numels, out, Col.PARAM_SQ_BEFORE)
+    if want_before:
         written[Col.PARAM_SQ_BEFORE] = None
-    before = torch.from_numpy(seg.take(p)) if take_before else None  # as the torch path's
     plan.step.before = before if want_update else None
     plan.step.range_before = before if plan.want_ranges else None
     plan.step.g_sample = torch.from_numpy(seg.take(g)) if plan.want_ranges else None
@@ -170,13 +178,14 @@ def param_columns(plan, produced, rows: np.ndarray) -> bool:
         return False
     step = plan.step
     out = plan.host_out(rows, "plan")
-    if Stat.PARAM_SQ_AFTER not in produced:
-        cpu_many.rows_sq(p, seg.numels, out, Col.PARAM_SQ_AFTER)
-    after = seg.take(p) if step.before is not None or step.range_before is not None else None
-    if step.before is not None:
-        cpu_many.rows_sample_sums(after, step.before.numpy(), seg.counts, seg.scale, out,
-                                  Col.UPDATE_SQ)
+    col_sq = Col.PARAM_SQ_AFTER if Stat.PARAM_SQ_AFTER not in produced else -1
+    after = None
+    if step.before is not None or step.range_before is not None:  # one walk: Σθ², sample, Σ(Δθ)²
+        before = step.before.numpy() if step.before is not None else None
+        after = seg.sq_take(p, out, col_sq, before, (Col.UPDATE_SQ, -1))
         step.before = None
+    elif col_sq >= 0:
+        cpu_many.rows_sq(p, seg.numels, out, col_sq)
     if step.range_before is not None:
         step.range_update = torch.from_numpy(after - step.range_before.numpy())
         step.range_before = None
@@ -201,18 +210,16 @@ def moment_columns(plan, state: dict, want_m1: bool, want_m2: bool, freeze_now: 
     if v is None:
         return True
     seg: HostSegments = plan.v_host
-    out = plan.host_out(rows, "v")
-    sample = seg.take(v)
-    plan.step.v_sample = torch.from_numpy(sample)
-    if want_m2:
-        cpu_many.rows_sq(v, seg.numels, out, Col.MOMENT2_SQ)
-    if plan.v_prev is not None:
-        cpu_many.rows_sample_sums(sample, plan.v_prev.numpy(), seg.counts, seg.scale, out,
-                                  Col.DRIFT_DIFF_SQ, Col.DRIFT_PREV_SQ)
-    plan.v_prev = plan.step.v_sample
+    # one walk: Σv², v's sample, its drift from the last sample and from the frozen one (the
+    # sample itself when it is frozen now)
+    sample = np.empty(len(seg.index), dtype=np.float32)
+    frozen = sample if freeze_now else (plan.v_frozen.numpy() if plan.v_frozen is not None
+                                        else None)
+    seg.sq_take(v, plan.host_out(rows, "v"), Col.MOMENT2_SQ if want_m2 else -1,
+                plan.v_prev.numpy() if plan.v_prev is not None else None,
+                (Col.DRIFT_DIFF_SQ, Col.DRIFT_PREV_SQ), frozen,
+                (Col.FREEZE_DIFF_SQ, Col.FREEZE_REF_SQ), sample)
+    plan.step.v_sample = plan.v_prev = torch.from_numpy(sample)
     if freeze_now:
         plan.v_frozen = plan.step.v_sample
-    if plan.v_frozen is not None:
-        cpu_many.rows_sample_sums(sample, plan.v_frozen.numpy(), seg.counts, seg.scale, out,
-                                  Col.FREEZE_DIFF_SQ, Col.FREEZE_REF_SQ)
     return True
