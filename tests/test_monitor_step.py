@@ -14,10 +14,10 @@ from optiscope.monitor.collect import Collector, TensorSlot
 from optiscope.monitor.metrics import Col
 
 OP_FLOOR = 150  # dispatched non-view aten ops per sampled step at 148 tensors (issue 17)
-# calls into the C library per sampled step on the CPU: one per quantity (the gradients' sums
-# with the top-k probe, θ's sums and samples before and after, m's and v's sums, v's samples,
-# the sample sums of the update and of v's drift)
-C_CALLS = 10
+# calls into the C library per sampled step on the CPU, one per set of tensors read: the
+# gradients (sums and top-k probe), θ before and after (sums, samples, the update's sample sums),
+# m (sums), v (sums, samples, drift sums); the bundled AdamW gives most of them from its pass
+C_CALLS = {"bundled": 2, "foreign": 5}
 
 
 @pytest.mark.parametrize("kind", ["bundled", "foreign"])
@@ -26,7 +26,7 @@ def test_a_sampled_step_of_148_tensors_dispatches_at_most_150_ops(kind):
     which still gather each tensor's sample (see the README's overhead figures)."""
     ops = count_ops(kind, 148, probes=False)
     assert ops["ops"] <= OP_FLOOR, ops["op_counts"]
-    assert ops["c_calls"] <= C_CALLS  # one per quantity, not per tensor (below)
+    assert ops["c_calls"] <= C_CALLS[kind]  # per set of tensors, not per tensor (below)
 
 
 @pytest.mark.slow
