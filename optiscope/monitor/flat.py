@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from operator import is_
+from operator import getitem, is_
 
 import numpy as np
 import torch
@@ -447,7 +447,7 @@ class FlatPlan:
     def moment_tensors(self, state: dict, which: str) -> list[Tensor]:
         """The optimizer's m (``which="m"``) or v of the tensors that have a plain one."""
         slots, keys = (self.m_slots, self.m_keys) if which == "m" else (self.v_slots, self.v_keys)
-        return [d[k] for d, k in zip(self._state_dicts(state, which, slots), keys)]
+        return list(map(getitem, self._state_dicts(state, which, slots), keys))
 
     def _state_dicts(self, state: dict, which: str, slots: list) -> list[dict]:
         """``[state[s.param] for s in slots]``, without hashing a parameter (`Tensor.__hash__`
