@@ -341,3 +341,44 @@ def test_sum_and_take_refuse_samples_of_the_wrong_size():
     with pytest.raises(ValueError, match="counts"):
         cpu_many.rows_sq_take(addresses, np.array([4]), out, 0, index,
                               np.array([1], dtype=np.int64), np.ones(1))
+
+
+def test_a_sample_set_refuses_what_the_c_walk_could_read_out_of_bounds():
+    """An index past its tensor, counts that do not add up, or another number of addresses
+    or rows than tensors: refused before any pointer is read."""
+    numels = np.array([4, 2], dtype=np.int64)
+    counts = np.array([2, 1], dtype=np.int64)
+    scales = np.ones(2)
+    with pytest.raises(ValueError, match="outside its tensor"):
+        cpu_many.SampleSet(numels, np.array([0, 3, 2], dtype=np.int32), counts, scales)
+    with pytest.raises(ValueError, match="counts"):
+        cpu_many.SampleSet(numels, np.array([0, 3], dtype=np.int32), counts, scales)
+    with pytest.raises(TypeError, match="int32 indices"):
+        cpu_many.SampleSet(numels, np.array([0, 3, 1], dtype=np.int64), counts, scales)
+    one = cpu_many.SampleSet(numels, np.array([0, 3, 1], dtype=np.int32), counts, scales)
+    ts = [torch.arange(4.0), torch.arange(2.0)]
+    addresses = cpu_many.f32_addresses(ts, [4, 2])
+    rows = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="2 tensors, got 1 addresses"):
+        one.sq_take(addresses[:1], cpu_many.Rows(rows, np.arange(2, dtype=np.int64)), 0)
+    with pytest.raises(ValueError, match="and 1 rows"):
+        one.sq_take(addresses, cpu_many.Rows(rows, np.arange(1, dtype=np.int64)), 0)
+    sample = one.sq_take(addresses, cpu_many.Rows(rows, np.arange(2, dtype=np.int64)), 0)
+    assert sample.tolist() == [0.0, 3.0, 1.0] and rows[:, 0].tolist() == [14.0, 1.0]
+
+
+def test_the_rows_functions_refuse_other_counts_of_addresses_and_rows():
+    ts = [torch.ones(3), torch.ones(5)]
+    numels = np.array([3, 5], dtype=np.int64)
+    addresses = cpu_many.f32_addresses(ts, [3, 5])
+    m = np.zeros((2, 4))
+    one_row = cpu_many.Rows(m, np.zeros(1, dtype=np.int64))
+    with pytest.raises(ValueError, match="2 tensors, but 2 addresses, 1 rows"):
+        cpu_many.rows_sq(addresses, numels, one_row, 0)
+    with pytest.raises(ValueError, match="2 tensors, but 1 addresses"):
+        cpu_many.rows_grad(addresses[:1], numels, None,
+                           cpu_many.Rows(m, np.arange(2, dtype=np.int64)), 0, 1, 2)
+    with pytest.raises(ValueError, match="rows_sample_sums: 2 tensors, but 2 scales and 1 rows"):
+        cpu_many.rows_sample_sums(np.ones(8, dtype=np.float32), None,
+                                  np.array([3, 5], dtype=np.int64), np.ones(2), one_row, 0)
+    assert (m == 0).all()

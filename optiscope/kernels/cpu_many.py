@@ -195,6 +195,17 @@ class Rows:
         self._where = where.ctypes.data
 
 
+def _one_each(name: str, addresses: np.ndarray, numels: np.ndarray, out: Rows,
+              *more: np.ndarray) -> None:
+    """One address, one length and one row (and one of each of ``more``) per tensor: the C walks
+    index them all by the tensor's number."""
+    n = len(numels)
+    if len(addresses) != n or len(out.where) != n or any(len(m) != n for m in more):
+        raise ValueError(f"optiscope.kernels.cpu_many.{name}: {n} tensors, but "
+                         f"{len(addresses)} addresses, {len(out.where)} rows and "
+                         f"{[len(m) for m in more]} per-tensor values")
+
+
 def _cols(rows: Rows, *cols: int) -> list[int]:
     for c in cols:
         if not -1 <= c < rows.stride:
@@ -207,6 +218,7 @@ def rows_grad(addresses: np.ndarray, numels: np.ndarray, inv_scale: float | None
               col_sq: int, col_max: int, col_bad: int) -> None:
     """`grad_sums` into ``out``: Σg², max |g| (inf after a non-finite entry), the non-finite
     count, the first two divided by the loss scale (``inv_scale``: 1 / scale, or None)."""
+    _one_each("rows_grad", addresses, numels, out)
     _lib.optiscope_rows_grad(_ptr(addresses), _ptr(numels), len(numels), inv_scale is not None,
                              1.0 if inv_scale is None else inv_scale, out._where, out.address,
                              out.stride, *_cols(out, col_sq, col_max, col_bad))
@@ -214,6 +226,7 @@ def rows_grad(addresses: np.ndarray, numels: np.ndarray, inv_scale: float | None
 
 def rows_sq(addresses: np.ndarray, numels: np.ndarray, out: Rows, col: int) -> None:
     """`sq_sums` into column ``col`` of ``out``."""
+    _one_each("rows_sq", addresses, numels, out)
     _lib.optiscope_rows_sq(_ptr(addresses), _ptr(numels), len(numels), out._where, out.address,
                            out.stride, *_cols(out, col))
 
@@ -224,6 +237,9 @@ def rows_sample_sums(a: np.ndarray, b: np.ndarray | None, counts: np.ndarray,
     double: ``col_diff`` gets scales[k]·Σ(a − b)² (Σa² when ``b`` is None), ``col_ref``
     scales[k]·Σb²."""
     _samples_of("rows_sample_sums", _total(counts), a, b)
+    if len(scales) != len(counts) or len(out.where) != len(counts):
+        raise ValueError(f"optiscope.kernels.cpu_many.rows_sample_sums: {len(counts)} tensors, "
+                         f"but {len(scales)} scales and {len(out.where)} rows")
     _lib.optiscope_rows_sample_sums(_ptr(a), _ptr(b) if b is not None else None, _ptr(counts),
                                     _ptr(scales), len(counts), out._where, out.address,
                                     out.stride, *_cols(out, col_diff, col_ref))
@@ -237,30 +253,73 @@ def _samples_of(name: str, total: int, *xs: np.ndarray | None) -> None:
                             f"contiguous float32, got {x.dtype} {x.shape}")
 
 
+class SampleSet:
+    """A set of tensors' lengths and sampled entries for `sq_take`, checked once and kept with
+    their addresses (a sampled step calls it for θ before and after and for v: each call's
+    Python meets cold caches after the optimizer's step, where a lookup costs microseconds).
+
+    Args:
+        numels: int64, the tensors' lengths.
+        index: int32, each tensor's sampled local indices, end to end.
+        counts: int64, each tensor's number of them.
+        scales: float64, each tensor's sample scale.
+    """
+
+    def __init__(self, numels: np.ndarray, index: np.ndarray, counts: np.ndarray,
+                 scales: np.ndarray):
+        n = len(numels)
+        if (numels.dtype != np.int64 or index.dtype != np.int32 or counts.dtype != np.int64
+                or scales.dtype != np.float64 or len(counts) != n or len(scales) != n):
+            raise TypeError(f"optiscope.kernels.cpu_many.SampleSet: int64 lengths, int32 "
+                            f"indices, int64 counts and float64 scales of {n} tensors, got "
+                            f"{numels.dtype}, {index.dtype}, {counts.dtype} {counts.shape}, "
+                            f"{scales.dtype} {scales.shape}")
+        total = int(counts.sum()) if n else 0
+        if total != len(index) or (counts < 0).any():
+            raise ValueError(f"optiscope.kernels.cpu_many.SampleSet: {len(index)} sampled "
+                             f"entries, but counts {counts}")
+        if len(index) and ((index < 0).any() or (index >= np.repeat(numels, counts)).any()):
+            raise ValueError("optiscope.kernels.cpu_many.SampleSet: a sampled index outside "
+                             "its tensor")
+        self.n, self.total = n, total
+        self.numels, self.index, self.counts, self.scales = (
+            np.ascontiguousarray(a) for a in (numels, index, counts, scales))
+        self._args = tuple(a.ctypes.data for a in (self.numels, self.index, self.counts,
+                                                    self.scales))
+        self._cols: dict[tuple, np.ndarray] = {}
+
+    def sq_take(self, addresses: np.ndarray, out: Rows, col_sq: int,
+                ref1: np.ndarray | None = None, cols1: tuple[int, int] = (-1, -1),
+                ref2: np.ndarray | None = None, cols2: tuple[int, int] = (-1, -1),
+                sample: np.ndarray | None = None) -> np.ndarray:
+        """`rows_sq` into ``col_sq`` (-1: none), `take` and `rows_sample_sums` of that sample
+        against ``ref1`` into ``cols1`` (diff, ref) and ``ref2`` into ``cols2``, in one walk:
+        the sample, float32 (written into ``sample`` when given; a reference may be ``sample``
+        itself: a difference of 0 and the sample's own sum of squares). The same values as the
+        separate calls, to the bit."""
+        if sample is None:
+            sample = np.empty(self.total, dtype=np.float32)
+        _samples_of("SampleSet.sq_take", self.total, sample, ref1, ref2)
+        if len(addresses) != self.n or addresses.dtype != np.uint64 or len(out.where) != self.n:
+            raise ValueError(f"optiscope.kernels.cpu_many.SampleSet.sq_take: {self.n} tensors, "
+                             f"got {len(addresses)} addresses and {len(out.where)} rows")
+        key = (out.stride, col_sq, *cols1, *cols2)
+        cols = self._cols.get(key)
+        if cols is None:
+            cols = self._cols[key] = np.array(_cols(out, *key[1:]), dtype=np.int64)
+        numels, index, counts, scales = self._args
+        _lib.optiscope_rows_sq_take(_ptr(addresses), numels, self.n, index, counts, scales,
+                                    sample.ctypes.data, None if ref1 is None else _ptr(ref1),
+                                    None if ref2 is None else _ptr(ref2), out._where,
+                                    out.address, out.stride, cols.ctypes.data)
+        return sample
+
+
 def rows_sq_take(addresses: np.ndarray, numels: np.ndarray, out: Rows, col_sq: int,
                  index: np.ndarray, counts: np.ndarray, scales: np.ndarray,
-                 ref1: np.ndarray | None = None, cols1: tuple[int, int] = (-1, -1),
-                 ref2: np.ndarray | None = None, cols2: tuple[int, int] = (-1, -1),
-                 sample: np.ndarray | None = None) -> np.ndarray:
-    """`rows_sq` into ``col_sq`` (-1: none), `take` and `rows_sample_sums` of that sample
-    against ``ref1`` into ``cols1`` (diff, ref) and ``ref2`` into ``cols2``, in one walk: the
-    sample, float32 (written into ``sample`` when given; a reference may be ``sample`` itself:
-    a difference of 0 and the sample's own sum of squares). The same values as the separate
-    calls, to the bit."""
-    total = len(index)
-    if sample is None:
-        sample = np.empty(total, dtype=np.float32)
-    _samples_of("rows_sq_take", total, sample, ref1, ref2)
-    if len(counts) != len(numels) or _total(counts) != total:
-        raise ValueError(f"optiscope.kernels.cpu_many.rows_sq_take: {len(numels)} tensors and "
-                         f"{total} sampled entries, but counts {counts}")
-    cols = np.array(_cols(out, col_sq, *cols1, *cols2), dtype=np.int64)
-    _lib.optiscope_rows_sq_take(_ptr(addresses), _ptr(numels), len(numels), _ptr(index),
-                                _ptr(counts), _ptr(scales), _ptr(sample),
-                                None if ref1 is None else _ptr(ref1),
-                                None if ref2 is None else _ptr(ref2), out._where, out.address,
-                                out.stride, cols.ctypes.data)
-    return sample
+                 *refs) -> np.ndarray:
+    """`SampleSet.sq_take` of a set made for this call (``refs``: its optional arguments)."""
+    return SampleSet(numels, index, counts, scales).sq_take(addresses, out, col_sq, *refs)
 
 
 def rows_topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
@@ -268,9 +327,11 @@ def rows_topk(addresses: np.ndarray, of: np.ndarray, starts: np.ndarray, lengths
               col_kept: int, col_total: int) -> None:
     """`topk` into ``out``: each tensor's rows (``of`` ascending) added in order, times
     ``scales[k]``."""
+    _one_each("rows_topk", addresses, scales, out)
     _lib.optiscope_rows_topk(_ptr(addresses), _ptr(of), _ptr(starts), _ptr(lengths), _ptr(ks),
                              len(of), _ptr(scratch), _ptr(scales), len(scales), out._where,
                              out.address, out.stride, *_cols(out, col_kept, col_total))
+
 
 def rows_grad_topk(addresses: np.ndarray, numels: np.ndarray, inv_scale: float | None,
                    of: np.ndarray, starts: np.ndarray, lengths: np.ndarray, ks: np.ndarray,
@@ -278,6 +339,7 @@ def rows_grad_topk(addresses: np.ndarray, numels: np.ndarray, inv_scale: float |
     """`rows_grad` and `rows_topk` of the same tensors in one walk (each tensor read once
     while in cache); ``cols``: int64, the columns of Σg², max |g|, the non-finite count, the
     kept and the total mass."""
+    _one_each("rows_grad_topk", addresses, numels, out, scales)
     _cols(out, *cols.tolist())
     _lib.optiscope_rows_grad_topk(_ptr(addresses), _ptr(numels), len(numels),
                                   inv_scale is not None, 1.0 if inv_scale is None else inv_scale,

@@ -53,6 +53,7 @@ class HostSegments:
         self.scale = cpu_many.kept(np.array([s.scale for s in samples], dtype=np.float64))
         self._numels = list(numels)
         self._caches: dict[str, cpu_many.AddressCache] = {}
+        self._set = cpu_many.SampleSet(self.numels, self.index, self.counts, self.scale)
 
     def addresses(self, tensors: list, kept: str | None = None) -> np.ndarray | None:
         """The tensors' checked addresses (None: not all plain float32 of their lengths);
@@ -72,9 +73,8 @@ class HostSegments:
         return cpu_many.take(addresses, self.index, self.counts)
 
     def sq_take(self, addresses: np.ndarray, out: cpu_many.Rows, col_sq: int, *refs) -> np.ndarray:
-        """`cpu_many.rows_sq_take` over these tensors (``refs``: its optional arguments)."""
-        return cpu_many.rows_sq_take(addresses, self.numels, out, col_sq, self.index,
-                                     self.counts, self.scale, *refs)
+        """`cpu_many.SampleSet.sq_take` over these tensors (``refs``: its optional arguments)."""
+        return self._set.sq_take(addresses, out, col_sq, *refs)
 
 
 _GRAD_TOPK = (Col.GRAD_SQ, Col.GRAD_ABSMAX, Col.GRAD_NONFINITE, Col.TOPK_KEPT_SQ,
