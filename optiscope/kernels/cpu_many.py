@@ -1,7 +1,8 @@
 """The monitor's sums over many small float32 CPU tensors in one C call each (``cpu_kernels.c``,
 "many small tensors at once"): the tensors are read where they lie, through an array of their
-addresses, so a model's 148 biases and small matrices cost one call per quantity instead of a
-concatenation and a torch reduction (each 100-300 us on a CPU, whatever the size).
+addresses, so a model's 148 biases and small matrices cost one call per set of tensors (and
+quantities read together in one walk) instead of a concatenation and a torch reduction per
+quantity (each 100-300 us on a CPU, whatever the size).
 
 Raw pointers only ever see plain tensors: `f32_addresses` checks every tensor each time it is
 given new ones (`AddressCache` re-checks only when an address changes), and returns None for
