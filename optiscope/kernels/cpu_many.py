@@ -111,28 +111,14 @@ class AddressCache:
 # Arrays that live across steps (a plan's lengths, indices, scales; the cached addresses), with
 # their address: ``a.ctypes.data`` costs about 2.5 us a call, and a sampled step made ~40.
 _KEPT: dict[int, tuple[weakref.ref, int]] = {}
-_TOTALS: dict[int, int] = {}  # the sums of kept int64 counts (`_total`)
 
 
 def kept(a: np.ndarray) -> np.ndarray:
     """Registers ``a`` (kept and not reallocated by its owner) so that its address is looked up,
     not computed, by the calls here; returns it."""
     key = id(a)
-    _TOTALS.pop(key, None)
-    _KEPT[key] = (weakref.ref(a, lambda _, k=key: (_KEPT.pop(k, None), _TOTALS.pop(k, None))),
-                  a.ctypes.data)
+    _KEPT[key] = (weakref.ref(a, lambda _, k=key: _KEPT.pop(k, None)), a.ctypes.data)
     return a
-
-
-def _total(counts: np.ndarray) -> int:
-    """``counts.sum()``, remembered for a kept int64 array (kept counts are not changed)."""
-    entry = _KEPT.get(id(counts))
-    if entry is None or entry[0]() is not counts or counts.dtype != np.int64:
-        return int(counts.sum()) if len(counts) else 0
-    total = _TOTALS.get(id(counts))
-    if total is None:
-        total = _TOTALS[id(counts)] = int(counts.sum()) if len(counts) else 0
-    return total
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -237,7 +223,7 @@ def rows_sample_sums(a: np.ndarray, b: np.ndarray | None, counts: np.ndarray,
     """Per tensor over its ``counts[k]`` sample entries (``a``, ``b``: float32, end to end), in
     double: ``col_diff`` gets scales[k]·Σ(a − b)² (Σa² when ``b`` is None), ``col_ref``
     scales[k]·Σb²."""
-    _samples_of("rows_sample_sums", _total(counts), a, b)
+    _samples_of("rows_sample_sums", int(counts.sum()) if len(counts) else 0, a, b)
     if len(scales) != len(counts) or len(out.where) != len(counts):
         raise ValueError(f"optiscope.kernels.cpu_many.rows_sample_sums: {len(counts)} tensors, "
                          f"but {len(scales)} scales and {len(out.where)} rows")

@@ -278,8 +278,8 @@ class Collector:
                 self.caps.request_ranges()  # every entry's range, in the update's pass
         self._rows_begun = False
         # in C over the tensors (attrgetter, map, compress): this runs at every sampled step
-        grads = list(map(_PARAM_GRAD, self.slots))
-        self._active = list(compress(range(len(grads)), map(is_not, grads, repeat(None))))
+        all_grads = list(map(_PARAM_GRAD, self.slots))
+        self._active = list(compress(range(len(all_grads)), map(is_not, all_grads, repeat(None))))
         for i in [i for i in self._active if self.slots[i].sample is None]:
             self._prepare(self.slots[i])
         self._pre = {}
@@ -294,7 +294,7 @@ class Collector:
         want_update = Stat.UPDATE_SQ not in self.produced
         if plan is not None:
             host = self._begin_rows()  # the C sums write into the rows from here on
-            self._flat_pre = plan.grad_columns(list(map(grads.__getitem__, plan.where)),
+            self._flat_pre = plan.grad_columns(list(map(all_grads.__getitem__, plan.where)),
                                                self.produced, grad_scale, want_update, host)
         rest = self._rest
         params = [local(self.slots[i].param) for i in rest]

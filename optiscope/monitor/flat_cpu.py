@@ -66,9 +66,6 @@ class HostSegments:
             cache = self._caches[kept] = cpu_many.AddressCache(self._numels)
         return cache(tensors)
 
-    def sq(self, addresses: np.ndarray) -> np.ndarray:
-        return cpu_many.sq_sums(addresses, self.numels)
-
     def take(self, addresses: np.ndarray) -> np.ndarray:
         return cpu_many.take(addresses, self.index, self.counts)
 
