@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,42 @@ def test_resume_from_a_checkpoint_supersedes_the_abandoned_steps(tmp_path):
     assert steps.tolist() == list(range(1, 10))
     assert run.last_step() == 9
     assert mon.history.series("grad_norm")[0].tolist() == [1, 3, 5, 7, 9]  # in memory too
+
+
+def test_a_rewind_in_process_drops_the_abandoned_histograms_as_the_run_log_does(tmp_path):
+    # load_state_dict on the live monitor (a trainer restoring a checkpoint in process): the
+    # histograms of the abandoned steps 4-6 must leave the history in memory as they leave
+    # the file's reader (the oracle: `load_run`, which voids them by the resume record)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mon = OptimizerMonitor(opt, model=model, log_dir=tmp_path, console=False, tensorboard=False,
+                           report=False, range_probes=True)
+
+    def train(steps):
+        for t in steps:
+            x, y = _batch(t)
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            mon.log_scalar("seen", float(t))
+            if t == 3:
+                yield mon.state_dict()
+
+    saved = list(train(range(1, 7)))[0]
+    model[0].weight.data.mul_(1.5)  # the resumed steps' values differ from the abandoned ones
+    mon.load_state_dict(saved)
+    list(train(range(4, 6)))
+    mon.close()
+
+    run = load_run(tmp_path)
+    assert run.histogram_quantities() == mon.history.histogram_quantities() != []
+    for quantity in run.histogram_quantities():
+        for scope in run.histogram_scopes(quantity):
+            steps, counts = mon.history.histograms(quantity, scope)
+            file_steps, file_counts = run.histograms(quantity, scope)
+            assert steps.tolist() == file_steps.tolist() == [1, 2, 3, 4, 5]
+            np.testing.assert_array_equal(counts, file_counts)
+    assert mon.history.series("seen")[0].tolist() == [1, 2, 3, 4, 5]
 
 
 def test_start_step_continues_at_the_checkpoint(tmp_path):

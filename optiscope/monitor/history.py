@@ -105,6 +105,18 @@ class _Series:
         self.recorded[row, cols] = True
 
 
+    def keep_until(self, step: int) -> None:
+        """Drops the rows of steps after ``step``."""
+        keep = np.flatnonzero(self.steps[: self.n] <= step)
+        if len(keep) == self.n:
+            return
+        n = len(keep)
+        self.steps[:n] = self.steps[keep]
+        self.values[:n] = self.values[keep]
+        self.recorded[:n] = self.recorded[keep]
+        self.n = n
+
+
 class _Histograms:
     """One quantity's log2 histograms: per step the global counts (dense) and each tensor's
     nonzero span (first bin, counts) in one flat buffer, so 10,000 samples of 150 tensors cost
@@ -128,6 +140,14 @@ class _Histograms:
         self.steps.append(step)
         self.glob.append(counts.sum(axis=0))
         self.spans.append((ids, first.astype(np.int32), ends, flat))
+
+    def keep_until(self, step: int) -> None:
+        """Drops the histograms of steps after ``step``."""
+        keep = [i for i, s in enumerate(self.steps) if s <= step]
+        if len(keep) < len(self.steps):
+            self.steps = [self.steps[i] for i in keep]
+            self.glob = [self.glob[i] for i in keep]
+            self.spans = [self.spans[i] for i in keep]
 
     def of(self, scope: str, bins: int) -> tuple[np.ndarray, np.ndarray]:
         if scope == "global":
@@ -201,6 +221,18 @@ class RunHistory:
             if one is None:
                 one = series[metric] = _Series()
             one.add(step, scopes, numbers)
+
+    def drop_after(self, step: int) -> None:
+        """Removes the values, histograms and alerts of steps after ``step`` (in place): a run
+        resumed from its checkpoint at ``step`` supersedes them, as `load_run` reading the run
+        log's resume record does."""
+        for series in self._series.values():
+            series.keep_until(step)
+        for hists in self._histograms.values():
+            hists.keep_until(step)
+        self.alerts[:] = [a for a in self.alerts if a.step <= step]
+        if int(self.meta.get("steps_taken", 0)) > step:
+            self.meta.pop("steps_taken")
 
     def add_histograms(self, step: int, histograms: dict) -> None:
         """Records one sample's histograms: ``{quantity: (scopes, counts [n, bins])}``."""

@@ -2,33 +2,15 @@
 
 A resumed run continues at the checkpoint's step k, not at the last step the crashed attempt
 recorded: the run log gets a ``{"type": "resume", "step": k}`` record, and `load_run` voids every
-earlier sample and alert of a step after k (the log itself stays append-only).
+earlier sample, histogram and alert of a step after k (the log itself stays append-only); the
+monitor's history in memory drops them too (`RunHistory.drop_after`).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from optiscope.monitor.history import RunHistory
-
-__all__ = ["drop_after", "unwrap_model", "unwrap_optimizer"]
-
-
-def drop_after(history: RunHistory, step: int) -> None:
-    """Removes the values and alerts of steps after ``step`` from ``history`` (in place)."""
-    for series in history._series.values():
-        keep = np.flatnonzero(series.steps[: series.n] <= step)
-        if len(keep) == series.n:
-            continue
-        n = len(keep)
-        series.steps[:n] = series.steps[keep]
-        series.values[:n] = series.values[keep]
-        series.recorded[:n] = series.recorded[keep]
-        series.n = n
-    history.alerts[:] = [a for a in history.alerts if a.step <= step]
-    if int(history.meta.get("steps_taken", 0)) > step:
-        history.meta.pop("steps_taken")
+__all__ = ["unwrap_model", "unwrap_optimizer"]
 
 
 def unwrap_optimizer(optimizer):

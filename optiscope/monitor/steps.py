@@ -17,7 +17,6 @@ from optiscope.monitor.history import Alert
 from optiscope.monitor.metrics import Col
 from optiscope.monitor.nonfinite import NonFiniteGradientError, nonfinite_message
 from optiscope.monitor.pending import _Pending, _to_host
-from optiscope.monitor.resume import drop_after
 
 __all__ = ["StepControl"]
 
@@ -116,7 +115,7 @@ class StepControl:
         self.step = self._completed = step
         self._worker.flush()  # the samples before the resume mark are written before it
         self.writer.write_resume(step)
-        drop_after(self._history, step)
+        self._history.drop_after(step)
 
     def _align_step(self, step: int) -> None:
         """A trainer's step count is the truth (it counts a step a GradScaler skipped)."""
