@@ -1,6 +1,8 @@
 """OptimizerMonitor: every metric against a brute-force computation in the test, for bundled and
 foreign optimizers; the sampling schedule; no effect on the trajectory; GradScaler, schedulers,
-torch.compile; alerts; what it says about optimizers it cannot read."""
+torch.compile; what it says about optimizers it cannot read. Its alerts in training, its state
+bytes and its life (construction, close, a failing hook) have files of their own:
+test_monitor_alerts.py, test_monitor_state.py, test_monitor_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -270,109 +272,6 @@ def test_microadam_metrics_match_brute_force_from_its_state(backend):
     assert "quant_error" not in h.meta["skipped_metrics"]
 
 
-def test_state_bytes_per_tensor_per_key_and_global():
-    model = TinyTransformer()
-    opt = AdamW(model.parameters(), amsgrad=True, backend="torch")
-    mon = OptimizerMonitor(opt, model=model, strict=True)
-    x, y = next(batches(1))
-    loss_fn(model, x, y).backward()
-    opt.step()
-    mon.close()
-    h = mon.history
-    total = 0
-    for n, p in model.named_parameters():
-        expected = sum(t.untyped_storage().nbytes() for t in opt.state[p].values())
-        assert h.series("state_bytes", n)[1][0] == expected
-        total += expected
-    assert h.series("state_bytes", "global")[1][0] == total
-    n_params = sum(p.numel() for p in model.parameters())
-    assert h.series("state_bytes", "key/exp_avg_sq")[1][0] == 4 * n_params
-    assert h.series("state_bytes", "key/step")[1][0] == 4 * len(list(model.parameters()))
-
-
-def test_state_bytes_counts_shared_storage_once():
-    class Aliasing(torch.optim.Optimizer):
-        """Keeps two views of one buffer in its state."""
-
-        def __init__(self, params):
-            super().__init__(params, dict(lr=0.1))
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if not self.state[p]:
-                        buf = torch.zeros(2 * p.numel())
-                        self.state[p]["a"], self.state[p]["b"] = buf[: p.numel()], buf[p.numel():]
-                    p.sub_(p.grad, alpha=g["lr"])
-
-    p = torch.nn.Parameter(torch.ones(10))
-    opt = Aliasing([p])
-    mon = OptimizerMonitor(opt, strict=True)
-    p.grad = torch.ones(10)
-    opt.step()
-    mon.close()
-    assert mon.history.series("state_bytes", "global")[1][0] == 80
-
-
-def test_state_bytes_follow_a_state_tensor_replaced_between_samples():
-    """state_bytes is measured again only when the state's tensors change: a tensor replaced by
-    a larger one, a new key, a Python step count that changes at every step (no change)."""
-
-    class Growing(torch.optim.Optimizer):
-        def __init__(self, params):
-            super().__init__(params, dict(lr=0.1))
-            self.calls = 0
-
-        @torch.no_grad()
-        def step(self, closure=None):
-            self.calls += 1
-            for g in self.param_groups:
-                for j, p in enumerate(g["params"]):
-                    state = self.state[p]
-                    state["step"] = self.calls  # a Python int: not state bytes
-                    if "buf" not in state or (self.calls == 4 and j == 0):
-                        state["buf"] = torch.zeros(p.numel() * self.calls)
-                    if self.calls == 6 and j == 1:
-                        state["extra"] = torch.zeros(7, dtype=torch.float64)
-                    p.sub_(p.grad, alpha=g["lr"])
-
-    params = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(3))]
-    opt = Growing(params)
-    mon = OptimizerMonitor(opt, every=1, strict=True)
-    expected = {}
-    for step in range(1, 8):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-        expected[step] = [sum(t.untyped_storage().nbytes() for t in opt.state[p].values()
-                              if isinstance(t, torch.Tensor)) for p in params]
-    mon.close()
-    h = mon.history
-    for j in range(2):
-        assert list(h.series("state_bytes", f"group0.param{j}")[1]) == [
-            expected[s][j] for s in range(1, 8)]
-    assert list(h.series("state_bytes")[1]) == [sum(expected[s]) for s in range(1, 8)]
-    assert expected[4][0] == 4 * 40 and expected[7][1] == 12 + 56
-    assert list(h.series("state_bytes", "key/extra")[1]) == [56, 56]
-
-
-def test_a_state_watch_sees_a_freed_tensor_replaced_even_at_the_same_id():
-    from optiscope.monitor.statewatch import StateWatch
-
-    p = torch.nn.Parameter(torch.ones(3))
-    state = {p: {"a": torch.zeros(10), "step": 1}}
-    watch = StateWatch()
-    assert watch.changed(state)
-    state[p]["step"] = 2  # not a tensor: no change
-    assert not watch.changed(state)
-    for _ in range(20):  # new tensors, some of which may reuse a freed one's id
-        del state[p]["a"]
-        state[p]["a"] = torch.zeros(20)
-        assert watch.changed(state)
-        assert not watch.changed(state)
-
-
 def test_lr_per_group_follows_the_scheduler():
     model = TinyTransformer()
     opt = torch.optim.AdamW([dict(params=model.head.parameters(), lr=1e-2),
@@ -538,49 +437,6 @@ def test_names_without_a_model_and_from_named_parameters():
     mon.close()
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("factory", [lambda ps: torch.optim.SGD(ps, lr=0.1),
-                                     lambda ps: Adam(ps, backend="torch"),
-                                     lambda ps: Adam(ps, backend="triton")],
-                         ids=["foreign", "bundled-torch", "bundled-triton"])
-def test_non_finite_gradients_alert_names_every_tensor(factory, caplog):
-    model = TinyTransformer()
-    opt = factory(model.parameters())
-    mon = OptimizerMonitor(opt, model=model, strict=True)
-    x, y = next(batches(1))
-    loss_fn(model, x, y).backward()
-    model.head.bias.grad[3] = float("nan")
-    model.q.weight.grad[0, :2] = float("inf")
-    with caplog.at_level(logging.WARNING, logger="optiscope.monitor"):
-        opt.step()
-        mon.close()
-    (alert,) = mon.history.alerts
-    assert alert.kind == "nonfinite_grads" and alert.step == 1
-    assert sorted(alert.tensors) == ["head.bias", "q.weight"]
-    assert "head.bias (1)" in alert.message and "q.weight (2)" in alert.message
-    assert "head.bias" in caplog.text
-    assert mon.history.series("nonfinite_grads", "global")[1][0] == 3
-    assert mon.history.series("grad_max", "head.bias")[1][0] == float("inf")
-
-
-def test_gradient_spike_and_update_ratio_band_alerts():
-    p = torch.nn.Parameter(torch.ones(100))
-    opt = torch.optim.SGD([p], lr=1e-3)
-    mon = OptimizerMonitor(opt, strict=True)
-    for step in range(1, 11):
-        p.grad = torch.full((100,), 1000.0 if step in (7, 10) else 1.0)
-        opt.step()
-        if step == 7:
-            p.data.fill_(1.0)  # undo the jump, so later ratios are comparable again
-    mon.close()
-    kinds = sorted({(a.kind, a.step) for a in mon.history.alerts})
-    # the spike at 7 does not enter the averages, so 10 is a spike again
-    assert kinds == [("grad_spike", 7), ("grad_spike", 10), ("update_ratio_band", 7),
-                     ("update_ratio_band", 10)]
-    spike = next(a for a in mon.history.alerts if a.kind == "grad_spike")
-    assert spike.tensors == ["global", "group0.param0"] and "1000.0x its average" in spike.message
-
-
 def test_an_unreadable_optimizer_still_gets_norms_and_says_once_what_it_skips(caplog):
     class SignSGD(torch.optim.Optimizer):
         def __init__(self, params):
@@ -658,51 +514,6 @@ def test_log_scalar_records_numbers_and_tensors_on_sampled_steps():
     assert list(mon.history.series("tokens_per_s")[1]) == [100.0, 300.0]
 
 
-def test_close_detaches_and_context_manager():
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([p], lr=0.1)
-    with OptimizerMonitor(opt, strict=True) as mon:
-        p.grad = torch.ones(3)
-        opt.step()
-    opt.step()
-    assert mon.step == 1
-    mon.close()  # twice is fine
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(every=0), r"every must be an integer >= 1, got 0"),
-    (dict(every=2.5), r"every must be an integer >= 1, got 2.5"),
-    (dict(sample_size=0), r"sample_size must be a positive integer or None"),
-    (dict(topk_density=1.5), r"topk_density must be in \(0, 1\] or None, got 1.5"),
-    (dict(topk_block=0), r"topk_block must be an integer >= 1"),
-    (dict(freeze_probe=0), r"freeze_probe must be a step >= 1 or None, got 0"),
-    (dict(spike_factor=0.5), r"spike_factor must be a number > 1"),
-])
-def test_bad_arguments_fail_at_construction(kwargs, match):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    with pytest.raises((TypeError, ValueError), match=match):  # a wrong type is a TypeError
-        OptimizerMonitor(opt, **kwargs)
-
-
-def test_not_an_optimizer_fails_at_construction():
-    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer, got list"):
-        OptimizerMonitor([torch.ones(2)])
-
-
-def test_a_failing_hook_does_not_stop_training(caplog):
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = torch.optim.SGD([p], lr=0.1)
-    mon = OptimizerMonitor(opt)
-    mon.collector.begin = lambda kwargs: 1 / 0
-    with caplog.at_level(logging.ERROR, logger="optiscope.monitor"):
-        for _ in range(2):
-            p.grad = torch.ones(3)
-            opt.step()
-    mon.close()
-    assert torch.allclose(p.detach(), torch.full((3,), 0.8))
-    assert "the monitor failed at step 1" in caplog.text and "ZeroDivisionError" in caplog.text
-
-
 def test_sums_of_large_tensors_are_accurate():
     # torch's float32 CPU norm of 10^7 entries is off by ~7e-4; the monitor's sums must not be
     from optiscope.kernels.stats import torch_sq_norms
@@ -740,57 +551,6 @@ def test_adafactor_without_beta1_has_its_second_moment_read():
     state = opt.state[model.ln1.weight]
     _, v = run.series("moment2_norm", "ln1.weight")
     assert v[-1] == pytest.approx(float(state["exp_avg_sq"].norm()), rel=1e-5)
-
-
-def test_a_decaying_learning_rate_is_not_an_update_ratio_alert():
-    """Adam's update scales with its lr: a schedule annealing lr 1000x must not read as 30
-    stalled layers. A jump at constant lr still does."""
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)  # 1e-2 -> ~1e-5 in 20 steps
-    mon = OptimizerMonitor(opt, model=model, strict=True)
-    for x, y in batches(20):
-        loss = loss_fn(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    mon.close()
-    assert [a for a in mon.history.alerts if a.kind == "update_ratio_band"] == []
-    _, ratio = mon.history.series("update_ratio")
-    assert ratio[-1] < ratio[0] / 100, "the ratio itself did fall with the lr"
-
-
-def test_alert_messages_name_a_few_tensors_and_count_the_rest():
-    params = [torch.nn.Parameter(torch.ones(10)) for _ in range(9)]
-    opt = torch.optim.SGD(params, lr=0.1)
-    mon = OptimizerMonitor(opt, strict=True)
-    for p in params:
-        p.grad = torch.full((10,), math.nan)
-    opt.step()
-    mon.close()
-    (alert,) = mon.history.alerts
-    assert len(alert.tensors) == 9
-    assert alert.message.endswith("and 5 more")
-    assert "group0.param3 (10)" in alert.message and "group0.param4" not in alert.message
-
-
-def test_a_lasting_change_of_level_is_one_alert_then_the_new_baseline():
-    """A grad norm that jumps 100x and stays there is reported when it jumps, not at every
-    sample after: after a few samples out of band, the new level is the baseline."""
-    p = torch.nn.Parameter(torch.ones(100))
-    opt = torch.optim.SGD([p], lr=1e-3)
-    mon = OptimizerMonitor(opt, strict=True)
-    for step in range(1, 31):
-        p.grad = torch.full((100,), 100.0 if step > 10 else 1.0)
-        if step == 25:
-            p.grad *= 100  # a real spike over the new level
-        opt.step()
-        p.data.fill_(1.0)
-    mon.close()
-    spikes = [a.step for a in mon.history.alerts if a.kind == "grad_spike"]
-    assert spikes == [11, 25]
 
 
 def test_a_float64_model_is_monitored():
