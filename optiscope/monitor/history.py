@@ -104,7 +104,6 @@ class _Series:
         self.values[row, cols] = np.asarray(values, dtype=np.float64)
         self.recorded[row, cols] = True
 
-
     def keep_until(self, step: int) -> None:
         """Drops the rows of steps after ``step``."""
         keep = np.flatnonzero(self.steps[: self.n] <= step)
