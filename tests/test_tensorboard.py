@@ -26,7 +26,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.util import tensor_util
 
-from models import TinyTransformer, train_steps
+from models import TinyTransformer, batches, loss_fn, train_steps
 from optiscope import OptimizerMonitor
 from optiscope.dashboards.eventfile import crc32c, masked_crc32c
 from optiscope.dashboards.tensorboard import TensorBoardSink, export_tensorboard
@@ -42,7 +42,8 @@ EXPORT_RTOL = 5e-7 + 2 * 2.0 ** -24
 
 def read_events(path) -> EventAccumulator:
     """Everything in a directory's event files: no sampling of scalars or tensors."""
-    ea = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+    ea = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0,
+                                                    "histograms": 0})
     ea.Reload()
     return ea
 
@@ -243,6 +244,46 @@ def test_export_into_the_run_directory_of_a_run_recorded_without_tensorboard(run
         history.series("grad_norm")[0])
     with pytest.raises(FileExistsError, match="already holds TensorBoard events.*out_dir"):
         export_tensorboard(tmp_path)
+
+
+def test_a_rewind_in_process_leaves_tensorboard_the_resumed_steps_only(tmp_path):
+    # load_state_dict on the live monitor: TensorBoard's reader (EventAccumulator, the oracle)
+    # must show steps 1-5 once each, with the resumed run's values (the history's, which
+    # tests/test_loops.py judges against load_run), live and exported from the run log
+    log_dir = tmp_path / "run"
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = AdamW(model.parameters(), lr=1e-2, backend="torch")
+    mon = OptimizerMonitor(opt, model=model, log_dir=log_dir, console=False, report=False,
+                           strict=True, range_probes=True)
+    saved = {}
+    for step, (x, y) in enumerate(batches(6), start=1):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        mon.log_scalar("loss", float(step))
+        saved[step] = mon.state_dict()
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # the resumed steps' values differ
+    mon.load_state_dict(saved[3])
+    train_steps(mon, model, opt, 2)
+    mon.close()
+    history = mon.history
+    assert history.series("grad_norm")[0].tolist() == [1, 2, 3, 4, 5]
+    for events in (read_events(log_dir), None):
+        if events is None:
+            export_tensorboard(log_dir, tmp_path / "export")
+            events = read_events(tmp_path / "export")
+        for metric in history.metrics():
+            for scope in history.scopes(metric):
+                steps, values = history.series(metric, scope)
+                got = events.Scalars(f"{metric}/{scope}")
+                assert [e.step for e in got] == steps.tolist(), f"steps of {metric}/{scope}"
+        grad = events.Histograms("grad_log2_abs/global")
+        assert [e.step for e in grad] == [1, 2, 3, 4, 5]
+    live = read_events(log_dir)
+    assert_same_values([e.value for e in live.Scalars("grad_norm/global")],
+                       history.series("grad_norm")[1].astype(np.float32), what="grad_norm")
 
 
 def test_export_of_a_directory_without_a_run_log(tmp_path):

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -186,6 +186,21 @@ class TensorBoardSink(Sink):
     def on_alert(self, alert: Alert) -> None:
         self._check_open()
         self._alerts.append(alert)
+
+    def on_resume(self, step: int) -> None:
+        """The run continues at ``step + 1`` (a checkpoint restored): a ``SessionLog.START``
+        event at that step, TensorBoard's own mark of a restart (``SummaryWriter(purge_step=)``
+        writes the same), makes its reader drop what this file holds of that step and later;
+        alerts not yet written of those steps are dropped here, and the layout, which may have
+        been written at one of them, is written again at the next sample."""
+        self._check_open()
+        self._alerts = [a for a in self._alerts if a.step <= step]
+        self._laid_out = {}
+        self._step = min(self._step, step)
+        if self._file is None:
+            self._file = EventFile(self.log_dir, flush_secs=self.flush_secs)
+        self._file.write(Event(wall_time=_time.time(), step=step + 1,
+                               session_log=SessionLog(status=SessionLog.START)))
 
     def flush(self) -> None:
         """Writes the pending alerts and everything buffered to the event file."""

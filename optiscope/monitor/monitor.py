@@ -211,6 +211,8 @@ class MonitorCore(StepControl):
                                                   report and writes))
             self.sinks.extend(sinks)
         self._emit("on_meta", dict(self._history.meta))
+        if start_step is not None:  # what the sinks' files hold of later steps is superseded
+            self._emit("on_resume", self.step)
         self.writer.before_flush(self._decode_waiting)
 
         self._scaler = scaler

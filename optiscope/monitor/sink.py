@@ -46,5 +46,9 @@ class Sink:
         """A sampled step's log2 histograms, after its sample: ``{quantity: (scopes, counts)}``
         (``optiscope.monitor.ranges``; counts a ``[len(scopes), HIST_BINS]`` array)."""
 
+    def on_resume(self, step: int) -> None:
+        """The run continues at ``step + 1`` from a checkpoint: what this sink was given for
+        later steps (by an attempt that went on past the checkpoint) is superseded."""
+
     def close(self) -> None:
         """The run is over (or the viewer stops): flush and release what the sink holds."""
