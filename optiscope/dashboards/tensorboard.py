@@ -197,10 +197,8 @@ class TensorBoardSink(Sink):
         self._alerts = [a for a in self._alerts if a.step <= step]
         self._laid_out = {}
         self._step = min(self._step, step)
-        if self._file is None:
-            self._file = EventFile(self.log_dir, flush_secs=self.flush_secs)
-        self._file.write(Event(wall_time=_time.time(), step=step + 1,
-                               session_log=SessionLog(status=SessionLog.START)))
+        self._write_event(Event(wall_time=_time.time(), step=step + 1,
+                                session_log=SessionLog(status=SessionLog.START)))
 
     def flush(self) -> None:
         """Writes the pending alerts and everything buffered to the event file."""
@@ -237,10 +235,13 @@ class TensorBoardSink(Sink):
                                "closed; create a new one to write more events")
 
     def _write(self, step: int, time: float, summary: Summary) -> None:
+        self._write_event(Event(wall_time=time, step=step, summary=summary))
+
+    def _write_event(self, event: Event) -> None:
         self._check_open()
         if self._file is None:
             self._file = EventFile(self.log_dir, flush_secs=self.flush_secs)
-        self._file.write(Event(wall_time=time, step=step, summary=summary))
+        self._file.write(event)
 
     def _tags_of(self, metric: str, scopes: Sequence[str]) -> list[str]:
         cache = self._tags.get(metric)

@@ -200,12 +200,12 @@ class MonitorCore(StepControl):
         the optimizer's hooks."""
         optimizer = self.optimizer
         self._completed = self.step  # steps whose optimizer.step returned: `steps_taken`
+        self.sinks: list[Sink] = []
         if start_step is not None:
             self._restart_at(start_step)
 
         # The dashboards: on the rank that writes (rank 0, or the only process).
         self.log_dir = None if log_dir is None else Path(log_dir)
-        self.sinks: list[Sink] = []
         if self.topology.writes:
             self.sinks.extend(self._default_sinks(console, tensorboard and writes,
                                                   report and writes))

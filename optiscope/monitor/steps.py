@@ -116,8 +116,7 @@ class StepControl:
         self._worker.flush()  # the samples before the resume mark are written before it
         self.writer.write_resume(step)
         self._history.drop_after(step)
-        if hasattr(self, "sinks"):  # at construction (start_step) `_start` tells them, once made
-            self._emit("on_resume", step)
+        self._emit("on_resume", step)  # none yet at construction: `_start` tells them
 
     def _align_step(self, step: int) -> None:
         """A trainer's step count is the truth (it counts a step a GradScaler skipped)."""
