@@ -159,19 +159,13 @@ def _adam_kernel(
     pid, t, start = program_chunk(chunk_tensor_ptr, chunk_first_ptr, CHUNK)
     range_ptr = ranges_ptr + t * (3 * RANGE_OUT)  # this tensor's counts (WITH_RANGES)
     numel = tl.load(numel_ptr + t)
-    p_ptr = role_ptr(addr_ptr, n_tensors, t, 0, P_DTYPE)
-    g_ptr = role_ptr(addr_ptr, n_tensors, t, 1, G_DTYPE)
-    m_ptr = role_ptr(addr_ptr, n_tensors, t, 2, S_DTYPE)
-    v_ptr = role_ptr(addr_ptr, n_tensors, t, 3, S_DTYPE)
-    vmax_ptr = role_ptr(addr_ptr, n_tensors, t, 4, S_DTYPE)
+    # ALIGNED: the launcher checked every address % 16 == 0: whole chunks load 16 bytes at a time
+    p_ptr = role_ptr(addr_ptr, n_tensors, t, 0, P_DTYPE, ALIGNED)
+    g_ptr = role_ptr(addr_ptr, n_tensors, t, 1, G_DTYPE, ALIGNED)
+    m_ptr = role_ptr(addr_ptr, n_tensors, t, 2, S_DTYPE, ALIGNED)
+    v_ptr = role_ptr(addr_ptr, n_tensors, t, 3, S_DTYPE, ALIGNED)
+    vmax_ptr = role_ptr(addr_ptr, n_tensors, t, 4, S_DTYPE, ALIGNED and AMSGRAD)
     if ALIGNED:
-        # The launcher checked every address % 16 == 0: whole chunks load 16 bytes at a time.
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        if AMSGRAD:
-            vmax_ptr = tl.multiple_of(vmax_ptr, 16)
         if start + CHUNK <= numel:
             g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
                 p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,

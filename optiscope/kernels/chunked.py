@@ -44,9 +44,18 @@ def program_chunk(chunk_tensor_ptr, chunk_first_ptr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def role_ptr(addr_ptr, n_tensors, t, ROLE: tl.constexpr, DTYPE: tl.constexpr):
-    """Tensor ``t``'s data pointer in row ``ROLE`` of the address table, typed ``DTYPE``."""
-    return tl.load(addr_ptr + ROLE * n_tensors + t).to(tl.pointer_type(DTYPE))
+def role_ptr(addr_ptr, n_tensors, t, ROLE: tl.constexpr, DTYPE: tl.constexpr,
+             ALIGNED: tl.constexpr = False):
+    """Tensor ``t``'s data pointer in row ``ROLE`` of the address table, typed ``DTYPE``;
+    declared a multiple of 16 bytes when ``ALIGNED`` (the launcher checked every address).
+
+    The hint is given here, on the cast that makes the pointer: Triton 3.3-3.6 attach
+    `tl.multiple_of` to the op that defines its operand, and a hint given in the caller lands on
+    the call, which inlining drops (their loads then stay 32-bit; Triton 3.9 keeps it)."""
+    ptr = tl.load(addr_ptr + ROLE * n_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
