@@ -1,0 +1,53 @@
+"""Adam's kernels keep their wide loads and their registers on an older Triton than the one
+installed: ``OPTISCOPE_OLDER_TRITON`` names a directory holding one (``pip install --target DIR
+triton==3.6.0``, the Triton of torch 2.11's CUDA builds; `.ci/run` makes it), put first on the
+path of `optiscope.kernels.inspect` run as a subprocess. Triton 3.3-3.6 drop a pointer hint that
+3.9 keeps (`chunked.role_ptr`), which the tests of the installed Triton cannot see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_triton
+
+ROOT = Path(__file__).resolve().parents[1]
+OLDER = os.environ.get("OPTISCOPE_OLDER_TRITON")
+
+
+@requires_triton
+@pytest.mark.slow
+@pytest.mark.skipif(not OLDER, reason="OPTISCOPE_OLDER_TRITON names no directory with an older "
+                    "Triton (pip install --target DIR triton==3.6.0)")
+def test_adam_loads_16_bytes_and_fits_128_registers_on_an_older_triton(tmp_path):
+    import triton
+
+    out = tmp_path / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([OLDER, str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "optiscope.kernels.inspect", "--arch", "80,90", "--only",
+         "adam", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1200)
+    assert out.exists(), f"the tool wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    results = json.loads(out.read_text())
+    assert results["triton"] != triton.__version__, "the older Triton was not the one imported"
+    kernels = [r for r in results["kernels"] if r["kernel"] == "_adam_kernel"]
+    assert {r["arch"] for r in kernels} == {80, 90}
+    errors = [f"{r['case']} sm_{r['arch']}: {r['error'][:300]}" for r in kernels if "error" in r]
+    assert not errors, "\n".join(errors)
+    aligned = [r for r in kernels if "misaligned" not in r["case"]]
+    fp32 = [r for r in aligned if "-fp32" in r["case"]]
+    assert len(fp32) >= 20
+    for r in fp32:  # with Triton 3.6.0 before the hint moved into role_ptr: none
+        assert r["global"]["LDG"].get("128", 0) >= 4, (r["case"], r["arch"], r["global"])
+    for r in aligned:
+        if "-bf16" in r["case"]:
+            assert max(int(w) for w in r["global"]["LDG"]) >= 64, (r["case"], r["arch"])
+        if "+stats" in r["case"]:
+            assert r["registers"] <= 128, (r["case"], r["arch"], r["registers"])
