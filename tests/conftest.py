@@ -18,6 +18,26 @@ from optiscope.kernels.backend import triton_available  # noqa: E402
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 
 
+def run_inspect(out, *args: str, first_on_path: str | None = None) -> tuple:
+    """`optiscope.kernels.inspect` as a user runs it (a subprocess, without the interpreter this
+    file turns on) with ``--json out`` and ``args``; ``first_on_path`` goes before everything on
+    its path (another Triton). Returns the process and its results."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (first_on_path, str(root)) if p]
+                                        + [env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "optiscope.kernels.inspect", *args, "--json",
+                           str(out)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert out.exists(), f"the tool wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc, json.loads(out.read_text())
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -4,17 +4,11 @@ run as a user would (a subprocess without the interpreter that conftest.py turns
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import requires_triton
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import requires_triton, run_inspect
 
 
 def test_occupancy_from_registers_shared_memory_and_warps():
@@ -59,14 +53,7 @@ def compiled(tmp_path_factory):
         pass
     if cuobjdump is None or not os.path.exists(cuobjdump):
         pytest.skip("this Triton ships no cuobjdump")
-    out = tmp_path_factory.mktemp("inspect") / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "optiscope.kernels.inspect", "--arch", "80,90", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert out.exists(), f"the tool wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc, json.loads(out.read_text())
+    return run_inspect(tmp_path_factory.mktemp("inspect") / "kernels.json", "--arch", "80,90")
 
 
 @requires_triton

@@ -6,17 +6,12 @@ path of `optiscope.kernels.inspect` run as a subprocess. Triton 3.3-3.6 drop a p
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import requires_triton
+from conftest import requires_triton, run_inspect
 
-ROOT = Path(__file__).resolve().parents[1]
 OLDER = os.environ.get("OPTISCOPE_OLDER_TRITON")
 
 
@@ -27,15 +22,8 @@ OLDER = os.environ.get("OPTISCOPE_OLDER_TRITON")
 def test_adam_loads_16_bytes_and_fits_128_registers_on_an_older_triton(tmp_path):
     import triton
 
-    out = tmp_path / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([OLDER, str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "optiscope.kernels.inspect", "--arch", "80,90", "--only",
-         "adam", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=1200)
-    assert out.exists(), f"the tool wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    results = json.loads(out.read_text())
+    _, results = run_inspect(tmp_path / "kernels.json", "--arch", "80,90", "--only", "adam",
+                             first_on_path=OLDER)
     assert results["triton"] != triton.__version__, "the older Triton was not the one imported"
     kernels = [r for r in results["kernels"] if r["kernel"] == "_adam_kernel"]
     assert {r["arch"] for r in kernels} == {80, 90}
