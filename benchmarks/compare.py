@@ -130,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(table(docs[labels[0]], docs[labels[1]], labels))
     if args.json:
-        args.json.write_text(json.dumps({label: [medians_json(d) for d in runs]
-                                         for label, runs in docs.items()}, indent=1) + "\n")
+        # the schema lets `optiscope bench --render` (which reads every results file) pass it by
+        args.json.write_text(json.dumps({
+            "schema": "optiscope-bench-compare/1",
+            "runs": {label: [medians_json(d) for d in runs] for label, runs in docs.items()},
+        }, indent=1) + "\n")
     return 0
 
 

@@ -4,12 +4,15 @@ figures, and the README section it replaces between its markers (nothing else)."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from bench_rows import overhead_rows
 from optiscope import bench
 from optiscope.bench import README_END, README_START, SCHEMA
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- README table
@@ -107,6 +110,32 @@ def test_a_foreign_json_file_in_the_results_directory_is_named(tmp_path):
     (tmp_path / "notes.json").write_text('{"hello": 1}')
     with pytest.raises(bench.BenchError, match="notes.json: not an optiscope benchmark result"):
         bench.load_results(tmp_path)
+
+
+def test_cases_skipped_on_one_workload_for_one_reason_make_one_line(tmp_path):
+    big = "the workload needs about 139.8 GiB, 138.1 GiB are free on cuda"
+    bench.write_results(_doc(GPU, [
+        _row("torch-adamw-fused", "torch.optim.AdamW (fused)", 0.125, True),
+    ], skipped=[{"workload": "1 tensor of 1e9", "case": c, "reason": big}
+                for c in ("torch-adamw-fused", "optiscope-adamw-triton")]
+      + [{"workload": "1 tensor of 1e9", "case": "optiscope-adamw-torch", "reason": "other"}]),
+        tmp_path)
+    text = bench.render_markdown(bench.load_results(tmp_path))
+    assert (f"- Not measured on 1 tensor of 1e9: `torch-adamw-fused`, `optiscope-adamw-triton`: "
+            f"{big}.") in text.splitlines()
+    assert "- Not measured on 1 tensor of 1e9: `optiscope-adamw-torch`: other." in text
+
+
+def test_the_readme_tables_are_what_the_committed_results_render_to(tmp_path):
+    """Every figure of the README's benchmark section comes from a committed results file: the
+    section is regenerated from benchmarks/results/ into a copy and must come out the same."""
+    readme, results = tmp_path / "README.md", tmp_path / "benchmarks" / "results"
+    readme.write_text((ROOT / "README.md").read_text())
+    results.mkdir(parents=True)  # beside the copy, so that the links come out relative alike
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        (results / path.name).write_bytes(path.read_bytes())
+    assert bench.main(["--render", "--output", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == (ROOT / "README.md").read_text()
 
 
 def _overhead_section(rows, device_type="cpu", skipped=(), errors=()):

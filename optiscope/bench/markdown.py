@@ -149,13 +149,17 @@ def _not_measured(part: dict, key: str) -> list[str]:
     for s in part.get("skipped", []):
         if s["workload"] is None:
             by_reason.setdefault(s["reason"], []).append(s[key])
-    per_workload = [s for s in part.get("skipped", []) if s["workload"] is not None]
+    # per workload and reason: a workload too large for the device skips every case, one line
+    per_workload: dict[tuple[str, str], list[str]] = {}
+    for s in part.get("skipped", []):
+        if s["workload"] is not None:
+            per_workload.setdefault((s["workload"], s["reason"]), []).append(s[key])
     if by_reason or per_workload or part.get("errors"):
         out.append("")
     for reason, names in by_reason.items():
         out.append(f"- Not measured: {', '.join(f'`{n}`' for n in names)}: {reason}.")
-    for s in per_workload:
-        out.append(f"- Not measured on {s['workload']}: `{s[key]}`: {s['reason']}.")
+    for (workload, reason), names in per_workload.items():
+        out.append(f"- Not measured on {workload}: {', '.join(f'`{n}`' for n in names)}: {reason}.")
     for s in part.get("errors", []):
         out.append(f"- **Failed** on {s['workload']}: `{s[key]}`: {s['reason']}.")
     return out
