@@ -18,6 +18,31 @@ from optiscope.kernels.backend import triton_available  # noqa: E402
 requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 
 
+def _interpret_float_arguments_as_float32() -> None:
+    """Makes the interpreter pass a Python float argument to a kernel as the compiler does: a
+    float32 scalar. Left to itself it keeps the Python float, so scalar arithmetic in a kernel
+    (``1.0 - beta2``) runs in float64 on CPU and in float32 on a GPU, and a kernel can pass every
+    interpreted test and differ from torch.optim on the GPU: the first GPU run found Adam's
+    second moment off by 1.3e-5 of itself that way (fp32 1 - fp32 0.999)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._implicit_cvt
+
+    def as_compiled(arg):
+        if isinstance(arg, float):
+            handle = interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32)
+            return tl.tensor(handle, tl.float32)
+        return convert(arg)
+
+    interpreter._implicit_cvt = as_compiled
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
+    _interpret_float_arguments_as_float32()
+
+
 def run_inspect(out, *args: str, first_on_path: str | None = None) -> tuple:
     """`optiscope.kernels.inspect` as a user runs it (a subprocess, without the interpreter this
     file turns on) with ``--json out`` and ``args``; ``first_on_path`` goes before everything on

@@ -59,7 +59,8 @@ def _range_flush(out_ptr, hist, levels, pad, NCUTS: tl.constexpr):
 @triton.jit
 def _adam_chunk(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel,
-    lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size,
+    bc2_sqrt, range_ptr, cuts_ptr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     WITH_STATS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
@@ -102,13 +103,13 @@ def _adam_chunk(
         p = p0
         if HAS_WD:
             if DECOUPLED:
-                p = p * (1.0 - lr * weight_decay)
+                p = p * decay
             else:
                 # one rounding, as a contracting compiler makes of g + wd·θ; the unfused form
                 # left Adam's L2-decay statistics variant an 8-byte stack frame on Triton 3.6
                 g = tl.fma(p, weight_decay, g)
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * (g * g)
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * (g * g)
         if AMSGRAD:
             vmax = tl.maximum(load(vmax_ptr, offs, mask, MASKED, 0.0), v)
             store(vmax_ptr, offs, vmax.to(S_DTYPE), mask, MASKED)
@@ -152,7 +153,8 @@ def _adam_chunk(
 @triton.jit
 def _adam_kernel(
     addr_ptr, n_tensors, numel_ptr, chunk_tensor_ptr, chunk_first_ptr, partial_ptr,
-    lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, ranges_ptr, cuts_ptr,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size,
+    bc2_sqrt, ranges_ptr, cuts_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
     HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     WITH_STATS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -170,20 +172,23 @@ def _adam_kernel(
     if ALIGNED:
         if start + CHUNK <= numel:
             g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
-                weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr, P_DTYPE, S_DTYPE,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, decay, beta1, one_minus_beta1,
+                beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr,
+                P_DTYPE, S_DTYPE,
                 HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, False,
                 WITH_RANGES, NCUTS)
         else:  # the tensor's last chunk
             g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
-                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
-                weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr, P_DTYPE, S_DTYPE,
+                p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, decay, beta1, one_minus_beta1,
+                beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr,
+                P_DTYPE, S_DTYPE,
                 HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, True,
                 WITH_RANGES, NCUTS)
     else:  # a view at an unaligned offset: element-wise loads, every block masked
         g_sq, g_max, g_bad, p0_sq, p1_sq, d_sq, m_sq, v_sq = _adam_chunk(
-            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, lr, beta1, beta2, eps,
-            weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr, P_DTYPE, S_DTYPE,
+            p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, start, numel, decay, beta1, one_minus_beta1,
+            beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, range_ptr, cuts_ptr,
+            P_DTYPE, S_DTYPE,
             HAS_WD, DECOUPLED, AMSGRAD, MAXIMIZE, WITH_STATS, BLOCK, CHUNK, True,
             WITH_RANGES, NCUTS)
 
@@ -234,9 +239,13 @@ def adam_step(
         cuts = ranges = addresses  # any pointer: not touched
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step
+    # Every scalar the kernel needs is computed here, in float64, and passed rounded once to
+    # float32, as torch.optim's scalars are: computed in the kernel, 1 - β2 would be float32's
+    # 1 - fl(0.999), 1.3e-5 of itself away from fl(0.001), and v with it.
     _adam_kernel[(cmap.n_chunks,)](
         addresses, n, cmap.numels, cmap.chunk_tensor, cmap.chunk_first, partials,
-        lr, beta1, beta2, eps, weight_decay, lr / bc1, bc2 ** 0.5, ranges, cuts,
+        1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
+        lr / bc1, bc2 ** 0.5, ranges, cuts,
         P_DTYPE=tl_dtype(params[0].dtype), G_DTYPE=tl_dtype(grads[0].dtype),
         S_DTYPE=tl_dtype(exp_avgs[0].dtype),
         HAS_WD=weight_decay != 0, DECOUPLED=decoupled_weight_decay,
