@@ -115,6 +115,7 @@ def _cases():
     from optiscope.kernels.onebit import pack_signs_triton
     from optiscope.kernels.ranges import RANGE_BLOCK
     from optiscope.kernels.stats import NUM_STATS, StatsRows
+    from optiscope.kernels.sums import tensor_sums
     from optiscope.kernels.microadam import blocks  # the launcher's own layout
 
     def tensors(dtype, n=4096 + 7, misaligned=False):
@@ -207,13 +208,18 @@ def _cases():
             ("microadam-fp32-wd+stats+ranges", microadam(f32, stats=True, wd=0.1, ranges=True)),
             ("microadam-bf16+stats+ranges", microadam(bf16, stats=True, wd=0.1, ranges=True))]
     out.append(("onebit-pack-fp32", lambda: pack_signs_triton(torch.zeros(8 * 1024 + 8))))
+    # the monitor's sums of the tensors a foreign optimizer steps (kernels/sums.py)
+    for name, dtype, misaligned in (("fp32", f32, False), ("bf16", bf16, False),
+                                    ("fp32-misaligned", f32, True)):
+        out.append((f"sums-{name}",
+                    lambda d=dtype, m=misaligned: tensor_sums([tensors(d, misaligned=m)])))
     return out
 
 
 # The modules whose kernels the optimizers launch; every kernel they launch (`name[grid](...)`)
 # must be reached by some case.
 MODULES = ("optiscope.kernels.adam", "optiscope.kernels.adafactor", "optiscope.kernels.microadam",
-           "optiscope.kernels.onebit")
+           "optiscope.kernels.onebit", "optiscope.kernels.sums")
 CASES = None  # filled by `launches`: the case names, for --list
 
 

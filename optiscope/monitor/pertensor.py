@@ -4,12 +4,14 @@ count of each tensor, accumulated in float64; in C for float32 CPU tensors."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
 
 from optiscope.kernels import cpu
+from optiscope.kernels.backend import triton_available
 from optiscope.kernels.stats import SUM_ROW
 from optiscope.contract import Stat
 
@@ -23,13 +25,48 @@ def sums_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+log = logging.getLogger("optiscope.monitor")
+
+# Devices whose tensors are summed by one Triton launch per dtype (`kernels.sums`) rather than
+# a few torch ops per tensor: on a GPU each op is a launch and host time, which at GPT-2's 148
+# tensors cost the monitor tens of milliseconds per sampled step (benchmarks/results/
+# cuda-nvidia-h200.json). The tests add "cpu" to run the kernel under the interpreter.
+SUMS_DEVICES = ("cuda",)
+_sums_failed = False
+
+
+def _kernel_sums(tensors: list[Tensor]) -> Tensor | None:
+    """`kernels.sums.tensor_sums` of ``tensors`` (float64 ``[n, 3]``: Σx², max |x|, non-finite
+    count) where it applies, else None. A failed launch is logged once and the torch ops take
+    over for the rest of the run: the monitor never takes the training down."""
+    global _sums_failed
+    if _sums_failed or not tensors or tensors[0].device.type not in SUMS_DEVICES:
+        return None
+    if not triton_available():
+        return None
+    from optiscope.kernels import sums
+
+    if not sums.applies(tensors, SUMS_DEVICES):
+        return None
+    try:
+        return sums.tensor_sums(tensors)
+    except Exception:  # a Triton that cannot compile or launch here: torch ops from now on
+        _sums_failed = True
+        log.warning("optiscope: the Triton sums kernel failed; the monitor sums with torch ops "
+                    "from now on", exc_info=True)
+        return None
+
+
 def sq_norms(tensors: list[Tensor]) -> Tensor:
     """Σx² of each tensor, accumulated in float64 (`sums_dtype`): in C for float32 CPU tensors,
-    else a norm over float64 (torch's float32 norm squares in float32: inf for entries of 1e30)."""
+    in one Triton launch per dtype on a GPU (`_kernel_sums`), else a norm over float64 (torch's
+    float32 norm squares in float32: inf for entries of 1e30)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     if cpu.sums_apply(tensors):
         return cpu.sq_sums_f32(tensors)
+    if (sums := _kernel_sums(tensors)) is not None:
+        return sums[:, 0]
     wide = sums_dtype(tensors[0].device)
     if all(t.numel() <= SUM_ROW for t in tensors):  # one call for many small tensors
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).square()
@@ -44,6 +81,9 @@ def _wide(grads: list[Tensor]) -> dict[Stat, Tensor]:
         nonfinite = sums[:, 2]
         absmax = torch.where(nonfinite > 0, math.inf, sums[:, 1])
         return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
+    if (sums := _kernel_sums(grads)) is not None:  # the three in one launch per dtype
+        return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: sums[:, 1],
+                Stat.GRAD_NONFINITE: sums[:, 2]}
     wide = sums_dtype(grads[0].device)
     sq = sq_norms(grads)
     extremes = [torch.aminmax(g) for g in grads]  # 12x faster than the infinity norm on CPU
