@@ -68,3 +68,16 @@ def test_views_misaligned_strided_and_transposed():
     odd = torch.randn(10_001)[1:]  # data_ptr at 4 bytes past an allocation: not 16-aligned
     assert odd.data_ptr() % 16 != 0
     _check([base.t(), base[:, ::2], odd, base[3]])
+
+
+@pytest.mark.gpu
+def test_compiled_on_cuda_tensors():
+    """The compiled kernel (benchmarks/gpu_check.sh runs the `gpu` tests): the sizes, dtypes,
+    non-finite entries and views above, on CUDA tensors."""
+    x = torch.randn(10_000)
+    x[[3, 4096]] = torch.tensor([math.nan, math.inf])
+    base = torch.randn(64, 129)
+    tensors = [torch.randn(n) for n in (0, 1, 4097, 3 * 4096 + 5)] + [
+        torch.randn(5000).bfloat16(), torch.randn(300).half(), x, torch.full((5000,), 1e20),
+        base.t(), base[:, ::2]]
+    _check([t.cuda() for t in tensors])

@@ -412,6 +412,33 @@ def test_crc_is_tensorboards(size):
     assert masked_crc32c(b"\0" * size) == tb_masked_crc32c(b"\0" * size)
 
 
+def test_without_google_crc32c_the_events_are_checksummed_in_python(tmp_path, monkeypatch,
+                                                                     caplog):
+    """A checkout run without google-crc32c installed (the first GPU machine had none) still
+    writes events TensorBoard reads; oracle: the CRC-32C check values and EventAccumulator,
+    which checks every record's CRC."""
+    import logging
+
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from optiscope.dashboards import eventfile
+
+    monkeypatch.setattr(eventfile, "google_crc32c", None)
+    monkeypatch.setattr(eventfile, "_said_slow", False)
+    with caplog.at_level(logging.WARNING, logger="optiscope.dashboards"):
+        assert crc32c(b"123456789") == 0xE3069283
+        assert crc32c(bytes(range(32))) == 0x46DD794E
+        f = eventfile.EventFile(tmp_path)
+        for step in range(3):
+            f.write(Event(wall_time=1.0, step=step, summary=Summary(
+                value=[Summary.Value(tag="loss", simple_value=0.5 * step)])))
+        f.close()
+    assert sum("google-crc32c is not installed" in r.getMessage() for r in caplog.records) == 1
+    assert [(e.step, e.value) for e in read_events(tmp_path).Scalars("loss")] == [
+        (0, 0.0), (1, 0.5), (2, 1.0)]
+
+
 def test_a_sample_costs_less_than_half_of_torchs_writer():
     """One event of 101 scopes × 14 metrics, against the same event through torch's writer
     (whose CRC is pure Python); best of three rounds each, side by side."""

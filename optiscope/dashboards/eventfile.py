@@ -10,27 +10,47 @@ and the first event names the format version (``file_version = "brain.Event:2"``
 The CRC comes from ``google-crc32c`` (a C implementation): tensorboard's own writer (which
 ``torch.utils.tensorboard`` uses) computes it in pure Python one byte at a time, on a background
 thread that still holds the GIL, and for a sample of many scalars that is a large share of what
-writing the sample costs. The tests check it against known CRC-32C values and tensorboard's, and
-read the files back with tensorboard's `EventAccumulator`, which checks every record's CRC.
+writing the sample costs. Where ``google-crc32c`` is not installed (a declared dependency, but a
+checkout run without installing it, as on the first GPU machine, lacks it), that pure-Python CRC
+is used, said once at WARNING: slower writing rather than a monitor that cannot start. The tests
+check both against known CRC-32C values and tensorboard's, and read the files back with
+tensorboard's `EventAccumulator`, which checks every record's CRC.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
 import time
 from pathlib import Path
 
-import google_crc32c
 from tensorboard.compat.proto.event_pb2 import Event
 
+try:
+    import google_crc32c
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    google_crc32c = None
+
 __all__ = ["EventFile", "crc32c", "masked_crc32c"]
+
+log = logging.getLogger("optiscope.dashboards")
+_said_slow = False
 
 
 def crc32c(data: bytes) -> int:
     """CRC-32C (Castagnoli) of ``data``, as in iSCSI and the TFRecord format."""
-    return google_crc32c.value(data)
+    if google_crc32c is not None:
+        return google_crc32c.value(data)
+    global _said_slow
+    if not _said_slow:
+        _said_slow = True
+        log.warning("optiscope: google-crc32c is not installed; TensorBoard events are "
+                    "checksummed in pure Python (slower): pip install google-crc32c")
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as slow
+
+    return slow(data)
 
 
 def masked_crc32c(data: bytes) -> int:
