@@ -268,11 +268,15 @@ def _cpu_kernel_applies(*tensor_lists) -> bool:
 
 _CHUNK_STATS = (Stat.GRAD_SQ, Stat.GRAD_ABSMAX, Stat.GRAD_NONFINITE, Stat.PARAM_SQ_BEFORE,
                 Stat.PARAM_SQ_AFTER, Stat.UPDATE_SQ, Stat.MOMENT1_SQ, Stat.MOMENT2_SQ)
-# 2^18 elements: small enough that a chunk's tensors stay in cache while they are summed, large
-# enough that per-op overheads do not dominate (of 2^15..2^22 the fastest measured). Chunk
-# starts stay multiples of 64, so the kernel's vector/tail split, and with it the per-element
-# arithmetic, is the same as for the whole tensor.
+# On a CPU, 2^18 elements: small enough that a chunk's tensors stay in cache while they are
+# summed, large enough that per-op overheads do not dominate (of 2^15..2^22 the fastest
+# measured). Chunk starts stay multiples of 64, so the kernel's vector/tail split, and with it
+# the per-element arithmetic, is the same as for the whole tensor. On a GPU each of a chunk's
+# dozen ops is a launch that costs more than its bytes: 2^18 made the H200 take 68 ms for one
+# tensor of 10^8 (benchmarks/results/cuda-nvidia-h200.json), so there a chunk is 2^26 entries
+# (a 256 MiB copy of θ at most).
 _STATS_CHUNK = 1 << 18
+_STATS_CHUNK_GPU = 1 << 26
 
 
 def _adam_chunk_stats(fused, p, g, m, v, vmax, step, kwargs) -> Tensor:
@@ -284,10 +288,11 @@ def _adam_chunk_stats(fused, p, g, m, v, vmax, step, kwargs) -> Tensor:
     flat = [_flat(t) for t in (p, g, m, v, vmax) if t is not None]
     # θ⁻ in float32 at least: θ⁻ − θ⁺ of two fp16 values near zero is not exact in fp16
     wide = torch.promote_types(p.dtype, torch.float32)
-    before = torch.empty(min(p.numel(), _STATS_CHUNK), dtype=wide, device=p.device)
+    size = _STATS_CHUNK if p.device.type == "cpu" else _STATS_CHUNK_GPU
+    before = torch.empty(min(p.numel(), size), dtype=wide, device=p.device)
     chunks = []
-    for start in range(0, p.numel(), _STATS_CHUNK):
-        pc, gc, mc, vc, *xc = (t[start:start + _STATS_CHUNK] for t in flat)
+    for start in range(0, p.numel(), size):
+        pc, gc, mc, vc, *xc = (t[start:start + size] for t in flat)
         b = before[: pc.numel()]
         b.copy_(pc)  # into one buffer: a fresh clone per chunk costs an allocation each time
         g_min, g_max = torch.aminmax(gc)  # one vectorised pass; the infinity norm is far slower
