@@ -73,7 +73,7 @@ stage() {
 # The files that hold CUDA tests; the others import plotly, which such a machine may lack.
 stage gpu-tests 150 "$python" -m pytest -q -p no:cacheprovider -m gpu -o addopts="-ra" \
     tests/test_adam.py tests/test_adafactor.py tests/test_microadam.py tests/test_adadiag.py \
-    tests/test_onebit.py tests/test_kernel_sums.py
+    tests/test_onebit.py tests/test_kernel_sums.py tests/test_kernel_gather.py
 
 if [ "$mode" = dry ]; then
     arch=90

@@ -22,8 +22,8 @@ pytestmark = requires_triton
 def kernel_path(monkeypatch):
     monkeypatch.setattr(collect, "flat_eligible", lambda t: False)  # every tensor per-tensor
     monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
-    monkeypatch.setattr(pertensor, "SUMS_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(pertensor, "_sums_failed", False)
+    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(pertensor, "_failed", set())
     calls = []
     real = sums.tensor_sums
     monkeypatch.setattr(sums, "tensor_sums", lambda ts: calls.append(len(ts)) or real(ts))
@@ -55,8 +55,8 @@ def test_non_finite_gradients_are_counted_by_the_kernel(kernel_path):
 
 
 def test_a_failing_kernel_is_logged_once_and_the_torch_ops_take_over(monkeypatch, caplog):
-    monkeypatch.setattr(pertensor, "SUMS_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(pertensor, "_sums_failed", False)
+    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(pertensor, "_failed", set())
     monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
 
     def broken(tensors):
@@ -70,3 +70,51 @@ def test_a_failing_kernel_is_logged_once_and_the_torch_ops_take_over(monkeypatch
     expected = torch.stack([x.double().square().sum() for x in xs])
     assert torch.allclose(first, expected, rtol=1e-6) and torch.equal(first, second)
     assert sum("sums kernel failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def _sampled_run(kernels: bool, monkeypatch) -> dict:
+    """Every metric of a 5-step run of torch.optim.AdamW under the monitor's default coordinate
+    sample (1/512 of each tensor, at least 16 entries) and sampled top-k blocks, every tensor on
+    the per-tensor path; ``kernels``: the sums and gathers as Triton launches (interpreted)."""
+    from optiscope import OptimizerMonitor
+    from models import TinyTransformer, batches, loss_fn
+
+    monkeypatch.setattr(collect, "flat_eligible", lambda t: False)
+    monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
+    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu") if kernels else ("cuda",))
+    monkeypatch.setattr(pertensor, "_failed", set())
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mon = OptimizerMonitor(opt, model=model, every=1, topk_density=0.25, topk_block=4,
+                           freeze_probe=2, console=False, tensorboard=False, report=False,
+                           strict=True)
+    for x, y in batches(5):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    mon.close()
+    h = mon.history
+    return {(m, s): h.series(m, s)[1] for m in h.metrics() for s in h.scopes(m)}
+
+
+def test_sampled_metrics_on_the_gather_kernel_equal_the_torch_ops(monkeypatch):
+    """The fast path against the slow reference: the same run with index_select per tensor
+    (the torch ops) and with one gather launch per dtype; the gathered entries are copies, so
+    every sampled estimate agrees to float64 rounding of the sums' order."""
+    from optiscope.kernels import gather
+
+    launches = []
+    real = gather.gather
+    monkeypatch.setattr(gather, "gather", lambda *a, **k: launches.append(1) or real(*a, **k))
+    slow = _sampled_run(False, monkeypatch)
+    assert not launches
+    fast = _sampled_run(True, monkeypatch)
+    assert launches, "the gather kernel took the samples"
+    assert slow.keys() == fast.keys()
+    for key in ("update_norm", "moment2_drift", "topk_coverage", "moment2_drift_since_freeze"):
+        assert any(m == key for m, _ in slow), f"{key} not recorded"
+    for key, values in slow.items():
+        assert torch.allclose(torch.as_tensor(fast[key], dtype=torch.float64),
+                              torch.as_tensor(values, dtype=torch.float64), rtol=1e-9, atol=0.0,
+                              equal_nan=True), key

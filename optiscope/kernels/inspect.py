@@ -116,6 +116,7 @@ def _cases():
     from optiscope.kernels.ranges import RANGE_BLOCK
     from optiscope.kernels.stats import NUM_STATS, StatsRows
     from optiscope.kernels.sums import tensor_sums
+    from optiscope.kernels.gather import gather
     from optiscope.kernels.microadam import blocks  # the launcher's own layout
 
     def tensors(dtype, n=4096 + 7, misaligned=False):
@@ -213,13 +214,19 @@ def _cases():
                                     ("fp32-misaligned", f32, True)):
         out.append((f"sums-{name}",
                     lambda d=dtype, m=misaligned: tensor_sums([tensors(d, misaligned=m)])))
+    # the monitor's gathers of coordinate samples and of the top-k probe's blocks
+    index32, index64 = torch.arange(64, dtype=torch.int32), torch.arange(64, dtype=torch.int64)
+    out += [("gather-fp32", lambda: gather([tensors(f32)], [index32])),
+            ("gather-bf16-int64", lambda: gather([tensors(bf16)], [index64])),
+            ("gather-fp32-blocks", lambda: gather([tensors(f32, n=4096 * 4)], [index32[:2]],
+                                                  row=4096))]
     return out
 
 
 # The modules whose kernels the optimizers launch; every kernel they launch (`name[grid](...)`)
 # must be reached by some case.
 MODULES = ("optiscope.kernels.adam", "optiscope.kernels.adafactor", "optiscope.kernels.microadam",
-           "optiscope.kernels.onebit", "optiscope.kernels.sums")
+           "optiscope.kernels.onebit", "optiscope.kernels.sums", "optiscope.kernels.gather")
 CASES = None  # filled by `launches`: the case names, for --list
 
 

@@ -25,7 +25,7 @@ from optiscope.monitor.flat import FlatPlan, flat_eligible
 from optiscope.monitor.pertensor import (dense as _dense, grad_stats as _grad_stats,
                                          segment_diff_sq as _segment_diff_sq,
                                          segment_sq as _segment_sq, sq_norms as _sq_norms,
-                                         sums_dtype, topk_sums as _topk)
+                                         sums_dtype, take_all as _take_all, topk_sums as _topk)
 from optiscope.monitor.layouts import find_layout
 from optiscope.monitor.metrics import NUM_COLS, ROW_COLS, Col
 from optiscope.monitor.ranges import RangeProbe
@@ -311,7 +311,7 @@ class Collector:
             self._pre.update({Col(int(k)): v for k, v in stats.items()})
         if Stat.PARAM_SQ_BEFORE not in self.produced:
             self._pre[Col.PARAM_SQ_BEFORE] = _sq_norms(params)
-        self._before = ([self.slots[i].sample.take(p) for i, p in zip(rest, params)]
+        self._before = (_take_all([self.slots[i].sample for i in rest], params)
                         if want_update else [])
         if self.topk_density is not None and Stat.TOPK_KEPT_SQ not in self.produced:
             kept, total = _topk([self.slots[i] for i in rest], grads, self.topk_block,
@@ -427,7 +427,7 @@ class Collector:
             columns[Col.PARAM_SQ_AFTER] = _sq_norms(params)
         if self._before:
             samples = [self.slots[i].sample for i in rest]
-            after = [x.take(p) for x, p in zip(samples, params)]
+            after = _take_all(samples, params)
             columns[Col.UPDATE_SQ] = _segment_diff_sq(
                 after, self._before, self._on([x.count for x in samples], device)
             ) * self._on([x.scale for x in samples], device)
@@ -489,6 +489,7 @@ class Collector:
         m1: list[tuple[int, Tensor]] = []  # (row, moment) summed in one call per moment
         m2: list[tuple[int, Tensor]] = []
         taken: list[tuple[int, TensorSlot, Tensor, Tensor]] = []  # (row, slot, v, v to compare)
+        deferred: list[tuple[int, TensorSlot, Tensor]] = []  # (row, slot, v): one gather on a GPU
         for i in visit:
             slot = self.slots[i]
             layout = self.layout(slot)
@@ -528,6 +529,11 @@ class Collector:
                         m2.append((i, full))  # summed with the others below
                     else:  # a dequantized copy: summed now
                         rows[i, Col.MOMENT2_SQ] = _sq_norms([full])[0].to(device)
+                whole = layout.second_tensor(local_state)
+                if (whole is not None and slot.sample.index is not None and not layout.v_unfrozen
+                        and not _dequantized(state[layout.v])):
+                    deferred.append((i, slot, whole))  # sampled with the others below
+                    continue
                 v = layout.second_at(local_state, slot.sample.index)
             if layout.v_unfrozen:
                 # v itself is frozen: compare v_T with the v the optimizer would have had
@@ -535,6 +541,9 @@ class Collector:
             else:
                 v_now = v
             taken.append((i, slot, v.to(device), v_now.to(device)))
+        if deferred:
+            values = _take_all([s.sample for _, s, _ in deferred], [v for _, _, v in deferred])
+            taken += [(i, s, v.to(device), v.to(device)) for (i, s, _), v in zip(deferred, values)]
         for column, moments in ((Col.MOMENT1_SQ, m1), (Col.MOMENT2_SQ, m2)):
             if moments:
                 where = self._on([i for i, _ in moments], device)

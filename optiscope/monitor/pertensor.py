@@ -16,7 +16,7 @@ from optiscope.kernels.stats import SUM_ROW
 from optiscope.contract import Stat
 
 __all__ = ["sums_dtype", "sq_norms", "grad_stats", "dense", "segment_sq", "segment_diff_sq",
-           "topk_sums"]
+           "topk_sums", "take_all", "KERNEL_DEVICES"]
 
 
 def sums_dtype(device: torch.device) -> torch.dtype:
@@ -27,34 +27,65 @@ def sums_dtype(device: torch.device) -> torch.dtype:
 
 log = logging.getLogger("optiscope.monitor")
 
-# Devices whose tensors are summed by one Triton launch per dtype (`kernels.sums`) rather than
-# a few torch ops per tensor: on a GPU each op is a launch and host time, which at GPT-2's 148
-# tensors cost the monitor tens of milliseconds per sampled step (benchmarks/results/
-# cuda-nvidia-h200.json). The tests add "cpu" to run the kernel under the interpreter.
-SUMS_DEVICES = ("cuda",)
-_sums_failed = False
+# Devices whose tensors are summed (`kernels.sums`) and gathered (`kernels.gather`) by one
+# Triton launch per dtype rather than a few torch ops per tensor: on a GPU each op is a launch
+# and host time, which at GPT-2's 148 tensors cost the monitor tens of milliseconds per sampled
+# step (benchmarks/results/cuda-nvidia-h200.json). The tests add "cpu" to run the kernels under
+# the interpreter.
+KERNEL_DEVICES = ("cuda",)
+_failed: set[str] = set()
+
+
+def _kernel(name: str, tensors: list[Tensor], run) -> Tensor | None:
+    """``run()`` (a launch of the Triton kernel ``name``) where the kernels apply to ``tensors``,
+    else None. A failed launch is logged once and the torch ops take over for the rest of the
+    run: the monitor never takes the training down."""
+    if name in _failed or not tensors or tensors[0].device.type not in KERNEL_DEVICES:
+        return None
+    if not triton_available():
+        return None
+    try:
+        return run()
+    except Exception:  # a Triton that cannot compile or launch here: torch ops from now on
+        _failed.add(name)
+        log.warning("optiscope: the Triton %s kernel failed; the monitor uses torch ops for it "
+                    "from now on", name, exc_info=True)
+        return None
 
 
 def _kernel_sums(tensors: list[Tensor]) -> Tensor | None:
     """`kernels.sums.tensor_sums` of ``tensors`` (float64 ``[n, 3]``: Σx², max |x|, non-finite
-    count) where it applies, else None. A failed launch is logged once and the torch ops take
-    over for the rest of the run: the monitor never takes the training down."""
-    global _sums_failed
-    if _sums_failed or not tensors or tensors[0].device.type not in SUMS_DEVICES:
-        return None
-    if not triton_available():
-        return None
-    from optiscope.kernels import sums
+    count) where it applies, else None."""
+    def run():
+        from optiscope.kernels import sums
 
-    if not sums.applies(tensors, SUMS_DEVICES):
-        return None
-    try:
-        return sums.tensor_sums(tensors)
-    except Exception:  # a Triton that cannot compile or launch here: torch ops from now on
-        _sums_failed = True
-        log.warning("optiscope: the Triton sums kernel failed; the monitor sums with torch ops "
-                    "from now on", exc_info=True)
-        return None
+        return sums.tensor_sums(tensors) if sums.applies(tensors, KERNEL_DEVICES) else None
+    return _kernel("sums", tensors, run)
+
+
+def _kernel_gather(tensors: list[Tensor], indices: list[Tensor], row: int = 1) -> Tensor | None:
+    """`kernels.gather.gather` (float32, concatenated) where it applies, else None."""
+    def run():
+        from optiscope.kernels import gather
+
+        if not gather.applies(tensors, indices, KERNEL_DEVICES):
+            return None
+        return gather.gather(tensors, indices, row)
+    return _kernel("gather", tensors, run)
+
+
+def take_all(samples: list, tensors: list[Tensor]) -> list[Tensor]:
+    """``samples[i].take(tensors[i])`` for each ``i`` (`CoordinateSample.take`: float32 copies
+    of the sampled entries); on a GPU the sampled tensors in one gather launch per dtype, their
+    results views of one buffer."""
+    picked = [k for k, s in enumerate(samples) if s.index is not None]
+    got = (_kernel_gather([tensors[k] for k in picked], [samples[k].index for k in picked])
+           if len(picked) > 1 else None)
+    if got is None:
+        return [s.take(t) for s, t in zip(samples, tensors)]
+    parts = dict(zip(picked, got.split([samples[k].count for k in picked])))
+    return [parts[k] if k in parts else s.take(t)
+            for k, (s, t) in enumerate(zip(samples, tensors))]
 
 
 def sq_norms(tensors: list[Tensor]) -> Tensor:
@@ -154,12 +185,21 @@ def topk_sums(slots: list, grads: list[Tensor], block: int, rho: float, on
     counts: list[int] = []
     scales: list[float] = []
     tails: dict[int, list[tuple[int, Tensor]]] = {}
+    sampled = [j for j, slot in enumerate(slots) if slot.blocks is not None]
+    # on a GPU the sampled blocks of every tensor in one launch (`_kernel_gather`)
+    got = (_kernel_gather([dense(grads[j]).detach() for j in sampled],
+                          [slots[j].blocks for j in sampled], row=block)
+           if len(sampled) > 1 else None)
+    gathered = (iter(got.to(wide).view(-1, block).split([slots[j].blocks.numel()
+                                                          for j in sampled]))
+                if got is not None else None)
     for j, (slot, g) in enumerate(zip(slots, grads)):
         flat = dense(g).detach().reshape(-1)
         n_full = flat.numel() // block
         full = flat[: n_full * block].view(n_full, block)
         if slot.blocks is not None:  # sampled blocks
-            rows.append(torch.index_select(full, 0, slot.blocks).to(wide))
+            rows.append(next(gathered) if gathered is not None
+                        else torch.index_select(full, 0, slot.blocks).to(wide))
             counts.append(slot.blocks.numel())
             scales.append(flat.numel() / (slot.blocks.numel() * block))
             continue
