@@ -86,8 +86,10 @@ def tensor_sums(tensors: list[Tensor]) -> Tensor:
     entries, of each tensor. One launch per dtype; any device Triton runs on (tests run it on
     CPU tensors under the interpreter)."""
     device = tensors[0].device
-    out = torch.zeros((len(tensors), 3), dtype=torch.float64, device=device)
-    for dtype, index in launch_groups([t.dtype for t in tensors]).items():
+    groups = launch_groups([t.dtype for t in tensors])
+    out = (torch.zeros((len(tensors), 3), dtype=torch.float64, device=device)
+           if len(groups) > 1 else None)
+    for dtype, index in groups.items():
         group = [tensors[i].detach() for i in index]
         (group,), _ = densify([group], writable=[False])  # read-only: nothing to write back
         cmap = chunk_map(tuple(t.numel() for t in group), CHUNK, device)
@@ -99,6 +101,9 @@ def tensor_sums(tensors: list[Tensor]) -> Tensor:
         sums = torch.segment_reduce(partials, "sum", lengths=cmap.counts, axis=0)
         sums[:, 1] = torch.segment_reduce(partials[:, 1].contiguous(), "max",
                                           lengths=cmap.counts)
-        out[torch.tensor(index, device=device)] = sums
+        if out is None:  # one dtype, the usual case: the rows are in order already
+            out = sums
+        else:
+            out[torch.tensor(index, device=device)] = sums
     out[:, 1] = torch.where(out[:, 2] > 0, float("inf"), out[:, 1])
     return out

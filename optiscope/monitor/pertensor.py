@@ -33,6 +33,9 @@ log = logging.getLogger("optiscope.monitor")
 # step (benchmarks/results/cuda-nvidia-h200.json). The tests add "cpu" to run the kernels under
 # the interpreter.
 KERNEL_DEVICES = ("cuda",)
+# Fewer tensors than this are summed with torch ops: a launch's own few ops (the address
+# table, the reduction of its chunks) cost more than two norms (`benchmarks.monitor_gpu_path`)
+KERNEL_MIN_TENSORS = 3
 _failed: set[str] = set()
 
 
@@ -40,7 +43,8 @@ def _kernel(name: str, tensors: list[Tensor], run) -> Tensor | None:
     """``run()`` (a launch of the Triton kernel ``name``) where the kernels apply to ``tensors``,
     else None. A failed launch is logged once and the torch ops take over for the rest of the
     run: the monitor never takes the training down."""
-    if name in _failed or not tensors or tensors[0].device.type not in KERNEL_DEVICES:
+    if (name in _failed or len(tensors) < KERNEL_MIN_TENSORS
+            or tensors[0].device.type not in KERNEL_DEVICES):
         return None
     if not triton_available():
         return None
@@ -79,8 +83,7 @@ def take_all(samples: list, tensors: list[Tensor]) -> list[Tensor]:
     of the sampled entries); on a GPU the sampled tensors in one gather launch per dtype, their
     results views of one buffer."""
     picked = [k for k, s in enumerate(samples) if s.index is not None]
-    got = (_kernel_gather([tensors[k] for k in picked], [samples[k].index for k in picked])
-           if len(picked) > 1 else None)
+    got = _kernel_gather([tensors[k] for k in picked], [samples[k].index for k in picked])
     if got is None:
         return [s.take(t) for s, t in zip(samples, tensors)]
     parts = dict(zip(picked, got.split([samples[k].count for k in picked])))
@@ -187,9 +190,8 @@ def topk_sums(slots: list, grads: list[Tensor], block: int, rho: float, on
     tails: dict[int, list[tuple[int, Tensor]]] = {}
     sampled = [j for j, slot in enumerate(slots) if slot.blocks is not None]
     # on a GPU the sampled blocks of every tensor in one launch (`_kernel_gather`)
-    got = (_kernel_gather([dense(grads[j]).detach() for j in sampled],
-                          [slots[j].blocks for j in sampled], row=block)
-           if len(sampled) > 1 else None)
+    got = _kernel_gather([dense(grads[j]).detach() for j in sampled],
+                         [slots[j].blocks for j in sampled], row=block)
     gathered = (iter(got.to(wide).view(-1, block).split([slots[j].blocks.numel()
                                                           for j in sampled]))
                 if got is not None else None)
