@@ -4,9 +4,10 @@ The monitor needs these three per tensor for the tensors a foreign optimizer ste
 parameters before and after, moments). As torch ops they cost a few launches per tensor: on the
 first GPU run (NVIDIA H200, GPT-2 small's 148 tensors) the monitor's sampled step with
 ``torch.optim.AdamW(fused=True)`` took 33 ms against a 1 ms step, most of it per-tensor norms,
-extrema and counts. ``torch._foreach_norm`` would give Σx² in one call, but sums in float32
-(squares of 1e20 overflow) and has no non-finite count; hence this kernel, over the same chunk
-map and address table as the optimizers' kernels (`kernels.launch`).
+extrema and counts. ``torch._foreach_norm`` gives a norm per tensor in few launches, but not
+the maximum over the finite entries nor the non-finite count, which need a pass each; hence
+this kernel, all three in one pass, over the same chunk map and address table as the
+optimizers' kernels (`kernels.launch`).
 
 Per chunk of `launch.CHUNK` entries of one tensor: Σx² in float64 (a finite tensor's sum stays
 finite), max |x| over the finite entries and the count of the others; `tensor_sums` adds the

@@ -189,9 +189,11 @@ def topk_sums(slots: list, grads: list[Tensor], block: int, rho: float, on
     scales: list[float] = []
     tails: dict[int, list[tuple[int, Tensor]]] = {}
     sampled = [j for j, slot in enumerate(slots) if slot.blocks is not None]
-    # on a GPU the sampled blocks of every tensor in one launch (`_kernel_gather`)
-    got = _kernel_gather([dense(grads[j]).detach() for j in sampled],
-                         [slots[j].blocks for j in sampled], row=block)
+    # on a GPU the sampled blocks of every tensor in one launch (`_kernel_gather`), which copies
+    # into float32: float64 gradients keep index_select
+    got = (_kernel_gather([dense(grads[j]).detach() for j in sampled],
+                          [slots[j].blocks for j in sampled], row=block)
+           if all(grads[j].dtype != torch.float64 for j in sampled) else None)
     gathered = (iter(got.to(wide).view(-1, block).split([slots[j].blocks.numel()
                                                           for j in sampled]))
                 if got is not None else None)
