@@ -11,7 +11,9 @@ non-finite count. The coordinate samples are one gather with a flat index made o
 tensors (`FlatPlan`, rebuilt only when the set of tensors with a gradient changes).
 
 A tensor larger than `FLAT_MAX` stays on the per-tensor path of `optiscope.monitor.collect`: a
-concatenation would copy it every sampled step, and its own launches are amortised over its size.
+concatenation would copy it every sampled step. There, on a GPU, the sums and the gathers of all
+such tensors are one Triton launch per dtype (`monitor.pertensor`: `kernels.sums`,
+`kernels.gather`).
 
 Where additions go: the concatenations of a step are kept on the plan's `StepData`
 (``grads``: the gradients of `FlatPlan.slots`, flat, in their dtype; ``v`` / ``v_sample``: the
