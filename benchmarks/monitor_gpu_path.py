@@ -33,19 +33,25 @@ SCHEMA = "optiscope-bench-monitor-gpu-path/1"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _gpu_path(kernels: bool) -> Counter:
+def _gpu_path(kernels: bool) -> None:
     """Turns the C kernels off and routes the monitor's sums and gathers to the Triton kernels
-    (``kernels``) or to torch ops; returns the launch counter the kernels will fill."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
+    (``kernels``) or to torch ops."""
     import optiscope.optimizers.adam as adam
-    from optiscope.kernels import cpu, gather, sums
+    from optiscope.kernels import cpu
     from optiscope.monitor import pertensor
 
     cpu.kernel = lambda: None
     adam.kernel = lambda: None
     cpu.sums_apply = lambda tensors: False
     pertensor.KERNEL_DEVICES = ("cuda", "cpu") if kernels else ("cuda",)
+
+
+def _count_launches() -> Counter:
+    """The counter every launch of the monitor's kernels adds to, from now on."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from optiscope.kernels import gather, sums
+
     launches: Counter = Counter()
     for name, kernel in (("sums", sums._sums_kernel), ("gather", gather._gather_kernel)):
         run = kernel.run
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     sampled.shapes_for = lambda n: shapes
     large = sum(1 for s in shapes if torch.Size(s).numel() > FLAT_MAX)
     rows = []
+    launches = _count_launches()
     for kernels in args.kernels:
-        launches = _gpu_path(kernels == "on")
+        _gpu_path(kernels == "on")
         for kind in args.optimizers:
             launches.clear()
             steps = 3

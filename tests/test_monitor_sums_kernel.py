@@ -18,12 +18,18 @@ from optiscope.monitor import collect, pertensor
 pytestmark = requires_triton
 
 
+def _per_tensor_path(monkeypatch, kernels: bool = True) -> None:
+    """Every tensor on the per-tensor path, the C sums off; ``kernels``: its sums and gathers as
+    Triton launches (interpreted), else the torch ops."""
+    monkeypatch.setattr(collect, "flat_eligible", lambda t: False)
+    monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
+    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu") if kernels else ("cuda",))
+    monkeypatch.setattr(pertensor, "_failed", set())
+
+
 @pytest.fixture
 def kernel_path(monkeypatch):
-    monkeypatch.setattr(collect, "flat_eligible", lambda t: False)  # every tensor per-tensor
-    monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
-    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(pertensor, "_failed", set())
+    _per_tensor_path(monkeypatch)
     calls = []
     real = sums.tensor_sums
     monkeypatch.setattr(sums, "tensor_sums", lambda ts: calls.append(len(ts)) or real(ts))
@@ -77,22 +83,16 @@ def _sampled_run(kernels: bool, monkeypatch) -> dict:
     sample (1/512 of each tensor, at least 16 entries) and sampled top-k blocks, every tensor on
     the per-tensor path; ``kernels``: the sums and gathers as Triton launches (interpreted)."""
     from optiscope import OptimizerMonitor
-    from models import TinyTransformer, batches, loss_fn
+    from models import TinyTransformer, train_steps
 
-    monkeypatch.setattr(collect, "flat_eligible", lambda t: False)
-    monkeypatch.setattr(cpu, "sums_apply", lambda tensors: False)
-    monkeypatch.setattr(pertensor, "KERNEL_DEVICES", ("cuda", "cpu") if kernels else ("cuda",))
-    monkeypatch.setattr(pertensor, "_failed", set())
+    _per_tensor_path(monkeypatch, kernels)
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     mon = OptimizerMonitor(opt, model=model, every=1, topk_density=0.25, topk_block=4,
                            freeze_probe=2, console=False, tensorboard=False, report=False,
                            strict=True)
-    for x, y in batches(5):
-        opt.zero_grad()
-        loss_fn(model, x, y).backward()
-        opt.step()
+    train_steps(mon, model, opt, 5)
     mon.close()
     h = mon.history
     return {(m, s): h.series(m, s)[1] for m in h.metrics() for s in h.scopes(m)}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from optiscope.kernels.chunked import program_chunk, role_ptr
 from optiscope.kernels.launch import (NUM_WARPS, address_table, chunk_map, densify,
-                                     launch_groups, tl_dtype)
+                                     launch_groups, plain_on, tl_dtype)
 
 __all__ = ["gather", "applies"]
 
@@ -50,14 +50,9 @@ def applies(tensors: list[Tensor], indices: list[Tensor],
     """True when `gather` takes these: plain floating tensors and int32/int64 indices, all on one
     device of a type in ``devices`` (by default CUDA; on a CPU the C gather is one call a
     tensor without a launch, and the interpreter is slow)."""
-    if not tensors or len(tensors) != len(indices):
-        return False
-    device = tensors[0].device
-    return device.type in devices and all(
-        t.device == device and i.device == device and t.dtype in (torch.float32, torch.float16,
-                                                                   torch.bfloat16, torch.float64)
-        and i.dtype in _INDEX and i.dim() == 1 and t.layout == torch.strided
-        and type(t) in (Tensor, torch.nn.Parameter) for t, i in zip(tensors, indices))
+    return (len(tensors) == len(indices) and plain_on(tensors, devices)
+            and all(i.device == tensors[0].device and i.dtype in _INDEX and i.dim() == 1
+                    for i in indices))
 
 
 def gather(tensors: list[Tensor], indices: list[Tensor], row: int = 1) -> Tensor:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table", "tl_dtype",
-           "densify", "write_back", "is_dense", "aligned", "launch_groups", "local", "is_sharded"]
+           "densify", "write_back", "is_dense", "aligned", "plain_on", "launch_groups", "local",
+           "is_sharded"]
 
 # Elements one program handles per inner iteration, and per chunk (CHUNK // BLOCK iterations).
 # 4 iterations of 1024 keep a program's loads in flight while the grid stays large enough for
@@ -100,6 +101,20 @@ def address_table(roles: list[list[Tensor | None] | None], n: int, device: torch
     table = [[t.data_ptr() if t is not None else 0 for t in (role or [None] * n)]
              for role in roles]
     return torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def plain_on(tensors: list[Tensor], devices: tuple[str, ...]) -> bool:
+    """True when ``tensors`` are plain strided floating tensors (no subclass: raw pointers see
+    only those) all on one device of a type in ``devices``."""
+    if not tensors:
+        return False
+    device = tensors[0].device
+    return device.type in devices and all(
+        t.device == device and t.dtype in _FLOATS and t.layout == torch.strided
+        and type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def aligned(roles: list[list[Tensor | None] | None]) -> bool:

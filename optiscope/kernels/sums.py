@@ -24,12 +24,9 @@ from torch import Tensor
 
 from optiscope.kernels.chunked import load, program_chunk, role_ptr
 from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
-                                     densify, launch_groups, tl_dtype)
+                                     densify, launch_groups, plain_on, tl_dtype)
 
 __all__ = ["tensor_sums", "applies"]
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 @triton.jit
 def _chunk_sums(x_ptr, start, numel, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -73,12 +70,7 @@ def applies(tensors: list[Tensor], devices: tuple[str, ...] = ("cuda",)) -> bool
     """True when `tensor_sums` takes these: plain floating tensors, all on one device of a type
     in ``devices`` (by default CUDA: on a CPU the C kernels sum in one pass per tensor already,
     and the interpreter is slow)."""
-    if not tensors:
-        return False
-    device = tensors[0].device
-    return device.type in devices and all(
-        t.device == device and t.dtype in _DTYPES and t.layout == torch.strided
-        and type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+    return plain_on(tensors, devices)
 
 
 def tensor_sums(tensors: list[Tensor]) -> Tensor:
