@@ -109,21 +109,29 @@ def _microadam_kernel(
         i_ptr = tl.load(addr_ptr + _I * n_tensors + t).to(tl.pointer_type(tl.int16))
         v_ptr = tl.load(addr_ptr + _V * n_tensors + t).to(tl.pointer_type(tl.int16))
         mask = offs < length
-        gofs = start + offs
+        # Each pointer moved to the block's start once, so that the entries' offsets stay the
+        # int32 `offs`: 64-bit offsets `start + offs` of 16 entries a thread held 32 registers
+        # for the whole block, and took Triton 3.3 and 3.6 past 255 with the range counts
+        # (python -m optiscope.kernels.inspect --only microadam)
+        p_ptr += start
+        g_ptr += start
+        err_ptr += start // 2
+        lo_ptr += start // QBS
+        hi_ptr += start // QBS
         out = partial_ptr + task * NCOLS  # the block's statistics row
         range_ptr = ranges_ptr + t * (3 * RANGE_OUT)  # the tensor's counts (WITH_RANGES)
 
         # 1. a = g + Q⁻¹(e_t); block starts are even, so even offsets are high nibbles
-        g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if WITH_STATS:  # each statistic as soon as its inputs exist: none stays live to the end
             finite = tl.abs(g) < float("inf")  # false for ±inf and NaN
             tl.store(out + 0, tl.sum(g * g, axis=0))
             tl.store(out + 1, tl.max(tl.where(finite, tl.abs(g), float("inf")), axis=0))
             tl.store(out + 2, tl.sum(tl.where(finite | ~mask, 0.0, 1.0), axis=0))
-        byte = tl.load(err_ptr + gofs // 2, mask=mask, other=0).to(tl.int32)
+        byte = tl.load(err_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
         code = tl.where(offs % 2 == 0, byte >> 4, byte & 15).to(tl.float32)
-        lo = _from_bf16_bits(tl.load(lo_ptr + gofs // QBS, mask=mask, other=0))
-        hi = _from_bf16_bits(tl.load(hi_ptr + gofs // QBS, mask=mask, other=0))
+        lo = _from_bf16_bits(tl.load(lo_ptr + offs // QBS, mask=mask, other=0))
+        hi = _from_bf16_bits(tl.load(hi_ptr + offs // QBS, mask=mask, other=0))
         a = g + (code * tl.div_rn(hi - lo, 15.0) + lo)
 
         # 2. top-k: T = the largest bit pattern with at least kb entries at or above it
@@ -138,10 +146,10 @@ def _microadam_kernel(
         tied_before = tl.cumsum(tied, axis=0) - tied
         keep = above | ((tied != 0) & (tied_before < kb - tl.sum(above.to(tl.int32), axis=0)))
         kept = keep.to(tl.int32)
-        column = row0 + tl.cumsum(kept, axis=0) - kept
-        row = slot * k_row
-        tl.store(i_ptr + row + column, offs.to(tl.int16), mask=keep)
-        tl.store(v_ptr + row + column, _bf16_bits(a).to(tl.int16), mask=keep)
+        column = tl.cumsum(kept, axis=0) - kept  # int32, from the block's first column on
+        cell = slot * k_row + row0  # the block's first column in this step's window row
+        tl.store(i_ptr + cell + column, offs.to(tl.int16), mask=keep)
+        tl.store(v_ptr + cell + column, _bf16_bits(a).to(tl.int16), mask=keep)
         if WITH_STATS:
             tl.store(out + 10, tl.sum(tl.where(keep, a * a, 0.0), axis=0))
             tl.store(out + 11, tl.sum(a * a, axis=0))
@@ -153,8 +161,8 @@ def _microadam_kernel(
         q_hi = tl.max(tl.reshape(tl.where(mask, r, float("-inf")), [N_Q, QBS]), axis=1)
         q_lo_bits = _bf16_bits(tl.where(qmask, q_lo, 0.0))
         q_hi_bits = _bf16_bits(tl.where(qmask, q_hi, 0.0))
-        tl.store(lo_ptr + start // QBS + qofs, q_lo_bits.to(tl.int16), mask=qmask)
-        tl.store(hi_ptr + start // QBS + qofs, q_hi_bits.to(tl.int16), mask=qmask)
+        tl.store(lo_ptr + qofs, q_lo_bits.to(tl.int16), mask=qmask)
+        tl.store(hi_ptr + qofs, q_hi_bits.to(tl.int16), mask=qmask)
         q_lo = _from_bf16_bits(q_lo_bits)
         scale = tl.div_rn(_from_bf16_bits(q_hi_bits) - q_lo, 15.0)
         lo_e = tl.reshape(tl.broadcast_to(q_lo[:, None], [N_Q, QBS]), [BLOCK])
@@ -166,7 +174,7 @@ def _microadam_kernel(
         q = tl.minimum(tl.maximum(q, 0.0), 15.0)
         nibbles = tl.split(tl.reshape(q.to(tl.int32), [HALF, 2]))
         packed = (nibbles[0] * 16 + nibbles[1]).to(tl.uint8)
-        tl.store(err_ptr + start // 2 + bofs, packed, mask=bofs * 2 < length)
+        tl.store(err_ptr + bofs, packed, mask=bofs * 2 < length)
         if WITH_STATS:
             err = tl.where(mask, r - (q * scale_e + lo_e), 0.0)
             tl.store(out + 8, tl.sum(err * err, axis=0))
@@ -197,12 +205,12 @@ def _microadam_kernel(
         v_hat = c2 * s2
         denominator = tl.where(s1 == 0, 1.0, tl.sqrt_rn(v_hat) + eps)  # no 0/0 when eps = 0
         u = tl.where(s1 == 0, 0.0, tl.div_rn(m_hat, denominator))
-        p0 = tl.load(p_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+        p0 = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p0
         if HAS_WD:
             p = p * decay
         p_out = (p - lr * u).to(P_DTYPE)
-        tl.store(p_ptr + gofs, p_out, mask=mask)
+        tl.store(p_ptr + offs, p_out, mask=mask)
 
         if WITH_STATS:
             p1 = tl.where(mask, p_out.to(tl.float32), 0.0)
@@ -216,7 +224,7 @@ def _microadam_kernel(
                 # lanes past the tensor's end hold g = θ⁺ − θ⁻ = v̂ = 0: taken off. g is read
                 # again (from cache) here: counted where it is first read, its counts' registers
                 # made the kernel spill (python -m optiscope.kernels.inspect --only microadam)
-                g = tl.load(g_ptr + gofs, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 hist, levels = _range_add(g, tl.zeros([256], dtype=tl.int32),
                                           tl.zeros([16], dtype=tl.int32), cuts_ptr, NCUTS)
                 _range_flush(range_ptr, hist, levels, BLOCK - length, NCUTS)
@@ -229,9 +237,9 @@ def _microadam_kernel(
                              NCUTS)
 
 
-# Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 234-246
-# registers per thread at 8 warps on sm_80 and sm_90, 255 with the range counts (`python -m
-# optiscope.kernels.inspect`), so one block fills the register file; more programs than that
+# Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 224-242
+# registers per thread at 8 warps on sm_80 and sm_90 with Triton 3.9, 255 with the range counts
+# and on 3.3-3.6 (`python -m optiscope.kernels.inspect`), so one block fills the register file; more programs than that
 # would run in waves, each with its own scratch. tests/test_kernels_compile.py checks this against
 # the compiled kernel.
 RESIDENT_PER_SM = 1
@@ -304,7 +312,7 @@ def microadam_step(
         QBS=quant_block_size, N_Q=topk_block_size // quant_block_size,
         HALF=topk_block_size // 2, KPAD=triton.next_power_of_2(k_full), NCOLS=MICROADAM_STATS,
         ranges_ptr=ranges, cuts_ptr=cuts, WITH_RANGES=with_ranges, NCUTS=len(range_cuts()),
-        num_warps=NUM_WARPS,
+        num_warps=int(__import__('os').environ.get('MA_WARPS_R', NUM_WARPS)) if with_ranges else NUM_WARPS,
     )
     write_back(pairs)
     if stats is not None:
