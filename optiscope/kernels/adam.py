@@ -16,8 +16,8 @@ from torch import Tensor
 
 from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
 from optiscope.kernels.cpu import ADAM_STATS  # fills Stat columns 0..7
-from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
-                                     densify, tl_dtype, write_back)
+from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, chunk_map, densify,
+                                     launch_addresses, tl_dtype, write_back)
 from optiscope.kernels.ranges import range_cuts, range_levels
 from optiscope.kernels.stats import Stat, StatsRows, reduce_partials
 
@@ -227,8 +227,8 @@ def adam_step(
     roles, pairs = densify([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
                            writable=[True, False, True, True, True])
     n = len(params)
-    cmap = chunk_map(tuple(p.numel() for p in params), CHUNK, device)
-    addresses = address_table(roles, n, device)
+    cmap = chunk_map(tuple(map(Tensor.numel, roles[0])), CHUNK, device)
+    addresses, is_aligned = launch_addresses(roles, n, device)
     partials = (torch.empty((cmap.n_chunks, ADAM_STATS), dtype=torch.float32, device=device)
                 if stats is not None else addresses)  # any pointer: not touched without stats
     with_ranges = stats is not None and stats.ranges is not None
@@ -252,7 +252,7 @@ def adam_step(
         AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=maximize, WITH_STATS=stats is not None,
         # with the range counts, half blocks: their histograms took the misaligned variant to
         # 140-151 registers at 1024 (python -m optiscope.kernels.inspect --only adamw)
-        ALIGNED=aligned(roles), BLOCK=BLOCK // 2 if with_ranges else BLOCK, CHUNK=CHUNK,
+        ALIGNED=is_aligned, BLOCK=BLOCK // 2 if with_ranges else BLOCK, CHUNK=CHUNK,
         NCOLS=ADAM_STATS,
         WITH_RANGES=with_ranges, NCUTS=len(range_cuts()), num_warps=NUM_WARPS,
     )

@@ -85,6 +85,20 @@ def f32_addresses(tensors: list, numels: list[int]) -> np.ndarray | None:
     return np.array(list(map(_DATA_PTR, tensors)), dtype=np.uint64)
 
 
+def steps_add_one(steps: list) -> list[int] | None:
+    """Adds 1 to each step counter (float32 CPU scalars) in one C call and returns the new
+    counts; None, with nothing done, when the library is not built or a counter is not a plain
+    float32 CPU scalar (`f32_addresses`)."""
+    if not steps or not available():
+        return None
+    counters = f32_addresses(steps, [1] * len(steps))
+    if counters is None:
+        return None
+    counts = np.empty(len(steps), dtype=np.float64)
+    _lib.optiscope_steps_add_one(counters.ctypes.data, len(steps), counts.ctypes.data)
+    return [int(s) for s in counts.tolist()]
+
+
 class AddressCache:
     """`f32_addresses` for tensors that keep their storage from step to step (parameters, an
     optimizer's moments): the checks run again only when an address changes (a new tensor, or

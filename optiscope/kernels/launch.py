@@ -14,14 +14,16 @@ rebuilt per launch: a few hundred int64 values, one small host-to-device copy.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table", "tl_dtype",
-           "densify", "write_back", "is_dense", "aligned", "plain_on", "launch_groups", "local",
-           "is_sharded"]
+__all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table",
+           "launch_addresses", "tl_dtype", "densify", "write_back", "is_dense", "aligned",
+           "plain_on", "launch_groups", "uniform_groups", "local", "local_all", "is_sharded"]
 
 # Elements one program handles per inner iteration, and per chunk (CHUNK // BLOCK iterations).
 # 4 iterations of 1024 keep a program's loads in flight while the grid stays large enough for
@@ -31,10 +33,27 @@ CHUNK = 4 * BLOCK
 NUM_WARPS = 4
 
 
+_DATA_PTR = Tensor.data_ptr
+_IS_CONTIGUOUS = Tensor.is_contiguous
+_NUMEL = Tensor.numel
+_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN)
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor; any other tensor as it is."""
+    if type(t) in _PLAIN:
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def local_all(tensors: list[Tensor]) -> list[Tensor]:
+    """`local` of each tensor: the list itself when none is a subclass (one C-level pass over
+    the types, not a call per tensor)."""
+    if set(map(type, tensors)) <= _PLAIN_SET:
+        return tensors
+    return [local(t) for t in tensors]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -98,9 +117,42 @@ def chunk_map(numels: tuple[int, ...], chunk: int, device: torch.device) -> Chun
 def address_table(roles: list[list[Tensor | None] | None], n: int, device: torch.device) -> Tensor:
     """int64 ``[len(roles), n]`` of element addresses; a role given as None, or a None entry in a
     role, is 0 (the kernel does not touch it: the flag that would read it is off)."""
-    table = [[t.data_ptr() if t is not None else 0 for t in (role or [None] * n)]
-             for role in roles]
-    return torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+    return launch_addresses(roles, n, device)[0]
+
+
+def _pointers(role: list[Tensor | None] | None, n: int) -> tuple[int, ...]:
+    if role is None:
+        return (0,) * n
+    try:
+        return tuple(map(_DATA_PTR, role))
+    except TypeError:  # a None entry among them
+        return tuple(t.data_ptr() if t is not None else 0 for t in role)
+
+
+# Address tables already on their device, by (device, addresses). Parameters and state keep
+# their storage from step to step, and the caching allocator mostly hands a re-allocated
+# gradient its old block, so a training loop finds its table here: no host list, no copy to
+# the device. A table holds nothing but the addresses of its key, so a hit is always right.
+_TABLES: OrderedDict = OrderedDict()
+_TABLES_KEPT = 32
+
+
+def launch_addresses(roles: list[list[Tensor | None] | None], n: int,
+                     device: torch.device) -> tuple[Tensor, bool]:
+    """`address_table` of ``roles`` on ``device``, and whether every address is a multiple of
+    16 (`aligned`); the table is cached by its addresses."""
+    pointers = tuple(_pointers(role, n) for role in roles)
+    key = (device, pointers)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    table = torch.tensor(pointers, dtype=torch.int64).to(device, non_blocking=True)
+    hit = (table, all(p % 16 == 0 for p in chain.from_iterable(pointers)))
+    _TABLES[key] = hit
+    if len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return hit
 
 
 def plain_on(tensors: list[Tensor], devices: tuple[str, ...]) -> bool:
@@ -158,6 +210,12 @@ def densify(roles: list[list[Tensor | None] | None], *, writable: list[bool] | N
         The roles to launch on, and the (original, copy) pairs to write back.
     """
     writable = writable if writable is not None else [True] * len(roles)
+    present = [role for role in roles if role is not None]
+    try:
+        if all(map(_IS_CONTIGUOUS, chain.from_iterable(present))):  # the usual case: no copy
+            return [list(role) if role is not None else None for role in roles], []
+    except TypeError:  # a None entry: column by column below
+        pass
     lengths = {len(role) for role in roles if role is not None}
     n = lengths.pop() if lengths else 0
     out = [list(role) if role is not None else None for role in roles]
@@ -181,6 +239,19 @@ def write_back(pairs: list[tuple[Tensor, Tensor]]) -> None:
     """Copies the results computed on contiguous copies back into the original tensors."""
     for original, copy in pairs:
         original.copy_(copy)
+
+
+def uniform_groups(columns: list[list], n: int) -> dict | None:
+    """``{key: range(n)}`` when every list of ``columns`` holds one value throughout (the key
+    is those values), else None: `launch_groups` without a key per tensor, for the usual step
+    where every tensor shares dtypes and step count."""
+    key = []
+    for column in columns:
+        values = set(column)
+        if len(values) != 1:
+            return None
+        key.append(values.pop())
+    return {tuple(key): list(range(n))}
 
 
 def launch_groups(keys: list) -> dict:

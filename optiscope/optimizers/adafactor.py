@@ -19,7 +19,7 @@ from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.launch import launch_groups, local
 from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
-from optiscope.optimizers._base import OptiscopeOptimizer, check_range
+from optiscope.optimizers._base import OptiscopeOptimizer, advance_steps, check_range
 
 __all__ = ["Adafactor", "adafactor", "factored_v"]
 
@@ -326,8 +326,8 @@ def _adafactor_triton(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, 
                       relative_step, warmup_init, stats):
     from optiscope.kernels.adafactor import adafactor_step
 
-    torch._foreach_add_(state_steps, 1)
-    keys = [(p.dtype, g.dtype, s.item()) for p, g, s in zip(params, grads, state_steps)]
+    counts = advance_steps(state_steps)
+    keys = [(p.dtype, g.dtype, float(c)) for p, g, c in zip(params, grads, counts)]
     for (_, _, step), idx in launch_groups(keys).items():
         adafactor_step(
             [params[i] for i in idx], [grads[i] for i in idx], [row_vars[i] for i in idx],

@@ -18,9 +18,10 @@ from optiscope.kernels import cpu_many
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.cpu import (ADAM_STATS, RANGE_FIELDS, BlockSums, adam_f32, kernel,
                                    range_buffer)
-from optiscope.kernels.launch import launch_groups, densify, local, write_back
+from optiscope.kernels.launch import densify, launch_groups, local_all, uniform_groups, write_back
 from optiscope.kernels.ranges import range_levels
-from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
+from optiscope.optimizers._base import (OptiscopeOptimizer, advance_steps,
+                                        check_adam_hyperparameters)
 
 __all__ = ["Adam", "AdamW", "adam"]
 
@@ -86,12 +87,12 @@ class Adam(OptiscopeOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _state_tensors(self, state: dict, group: dict[str, Any]) -> dict[str, Any]:
-        tensors = dict(exp_avgs=state["exp_avg"], exp_avg_sqs=state["exp_avg_sq"],
-                       steps=state["step"])
-        if group["amsgrad"]:
-            tensors["max_exp_avg_sqs"] = state["max_exp_avg_sq"]
-        return tensors
+    def _gather_states(self, states: list[dict], group: dict[str, Any]) -> dict[str, list]:
+        return dict(exp_avgs=[s["exp_avg"] for s in states],
+                    exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                    max_exp_avg_sqs=([s["max_exp_avg_sq"] for s in states] if group["amsgrad"]
+                                     else []),
+                    steps=[s["step"] for s in states])
 
     def _step_group(self, group: dict[str, Any], t: dict[str, list],
                     stats: StatsRows | None) -> None:
@@ -135,10 +136,10 @@ def adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     """
     # Elementwise: a sharded parameter (FSDP2's DTensor) is stepped shard by shard, and its
     # statistics are those of the local shard, which the monitor reduces across ranks.
-    params, grads, exp_avgs, exp_avg_sqs = ([local(t) for t in ts] for ts in
+    params, grads, exp_avgs, exp_avg_sqs = (local_all(ts) for ts in
                                             (params, grads, exp_avgs, exp_avg_sqs))
     if max_exp_avg_sqs is not None:
-        max_exp_avg_sqs = [local(t) for t in max_exp_avg_sqs]
+        max_exp_avg_sqs = local_all(max_exp_avg_sqs)
     chosen = resolve_backend(backend, params[0].device, "Adam")
     if backend == "auto" and any(p.dtype == torch.float64 for p in params):
         # The Triton kernel computes in float32; torch's fused kernel keeps float64 in float64.
@@ -153,16 +154,19 @@ def _adam_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
                  beta2, eps, weight_decay, decoupled_weight_decay, maximize, stats):
     from optiscope.kernels.adam import adam_step
 
-    torch._foreach_add_(state_steps, 1)
-    keys = [(p.dtype, g.dtype, m.dtype, int(s.item()))
-            for p, g, m, s in zip(params, grads, exp_avgs, state_steps)]
-    for (_, _, _, step), idx in launch_groups(keys).items():
-        adam_step([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                  [exp_avg_sqs[i] for i in idx],
-                  [max_exp_avg_sqs[i] for i in idx] if max_exp_avg_sqs is not None else None,
-                  step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-                  stats=stats.subset(idx) if stats is not None else None)
+    steps = advance_steps(state_steps)
+    columns = [[t.dtype for t in ts] for ts in (params, grads, exp_avgs)] + [steps]
+    groups = uniform_groups(columns, len(params)) or launch_groups(list(zip(*columns)))
+    for (_, _, _, step), idx in groups.items():
+        whole = len(idx) == len(params)  # the usual step: one launch group, no lists to copy
+
+        def pick(ts):
+            return ts if whole or ts is None else [ts[i] for i in idx]
+        adam_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                  pick(max_exp_avg_sqs), step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                  maximize=maximize,
+                  stats=stats if whole or stats is None else stats.subset(idx))
 
 
 def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,
@@ -177,7 +181,7 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, stats=stats):
         return
-    torch._foreach_add_(state_steps, 1)
+    counts = advance_steps(state_steps)
     # torch's fused kernel walks each tensor's storage flat: a gradient laid out unlike its
     # parameter (a contiguous gradient of a transposed parameter) silently gets the wrong
     # entries paired (torch.optim.AdamW(fused=True) has this bug on CPU). Such columns run on
@@ -189,8 +193,9 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         steps = state_steps
     else:  # the fused kernel reads the step on the parameters' device; one copy per step value
         on_device = {}
-        steps = [on_device.setdefault(s.item(), s.to(device, non_blocking=True))
-                 for s in state_steps]
+        steps = [on_device[c] if c in on_device else
+                 on_device.setdefault(c, s.to(device, non_blocking=True))
+                 for c, s in zip(counts, state_steps)]
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                   amsgrad=max_exp_avg_sqs is not None, maximize=maximize)
     vmax = max_exp_avg_sqs if max_exp_avg_sqs is not None else []
@@ -201,7 +206,7 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         for i, p in enumerate(params):
             adam_f32(p, grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i] if vmax else None, lr=lr,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     step=int(steps[i].item()), decoupled=decoupled_weight_decay,
+                     step=counts[i], decoupled=decoupled_weight_decay,
                      maximize=maximize, stats=blocks, index=i,
                      ranges=ranges[i] if ranges is not None else None)
         write_back(pairs)

@@ -37,7 +37,8 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels.backend import resolve_backend
 from optiscope.kernels.whole_ranges import whole_counts
-from optiscope.optimizers._base import OptiscopeOptimizer, check_adam_hyperparameters
+from optiscope.optimizers._base import (OptiscopeOptimizer, advance_steps,
+                                        check_adam_hyperparameters)
 from optiscope.optimizers.onebit_comm import (CompressionReport, _world, chunk_size,
                                               compressed_bytes, onebit_allreduce, pack_signs,
                                               ring_allreduce_bytes, unpack_signs)
@@ -393,8 +394,7 @@ def onebit_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     """
     impl = resolve_backend(backend, params[0].device, "OneBitAdam")
     world, _ = _world(process_group)
-    torch._foreach_add_(state_steps, 1)
-    steps = [int(s.item()) for s in state_steps]
+    steps = advance_steps(state_steps)
     warm = [i for i, t in enumerate(steps) if t <= freeze_step]
     frozen = [i for i, t in enumerate(steps) if t > freeze_step]
 
