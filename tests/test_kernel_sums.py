@@ -24,8 +24,9 @@ def _oracle(t: torch.Tensor) -> list[float]:
 def _check(tensors):
     from optiscope.kernels.sums import tensor_sums
 
-    got = tensor_sums(tensors)
-    assert got.dtype == torch.float64 and got.shape == (len(tensors), 3)
+    columns = tensor_sums(tensors)
+    assert all(c.dtype == torch.float64 and c.shape == (len(tensors),) for c in columns)
+    got = torch.stack(list(columns), dim=1)
     for i, t in enumerate(tensors):
         want = _oracle(t)
         sq, top, bad = got[i].tolist()

@@ -544,10 +544,12 @@ class Collector:
         if deferred:
             values = _take_all([s.sample for _, s, _ in deferred], [v for _, _, v in deferred])
             taken += [(i, s, v.to(device), v.to(device)) for (i, s, _), v in zip(deferred, values)]
-        for column, moments in ((Col.MOMENT1_SQ, m1), (Col.MOMENT2_SQ, m2)):
-            if moments:
-                where = self._on([i for i, _ in moments], device)
-                rows[where, column] = _sq_norms([x for _, x in moments]).to(device, rows.dtype)
+        if m1 or m2:  # m and v summed in one call (on a GPU, one launch per dtype)
+            sq = _sq_norms([x for _, x in m1 + m2]).to(device, rows.dtype)
+            for column, moments, part in ((Col.MOMENT1_SQ, m1, sq[:len(m1)]),
+                                          (Col.MOMENT2_SQ, m2, sq[len(m1):])):
+                if moments:
+                    rows[self._on([i for i, _ in moments], device), column] = part
         if not taken:
             return
         self._compare(taken, rows, device, freeze_now)

@@ -57,8 +57,8 @@ def _kernel(name: str, tensors: list[Tensor], run) -> Tensor | None:
         return None
 
 
-def _kernel_sums(tensors: list[Tensor]) -> Tensor | None:
-    """`kernels.sums.tensor_sums` of ``tensors`` (float64 ``[n, 3]``: Σx², max |x|, non-finite
+def _kernel_sums(tensors: list[Tensor]):
+    """`kernels.sums.tensor_sums` of ``tensors`` (float64 columns: Σx², max |x|, non-finite
     count) where it applies, else None."""
     def run():
         from optiscope.kernels import sums
@@ -100,7 +100,7 @@ def sq_norms(tensors: list[Tensor]) -> Tensor:
     if cpu.sums_apply(tensors):
         return cpu.sq_sums_f32(tensors)
     if (sums := _kernel_sums(tensors)) is not None:
-        return sums[:, 0]
+        return sums.sq
     wide = sums_dtype(tensors[0].device)
     if all(t.numel() <= SUM_ROW for t in tensors):  # one call for many small tensors
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).square()
@@ -116,8 +116,8 @@ def _wide(grads: list[Tensor]) -> dict[Stat, Tensor]:
         absmax = torch.where(nonfinite > 0, math.inf, sums[:, 1])
         return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: absmax, Stat.GRAD_NONFINITE: nonfinite}
     if (sums := _kernel_sums(grads)) is not None:  # the three in one launch per dtype
-        return {Stat.GRAD_SQ: sums[:, 0], Stat.GRAD_ABSMAX: sums[:, 1],
-                Stat.GRAD_NONFINITE: sums[:, 2]}
+        return {Stat.GRAD_SQ: sums.sq, Stat.GRAD_ABSMAX: sums.absmax,
+                Stat.GRAD_NONFINITE: sums.nonfinite}
     wide = sums_dtype(grads[0].device)
     sq = sq_norms(grads)
     extremes = [torch.aminmax(g) for g in grads]  # 12x faster than the infinity norm on CPU
