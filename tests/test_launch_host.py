@@ -92,6 +92,19 @@ def test_densify_copies_nothing_when_every_tensor_is_contiguous():
     assert roles[0][0].is_contiguous() and len(pairs) == 1 and pairs[0][0] is t
 
 
+def test_densify_with_absent_entries_copies_only_the_column_that_needs_it():
+    # Adafactor's roles: a factored tensor has no full second moment, a vector no row means
+    p, v = torch.zeros(6), torch.zeros(6)
+    w = torch.zeros(4, 3).t()  # transposed: row-major kernels need a copy
+    rows, cols = torch.zeros(3), torch.zeros(4)
+    roles, pairs = launch.densify([[p, w], [torch.zeros(6), torch.zeros(3, 4)], [v, rows],
+                                   [None, cols]], row_major=True)
+    assert [len(pairs), pairs[0][0] is w] == [1, True]
+    assert roles[0][0] is p and roles[0][1].is_contiguous() and roles[3][0] is None
+    roles, pairs = launch.densify([[p], [v], [None]], row_major=True)
+    assert pairs == [] and roles[2] == [None]
+
+
 def test_uniform_groups_is_one_group_only_when_every_column_is_uniform():
     assert launch.uniform_groups([[torch.float32] * 3, [5, 5, 5]], 3) == {
         (torch.float32, 5): [0, 1, 2]}
@@ -107,9 +120,11 @@ def test_local_all_keeps_a_plain_list_and_unwraps_otherwise():
     class Sharded(torch.Tensor):
         def to_local(self):
             return torch.ones(1)
-    mixed = [torch.zeros(2), torch.zeros(2).as_subclass(Sharded)]
+    mixed = [torch.zeros(2), torch.zeros(2).as_subclass(Sharded), None]
     out = launch.local_all(mixed)
-    assert out[0] is mixed[0] and torch.equal(out[1], torch.ones(1))
+    assert out[0] is mixed[0] and torch.equal(out[1], torch.ones(1)) and out[2] is None
+    with_none = [torch.zeros(2), None]
+    assert launch.local_all(with_none) is with_none
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

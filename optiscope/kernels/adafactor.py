@@ -36,8 +36,8 @@ from torch import Tensor
 
 from optiscope.kernels.adam import RANGE_OUT, _range_add, _range_flush
 from optiscope.kernels.chunked import grad_sums, load, program_chunk, role_ptr, store
-from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, address_table, aligned, chunk_map,
-                                     densify, tl_dtype, write_back)
+from optiscope.kernels.launch import (BLOCK, CHUNK, NUM_WARPS, chunk_map, densify,
+                                     launch_addresses, tl_dtype, write_back)
 from optiscope.kernels.ranges import kernel_counters, range_cuts, store_levels
 from optiscope.kernels.stats import Stat, StatsRows
 
@@ -489,10 +489,9 @@ def adafactor_step(
     # row-major: the row and column statistics index rows, so a shared dense layout is not enough
     roles, pairs = densify([params, grads, second, col_vars, exp_avgs],
                            writable=[True, False, True, True, True], row_major=True)
-    addresses = address_table(roles, n, device)
-    is_aligned = aligned(roles)
+    addresses, is_aligned = launch_addresses(roles, n, device)
     layout = _layout(tuple(tuple(p.shape) for p in params), device)
-    cmap = chunk_map(tuple(p.numel() for p in params), CHUNK, device)
+    cmap = chunk_map(tuple(map(Tensor.numel, params)), CHUNK, device)
     p_dtype, g_dtype = tl_dtype(params[0].dtype), tl_dtype(grads[0].dtype)
     f32 = dict(dtype=torch.float32, device=device)
 

@@ -14,6 +14,7 @@ rebuilt per launch: a few hundred int64 values, one small host-to-device copy.
 from __future__ import annotations
 
 import functools
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import chain
@@ -37,7 +38,8 @@ _DATA_PTR = Tensor.data_ptr
 _IS_CONTIGUOUS = Tensor.is_contiguous
 _NUMEL = Tensor.numel
 _PLAIN = (Tensor, torch.nn.Parameter)
-_PLAIN_SET = frozenset(_PLAIN)
+_PLAIN_OR_NONE = frozenset((*_PLAIN, type(None)))
+_PRESENT = functools.partial(operator.is_not, None)
 
 
 def local(t: Tensor) -> Tensor:
@@ -48,12 +50,12 @@ def local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def local_all(tensors: list[Tensor]) -> list[Tensor]:
-    """`local` of each tensor: the list itself when none is a subclass (one C-level pass over
-    the types, not a call per tensor)."""
-    if set(map(type, tensors)) <= _PLAIN_SET:
+def local_all(tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """`local` of each tensor (None stays None): the list itself when none is a subclass (one
+    C-level pass over the types, not a call per tensor)."""
+    if set(map(type, tensors)) <= _PLAIN_OR_NONE:
         return tensors
-    return [local(t) for t in tensors]
+    return [local(t) if t is not None else None for t in tensors]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -211,11 +213,8 @@ def densify(roles: list[list[Tensor | None] | None], *, writable: list[bool] | N
     """
     writable = writable if writable is not None else [True] * len(roles)
     present = [role for role in roles if role is not None]
-    try:
-        if all(map(_IS_CONTIGUOUS, chain.from_iterable(present))):  # the usual case: no copy
-            return [list(role) if role is not None else None for role in roles], []
-    except TypeError:  # a None entry: column by column below
-        pass
+    if all(map(_IS_CONTIGUOUS, filter(_PRESENT, chain.from_iterable(present)))):
+        return [list(role) if role is not None else None for role in roles], []  # no copy
     lengths = {len(role) for role in roles if role is not None}
     n = lengths.pop() if lengths else 0
     out = [list(role) if role is not None else None for role in roles]

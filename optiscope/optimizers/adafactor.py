@@ -16,7 +16,7 @@ from torch import Tensor
 from optiscope.contract import MomentLayout, Stat, StatsRows
 from optiscope.kernels import cpu
 from optiscope.kernels.backend import resolve_backend
-from optiscope.kernels.launch import launch_groups, local
+from optiscope.kernels.launch import launch_groups, local_all
 from optiscope.kernels.whole_ranges import whole_counts
 from optiscope.kernels.stats import sq_sum, torch_grad_stats, torch_sq_norms
 from optiscope.optimizers._base import OptiscopeOptimizer, advance_steps, check_range
@@ -146,10 +146,12 @@ class Adafactor(OptiscopeOptimizer):
         check_adafactor_hyperparameters(owner, group)
         check_range(owner, "weight_decay", group["weight_decay"], 0.0)
 
-    def _state_tensors(self, state: dict, group: dict[str, Any]) -> dict[str, Any]:
-        return dict(row_vars=state.get("exp_avg_sq_row"), col_vars=state.get("exp_avg_sq_col"),
-                    exp_avg_sqs=state.get("exp_avg_sq"), exp_avgs=state.get("exp_avg"),
-                    steps=state["step"])
+    def _gather_states(self, states: list[dict], group: dict[str, Any]) -> dict[str, list]:
+        return dict(row_vars=[s.get("exp_avg_sq_row") for s in states],
+                    col_vars=[s.get("exp_avg_sq_col") for s in states],
+                    exp_avg_sqs=[s.get("exp_avg_sq") for s in states],
+                    exp_avgs=[s.get("exp_avg") for s in states],
+                    steps=[s["step"] for s in states])
 
     def _step_group(self, group: dict[str, Any], t: dict[str, list],
                     stats: StatsRows | None) -> None:
@@ -245,9 +247,8 @@ def adafactor(params: list[Tensor], grads: list[Tensor], row_vars: list[Tensor |
     # The local tensors of (replicated) DTensors, as `adam` takes them: a DTensor's data_ptr is 0,
     # not an address the Triton kernel may read (sharded ones are refused by `Adafactor`).
     params, grads, row_vars, col_vars, exp_avg_sqs = (
-        [local(t) if t is not None else None for t in ts]
-        for ts in (params, grads, row_vars, col_vars, exp_avg_sqs))
-    exp_avgs = [local(t) for t in exp_avgs] if exp_avgs is not None else None
+        local_all(ts) for ts in (params, grads, row_vars, col_vars, exp_avg_sqs))
+    exp_avgs = local_all(exp_avgs) if exp_avgs is not None else None
     impl = {"triton": _adafactor_triton, "torch": _adafactor_torch}[
         resolve_backend(backend, params[0].device, "Adafactor")]
     impl(params, grads, row_vars, col_vars, exp_avg_sqs, exp_avgs, state_steps, lr=lr, eps=eps,
