@@ -7,8 +7,9 @@ tensors, and a launch per tensor is what makes per-tensor optimizers slow: the k
 the bytes, dominates their step time.
 
 The chunk map depends only on the tensors' sizes, so it is built once per layout and cached; the
-address table changes when gradients are re-allocated (``zero_grad(set_to_none=True)``) and is
-rebuilt per launch: a few hundred int64 values, one small host-to-device copy.
+address table is cached on its device by the addresses it holds (`launch_addresses`): it changes
+only when a tensor moves (a gradient re-allocated by ``zero_grad(set_to_none=True)`` mostly gets
+its old block back), and then costs a few hundred int64 values and one small copy to the device.
 """
 
 from __future__ import annotations

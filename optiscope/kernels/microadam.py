@@ -239,9 +239,10 @@ def _microadam_kernel(
 
 # Blocks of `_microadam_kernel` resident per SM at the default 4096-entry block: it holds 224-242
 # registers per thread at 8 warps on sm_80 and sm_90 with Triton 3.9, 255 with the range counts
-# and on 3.3-3.6 (`python -m optiscope.kernels.inspect`), so one block fills the register file; more programs than that
-# would run in waves, each with its own scratch. tests/test_kernels_compile.py checks this against
-# the compiled kernel.
+# and on 3.3-3.6 (`python -m optiscope.kernels.inspect`), so one block fills the register file;
+# more programs than that would run in waves, each with its own scratch (16 warps, tried for the
+# range counts, spilled more: 120-208 B at 128 registers). tests/test_kernels_compile.py checks
+# this against the compiled kernel.
 RESIDENT_PER_SM = 1
 
 
@@ -312,7 +313,7 @@ def microadam_step(
         QBS=quant_block_size, N_Q=topk_block_size // quant_block_size,
         HALF=topk_block_size // 2, KPAD=triton.next_power_of_2(k_full), NCOLS=MICROADAM_STATS,
         ranges_ptr=ranges, cuts_ptr=cuts, WITH_RANGES=with_ranges, NCUTS=len(range_cuts()),
-        num_warps=int(__import__('os').environ.get('MA_WARPS_R', NUM_WARPS)) if with_ranges else NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     write_back(pairs)
     if stats is not None:

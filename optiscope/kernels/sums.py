@@ -41,6 +41,7 @@ class TensorSums(NamedTuple):
     absmax: Tensor  # max |x|: inf when an entry is not finite, 0 for an empty tensor
     nonfinite: Tensor  # the count of entries that are not finite
 
+
 @triton.jit
 def _chunk_sums(x_ptr, start, numel, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                 MASKED: tl.constexpr):
