@@ -39,3 +39,20 @@ def test_the_kernels_take_the_per_tensor_ops(tmp_path):
     assert off["op_counts"].get("linalg_vector_norm", 0) >= 5 * doc["large_tensors"]
     assert on["op_counts"].get("linalg_vector_norm", 0) == 0
     assert on["ops"] < off["ops"]
+
+
+@requires_triton
+def test_host_step_times_the_python_before_the_launch_not_the_kernels(tmp_path):
+    """benchmarks/host_step.py: every Triton kernel of Adam and Adafactor is stubbed, so a step
+    is the host's Python only (the interpreter would take minutes for these steps), and the
+    child measured this checkout's optiscope (it raises otherwise)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_step", "--tensors", "148",
+                           "--steps", "3", "--rounds", "1", "--output", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "host-step.json").read_text())
+    rows = {(r["optimizer"], r["statistics"]): r["us_per_step"] for r in doc["rows"]}
+    assert set(rows) == {(o, s) for o in ("AdamW", "Adafactor") for s in (False, True)}
+    # a stubbed step is host work: well under 50 ms even on a loaded 2-core machine (an
+    # interpreted launch of GPT-2's 148 tensors takes seconds)
+    assert all(0 < us < 50_000 for us in rows.values()), rows
