@@ -92,10 +92,13 @@ def steps_add_one(steps: list) -> list[int] | None:
     if not steps or not available():
         return None
     counters = f32_addresses(steps, [1] * len(steps))
-    if counters is None:
-        return None
-    counts = np.empty(len(steps), dtype=np.float64)
-    _lib.optiscope_steps_add_one(counters.ctypes.data, len(steps), counts.ctypes.data)
+    return _add_one(counters) if counters is not None else None
+
+
+def _add_one(counters: np.ndarray) -> list[int]:
+    """Adds 1 to the float32 counters at ``counters`` (checked addresses) and returns them."""
+    counts = np.empty(len(counters), dtype=np.float64)
+    _lib.optiscope_steps_add_one(_ptr(counters), len(counters), _ptr(counts))
     return [int(s) for s in counts.tolist()]
 
 
@@ -385,9 +388,7 @@ def adam_f32_many(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
         raise TypeError(f"optiscope.kernels.cpu_many.adam_f32_many: ranges must be a "
                         f"C-contiguous uint64 array of shape {(len(params), *cpu.RANGE_SHAPE)} "
                         f"(cpu.range_buffer), got {ranges.dtype} {ranges.shape}")
-    counts = np.empty(len(params), dtype=np.float64)
-    _lib.optiscope_steps_add_one(_ptr(counters), len(params), _ptr(counts))
-    steps = [int(s) for s in counts.tolist()]
+    steps = _add_one(counters)
     # The step's constants as `cpu.adam_f32` computes them, in double (Python's pow), then
     # rounded to float by numpy as ctypes rounds them there; once per distinct step.
     constants = {}

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "CHUNK", "NUM_WARPS", "ChunkMap", "chunk_map", "address_table",
-           "launch_addresses", "tl_dtype", "densify", "write_back", "is_dense", "aligned",
+           "launch_addresses", "tl_dtype", "densify", "write_back", "is_dense",
            "plain_on", "launch_groups", "uniform_groups", "local", "local_all", "is_sharded"]
 
 # Elements one program handles per inner iteration, and per chunk (CHUNK // BLOCK iterations).
@@ -143,7 +143,8 @@ _TABLES_KEPT = 32
 def launch_addresses(roles: list[list[Tensor | None] | None], n: int,
                      device: torch.device) -> tuple[Tensor, bool]:
     """`address_table` of ``roles`` on ``device``, and whether every address is a multiple of
-    16 (`aligned`); the table is cached by its addresses."""
+    16 (CUDA allocations are; a view at an odd offset is not), so that a kernel may load and
+    store 16 bytes at a time; the table is cached by its addresses."""
     pointers = tuple(_pointers(role, n) for role in roles)
     key = (device, pointers)
     hit = _TABLES.get(key)
@@ -170,13 +171,6 @@ def plain_on(tensors: list[Tensor], devices: tuple[str, ...]) -> bool:
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def aligned(roles: list[list[Tensor | None] | None]) -> bool:
-    """True when every tensor of ``roles`` starts at a 16-byte boundary (CUDA allocations do; a
-    view at an odd offset does not), so that a kernel may load and store 16 bytes at a time."""
-    return all(t is None or t.data_ptr() % 16 == 0 for role in roles if role is not None
-               for t in role)
 
 
 def is_dense(t: Tensor) -> bool:

@@ -193,9 +193,10 @@ def _adam_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         steps = state_steps
     else:  # the fused kernel reads the step on the parameters' device; one copy per step value
         on_device = {}
-        steps = [on_device[c] if c in on_device else
-                 on_device.setdefault(c, s.to(device, non_blocking=True))
-                 for c, s in zip(counts, state_steps)]
+        for c, s in zip(counts, state_steps):
+            if c not in on_device:
+                on_device[c] = s.to(device, non_blocking=True)
+        steps = [on_device[c] for c in counts]
     kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                   amsgrad=max_exp_avg_sqs is not None, maximize=maximize)
     vmax = max_exp_avg_sqs if max_exp_avg_sqs is not None else []
